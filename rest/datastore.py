@@ -1,0 +1,174 @@
+"""Datastores from Python: open and search (memory-mapped, in Rust), build from token sequences.
+
+The format is documented in docs/DATASTORE_FORMAT.md. Searching releases the GIL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from rest import _engine
+from rest.types import DatastoreInfo, SearchParams, SearchResult
+
+DatastoreError = _engine.DatastoreError
+FORMAT_VERSION = _engine.FORMAT_VERSION
+DEFAULT_SHARD_TOKENS = 1 << 28
+
+__all__ = ["Datastore", "DatastoreError", "build_datastore", "FORMAT_VERSION"]
+
+
+def _result(raw: tuple, shard: str = "") -> SearchResult:
+    match_length, occurrences, tokens, parents, counts = raw
+    return SearchResult(match_length, occurrences, tuple(tokens), tuple(parents), tuple(counts), shard)
+
+
+class Datastore:
+    """An open datastore directory (all its shards, or the ones named)."""
+
+    def __init__(self, native: _engine.Datastore) -> None:
+        self._native = native
+
+    @classmethod
+    def open(cls, path: str | Path, shards: Sequence[str] | None = None) -> Datastore:
+        """Maps the datastore at ``path``. Raises DatastoreError for a missing, truncated,
+        corrupt or foreign file (naming the file and the problem), KeyError for an unknown shard."""
+        return cls(_engine.Datastore.open(str(path), list(shards) if shards is not None else None))
+
+    @property
+    def path(self) -> Path:
+        return Path(self._native.path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._native.vocab_size
+
+    @property
+    def shard_names(self) -> list[str]:
+        return self._native.shard_names
+
+    def info(self) -> DatastoreInfo:
+        n = self._native
+        return DatastoreInfo(
+            format_version=n.format_version,
+            vocab_size=n.vocab_size,
+            n_tokens=n.n_tokens,
+            n_docs=n.n_docs,
+            tokenizer_name=n.tokenizer_name,
+            tokenizer_fingerprint=n.tokenizer_fingerprint,
+            shards=tuple(n.shard_names),
+        )
+
+    def manifest(self) -> dict:
+        return json.loads(self._native.manifest_json())
+
+    def search(
+        self,
+        context: Sequence[int],
+        params: SearchParams = SearchParams(),
+        shards: Sequence[str] | None = None,
+    ) -> SearchResult:
+        """The continuation tree of ``context``. ValueError for an empty context or an id outside
+        the vocabulary; KeyError for an unknown shard."""
+        raw = self._native.search(
+            list(context),
+            params.min_span,
+            params.max_span,
+            params.budget,
+            params.max_depth,
+            params.policy,
+            list(shards) if shards is not None else None,
+        )
+        return _result(raw, ",".join(shards) if shards else "")
+
+    def search_batch(
+        self,
+        contexts: Sequence[Sequence[int]],
+        params: SearchParams = SearchParams(),
+        shards: Sequence[str] | None = None,
+    ) -> list[SearchResult]:
+        """Many searches at once, in parallel across the machine's cores."""
+        raws = self._native.search_batch(
+            [list(c) for c in contexts],
+            params.min_span,
+            params.max_span,
+            params.budget,
+            params.max_depth,
+            params.policy,
+            list(shards) if shards is not None else None,
+        )
+        label = ",".join(shards) if shards else ""
+        return [_result(r, label) for r in raws]
+
+    def verify(self) -> None:
+        """The slow full check (checksums, suffix-array structure); raises DatastoreError."""
+        self._native.verify()
+
+
+def build_datastore(
+    out_dir: str | Path,
+    documents: Iterable[Sequence[int]],
+    *,
+    vocab_size: int,
+    tokenizer_name: str,
+    tokenizer_fingerprint: str,
+    shard_tokens: int | None = None,
+    parallel_shards: int = 2,
+    overwrite: bool = False,
+    progress: bool = False,
+    batch_docs: int = 256,
+) -> DatastoreInfo:
+    """Builds a datastore at ``out_dir`` from token-id documents (one document per sequence).
+
+    Continuations never cross document boundaries. The directory appears only when complete.
+    """
+    builder = _engine.DatastoreBuilder(
+        str(out_dir),
+        vocab_size,
+        tokenizer_name,
+        tokenizer_fingerprint,
+        shard_tokens or DEFAULT_SHARD_TOKENS,
+        parallel_shards,
+        overwrite,
+    )
+    bar = _progress_bar(progress)
+    start = time.perf_counter()
+    added = 0
+    try:
+        batch: list[list[int]] = []
+        for doc in documents:
+            batch.append(list(doc))
+            if len(batch) >= batch_docs:
+                added = _add(builder, batch, bar, added)
+                batch = []
+        if batch:
+            added = _add(builder, batch, bar, added)
+        manifest = json.loads(builder.finish())
+    except BaseException:
+        builder.abort()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    if progress:
+        elapsed = time.perf_counter() - start
+        print(f"built {manifest['n_tokens']:,} tokens in {len(manifest['shards'])} shard(s) "
+              f"in {elapsed:.1f}s ({manifest['n_tokens'] / max(elapsed, 1e-9):,.0f} tokens/s)")
+    return Datastore.open(out_dir).info()
+
+
+def _add(builder, batch, bar, added: int) -> int:
+    total = builder.add_documents(batch)
+    if bar is not None:
+        bar.update(total - added)
+    return total
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit="tok", unit_scale=True, desc="datastore", smoothing=0.1)

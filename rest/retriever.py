@@ -1,0 +1,77 @@
+"""The one retrieval interface the decoder uses, and its in-process implementation.
+
+A ``Retriever`` answers for a whole datastore; a ``RetrievalSession`` is what one generation uses
+(the remote implementation keeps one gRPC stream per session). ``RetrievalSession.search`` never
+raises for a failed or slow retrieval: it returns ``None`` ("no draft") and counts the failure, so
+decoding falls back to plain steps with unchanged output.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+from rest.types import DatastoreInfo, SearchParams, SearchResult
+
+
+class RetrievalSession(abc.ABC):
+    """One generation's channel to a retriever."""
+
+    failures: int = 0
+
+    @abc.abstractmethod
+    def search(self, context: Sequence[int], params: SearchParams) -> SearchResult | None:
+        """The continuation tree for ``context``, or ``None`` when retrieval failed or timed out."""
+
+    def close(self) -> None:
+        """Release the session's resources (a stream, for example)."""
+
+    def __enter__(self) -> RetrievalSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Retriever(abc.ABC):
+    """A datastore, local or remote."""
+
+    @abc.abstractmethod
+    def info(self) -> DatastoreInfo:
+        """Metadata of the datastore (tokenizer fingerprint, vocabulary size, shards...)."""
+
+    @abc.abstractmethod
+    def session(self) -> RetrievalSession:
+        """A session for one generation."""
+
+    def close(self) -> None:
+        """Release connections or memory maps."""
+
+    def __enter__(self) -> Retriever:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _LocalSession(RetrievalSession):
+    def __init__(self, datastore) -> None:
+        self._datastore = datastore
+
+    def search(self, context: Sequence[int], params: SearchParams) -> SearchResult | None:
+        return self._datastore.search(context, params)
+
+
+class LocalRetriever(Retriever):
+    """In-process retrieval over a datastore directory (memory-mapped)."""
+
+    def __init__(self, path: str, shards: Sequence[str] | None = None) -> None:
+        from rest.datastore import Datastore
+
+        self.datastore = Datastore.open(path, shards=shards)
+
+    def info(self) -> DatastoreInfo:
+        return self.datastore.info()
+
+    def session(self) -> RetrievalSession:
+        return _LocalSession(self.datastore)

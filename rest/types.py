@@ -1,0 +1,85 @@
+"""The value types shared by the engine, the gRPC service and the decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+POLICIES = ("exact", "rest")
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """How a context is searched.
+
+    ``policy="exact"``: the longest suffix of ``min_span..max_span`` tokens, then the continuation
+    tree grown best-first by exact occurrence count (ties: shallower first, then the earlier-added
+    parent, then the smaller token id), at most ``budget`` nodes and ``max_depth`` deep.
+
+    ``policy="rest"``: the original REST policy (suffix lengths ``max_span`` down to ``min_span``,
+    the first 5,000 occurrences in suffix-array order, ``max_depth``-token continuations, the
+    ``budget`` most frequent prefixes, then its distinct-token cut).
+    """
+
+    min_span: int = 2
+    max_span: int = 16
+    budget: int = 64
+    max_depth: int = 10
+    policy: str = "exact"
+
+    def __post_init__(self) -> None:
+        if self.min_span < 1:
+            raise ValueError(f"min_span must be >= 1, got {self.min_span}")
+        if self.max_span < self.min_span:
+            raise ValueError(f"max_span ({self.max_span}) must be >= min_span ({self.min_span})")
+        if self.max_span > 256:
+            raise ValueError(f"max_span must be <= 256, got {self.max_span}")
+        if not 0 <= self.budget <= 4096:
+            raise ValueError(f"budget must be in 0..4096, got {self.budget}")
+        if not 1 <= self.max_depth <= 256:
+            raise ValueError(f"max_depth must be in 1..256, got {self.max_depth}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The continuation tree found for one context.
+
+    Node ``i`` holds ``tokens[i]``; ``parents[i]`` is the index of its parent node, or -1 when the
+    node follows the matched suffix directly. Parents always come before their children.
+    ``counts[i]`` is the number of occurrences of ``suffix + path to node i``. ``match_length == 0``
+    means no suffix of at least ``min_span`` tokens occurs: the tree is empty.
+    """
+
+    match_length: int
+    occurrences: int
+    tokens: tuple[int, ...] = ()
+    parents: tuple[int, ...] = ()
+    counts: tuple[int, ...] = ()
+    shard: str = ""
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def paths(self) -> list[tuple[int, ...]]:
+        """Every node's root-to-node token path (handy for tests and debugging)."""
+        out: list[tuple[int, ...]] = []
+        for token, parent in zip(self.tokens, self.parents):
+            out.append((out[parent] if parent >= 0 else ()) + (token,))
+        return out
+
+
+EMPTY_RESULT = SearchResult(match_length=0, occurrences=0)
+
+
+@dataclass(frozen=True)
+class DatastoreInfo:
+    """What a client needs to know about a datastore before using it."""
+
+    format_version: int
+    vocab_size: int
+    n_tokens: int
+    n_docs: int
+    tokenizer_name: str
+    tokenizer_fingerprint: str
+    shards: tuple[str, ...] = field(default_factory=tuple)

@@ -1,0 +1,174 @@
+//! A datastore directory: the manifest and its shards, opened together and searched as one.
+
+use crate::error::{Error, Result};
+use crate::format::{Manifest, FORMAT_VERSION};
+use crate::rest_policy::rest_tree;
+use crate::search::{exact_tree, Limits, Tree};
+use crate::shard::{Shard, ShardView};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+/// Which drafting policy builds the tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Best-first by exact occurrence count over all occurrences.
+    Exact,
+    /// The original REST policy (see `rest_policy`).
+    Rest,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "exact" => Ok(Policy::Exact),
+            "rest" => Ok(Policy::Rest),
+            other => Err(Error::InvalidQuery(format!("policy must be \"exact\" or \"rest\", got {other:?}"))),
+        }
+    }
+}
+
+/// A search request; `shards` restricts it to some of the open shards (by name).
+#[derive(Clone, Debug)]
+pub struct Query {
+    pub min_span: usize,
+    pub max_span: usize,
+    pub budget: usize,
+    pub max_depth: usize,
+    pub policy: Policy,
+}
+
+impl Default for Query {
+    fn default() -> Self {
+        Query { min_span: 2, max_span: 16, budget: 64, max_depth: 10, policy: Policy::Exact }
+    }
+}
+
+pub struct Datastore {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+    pub shards: Vec<Shard>,
+}
+
+impl Datastore {
+    /// Opens the datastore at `dir`: reads the manifest, maps every shard (or only `only`) and
+    /// checks each header against the manifest. Reads a few pages; the data stays on disk.
+    pub fn open(dir: &Path, only: Option<&[String]>) -> Result<Self> {
+        let manifest = Manifest::read(dir)?;
+        if let Some(names) = only {
+            for name in names {
+                if !manifest.shards.iter().any(|s| &s.name == name) {
+                    return Err(Error::UnknownShard(name.clone()));
+                }
+            }
+        }
+        let mut shards = Vec::new();
+        for entry in &manifest.shards {
+            if only.is_some_and(|names| !names.contains(&entry.name)) {
+                continue;
+            }
+            let path = dir.join(&entry.file);
+            let shard = Shard::open(&entry.name, &path)?;
+            let h = &shard.header;
+            let mismatch = |what: &str| Error::corrupt(&path, format!("{what} differs from the manifest"));
+            if h.vocab_size != manifest.vocab_size {
+                return Err(mismatch("vocabulary size"));
+            }
+            if h.n_tokens != entry.n_tokens || h.n_docs != entry.n_docs || h.file_len() != entry.file_len {
+                return Err(mismatch("size"));
+            }
+            if h.tokenizer_fingerprint != manifest.tokenizer_fingerprint {
+                return Err(mismatch("tokenizer fingerprint"));
+            }
+            if format!("{:016x}", h.tokens_checksum) != entry.tokens_checksum
+                || format!("{:016x}", h.sa_checksum) != entry.sa_checksum
+            {
+                return Err(mismatch("checksum"));
+            }
+            shards.push(shard);
+        }
+        Ok(Datastore { dir: dir.to_path_buf(), manifest, shards })
+    }
+
+    pub fn format_version(&self) -> u32 {
+        FORMAT_VERSION
+    }
+
+    pub fn shard_names(&self) -> Vec<String> {
+        self.shards.iter().map(|s| s.name.clone()).collect()
+    }
+
+    /// Tokens (separators included) in the open shards.
+    pub fn n_tokens(&self) -> u64 {
+        self.shards.iter().map(|s| s.header.n_tokens).sum()
+    }
+
+    pub fn n_docs(&self) -> u64 {
+        self.shards.iter().map(|s| s.header.n_docs).sum()
+    }
+
+    fn views(&self, only: Option<&[String]>) -> Result<Vec<ShardView<'_>>> {
+        if let Some(names) = only {
+            if let Some(bad) = names.iter().find(|n| !self.shards.iter().any(|s| &&s.name == n)) {
+                return Err(Error::UnknownShard(bad.clone()));
+            }
+        }
+        self.shards
+            .iter()
+            .filter(|s| only.is_none_or(|names| names.contains(&s.name)))
+            .map(Shard::view)
+            .collect()
+    }
+
+    fn validate(&self, context: &[i64], q: &Query) -> Result<Vec<u32>> {
+        if context.is_empty() {
+            return Err(Error::InvalidQuery("context is empty".into()));
+        }
+        if q.min_span == 0 || q.max_span < q.min_span {
+            return Err(Error::InvalidQuery(format!(
+                "need 1 <= min_span <= max_span, got min_span={} max_span={}",
+                q.min_span, q.max_span
+            )));
+        }
+        if q.max_depth == 0 {
+            return Err(Error::InvalidQuery("max_depth must be >= 1".into()));
+        }
+        let vocab = self.manifest.vocab_size as i64;
+        context
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                if (0..vocab).contains(&t) {
+                    Ok(t as u32)
+                } else {
+                    Err(Error::InvalidQuery(format!(
+                        "context token {t} at position {i} is outside the vocabulary [0, {vocab})"
+                    )))
+                }
+            })
+            .collect()
+    }
+
+    /// The continuation tree for `context` (see `search::exact_tree` and `rest_policy`).
+    pub fn search(&self, context: &[i64], q: &Query, only: Option<&[String]>) -> Result<Tree> {
+        let context = self.validate(context, q)?;
+        let views = self.views(only)?;
+        // Only the last `max_span` tokens can matter.
+        let tail = &context[context.len().saturating_sub(q.max_span)..];
+        let limits = Limits { min_span: q.min_span, max_span: q.max_span, budget: q.budget, max_depth: q.max_depth };
+        Ok(match q.policy {
+            Policy::Exact => exact_tree(&views, tail, &limits),
+            Policy::Rest => rest_tree(&views, tail, &limits),
+        })
+    }
+
+    /// Many searches in parallel (rayon).
+    pub fn search_batch(&self, contexts: &[Vec<i64>], q: &Query, only: Option<&[String]>) -> Result<Vec<Tree>> {
+        contexts.par_iter().map(|c| self.search(c, q, only)).collect()
+    }
+
+    /// The slow full check of every open shard: checksums and suffix-array structure.
+    pub fn verify(&self) -> Result<()> {
+        self.shards.par_iter().map(Shard::verify).collect()
+    }
+}

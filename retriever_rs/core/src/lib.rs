@@ -1,0 +1,18 @@
+//! rest-retriever: the suffix-array datastore of retrieval-based speculative decoding.
+//!
+//! Given a context, which continuations follow its longest matching suffix, and how often?
+//! `build` writes datastores, `Datastore::open` maps them, `Datastore::search` answers.
+
+pub mod build;
+pub mod datastore;
+pub mod error;
+pub mod format;
+mod mmap;
+pub mod rest_policy;
+pub mod search;
+pub mod shard;
+
+pub use build::{BuildOptions, Builder};
+pub use datastore::{Datastore, Policy, Query};
+pub use error::{Error, Result};
+pub use search::Tree;

@@ -1,0 +1,124 @@
+//! Binding of `rest_retriever::datastore`.
+
+use crate::errors::to_py;
+use pyo3::prelude::*;
+use rest_retriever::{Policy, Query, Tree};
+use std::path::PathBuf;
+
+/// (match_length, occurrences, tokens, parents, counts)
+type TreeTuple = (u32, u64, Vec<u32>, Vec<i32>, Vec<u64>);
+
+fn to_tuple(t: Tree) -> TreeTuple {
+    (t.match_length, t.occurrences, t.tokens, t.parents, t.counts)
+}
+
+/// A memory-mapped datastore directory.
+#[pyclass(frozen, module = "rest._engine")]
+pub struct Datastore {
+    inner: rest_retriever::Datastore,
+}
+
+#[allow(clippy::too_many_arguments)]
+fn query(min_span: usize, max_span: usize, budget: usize, max_depth: usize, policy: &str) -> PyResult<Query> {
+    let policy: Policy = policy.parse().map_err(to_py)?;
+    Ok(Query { min_span, max_span, budget, max_depth, policy })
+}
+
+#[pymethods]
+impl Datastore {
+    /// Opens the datastore directory `path` (only the named shards when `shards` is given).
+    #[staticmethod]
+    #[pyo3(signature = (path, shards=None))]
+    fn open(py: Python<'_>, path: PathBuf, shards: Option<Vec<String>>) -> PyResult<Self> {
+        let inner = py
+            .detach(|| rest_retriever::Datastore::open(&path, shards.as_deref()))
+            .map_err(to_py)?;
+        Ok(Datastore { inner })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.dir.clone()
+    }
+    #[getter]
+    fn format_version(&self) -> u32 {
+        self.inner.format_version()
+    }
+    #[getter]
+    fn vocab_size(&self) -> u32 {
+        self.inner.manifest.vocab_size
+    }
+    #[getter]
+    fn token_width(&self) -> u32 {
+        self.inner.manifest.token_width
+    }
+    #[getter]
+    fn n_tokens(&self) -> u64 {
+        self.inner.n_tokens()
+    }
+    #[getter]
+    fn n_docs(&self) -> u64 {
+        self.inner.n_docs()
+    }
+    #[getter]
+    fn tokenizer_name(&self) -> String {
+        self.inner.manifest.tokenizer_name.clone()
+    }
+    #[getter]
+    fn tokenizer_fingerprint(&self) -> String {
+        self.inner.manifest.tokenizer_fingerprint.clone()
+    }
+    #[getter]
+    fn shard_names(&self) -> Vec<String> {
+        self.inner.shard_names()
+    }
+    /// The manifest as JSON text.
+    fn manifest_json(&self) -> String {
+        self.inner.manifest.to_json()
+    }
+
+    /// The continuation tree of `context` as (match_length, occurrences, tokens, parents, counts).
+    #[pyo3(signature = (context, min_span=2, max_span=16, budget=64, max_depth=10, policy="exact", shards=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn search(
+        &self,
+        py: Python<'_>,
+        context: Vec<i64>,
+        min_span: usize,
+        max_span: usize,
+        budget: usize,
+        max_depth: usize,
+        policy: &str,
+        shards: Option<Vec<String>>,
+    ) -> PyResult<TreeTuple> {
+        let q = query(min_span, max_span, budget, max_depth, policy)?;
+        py.detach(|| self.inner.search(&context, &q, shards.as_deref()))
+            .map(to_tuple)
+            .map_err(to_py)
+    }
+
+    /// Many searches at once, in parallel, without the GIL.
+    #[pyo3(signature = (contexts, min_span=2, max_span=16, budget=64, max_depth=10, policy="exact", shards=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn search_batch(
+        &self,
+        py: Python<'_>,
+        contexts: Vec<Vec<i64>>,
+        min_span: usize,
+        max_span: usize,
+        budget: usize,
+        max_depth: usize,
+        policy: &str,
+        shards: Option<Vec<String>>,
+    ) -> PyResult<Vec<TreeTuple>> {
+        let q = query(min_span, max_span, budget, max_depth, policy)?;
+        py.detach(|| self.inner.search_batch(&contexts, &q, shards.as_deref()))
+            .map(|trees| trees.into_iter().map(to_tuple).collect())
+            .map_err(to_py)
+    }
+
+    /// The slow full check: checksums and suffix-array structure of every open shard.
+    fn verify(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.inner.verify()).map_err(to_py)
+    }
+}

@@ -1,0 +1,17 @@
+//! Python bindings of the rest-retriever core: a thin mirror, one file per core module.
+
+use pyo3::prelude::*;
+
+mod build;
+mod datastore;
+mod errors;
+
+#[pymodule]
+fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("DatastoreError", m.py().get_type::<errors::DatastoreError>())?;
+    m.add("FORMAT_VERSION", rest_retriever::format::FORMAT_VERSION)?;
+    m.add("MAX_SHARD_TOKENS", rest_retriever::format::MAX_SHARD_TOKENS)?;
+    m.add_class::<datastore::Datastore>()?;
+    m.add_class::<build::DatastoreBuilder>()?;
+    Ok(())
+}
