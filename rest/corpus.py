@@ -51,3 +51,40 @@ def site_packages_documents(limit_chars: int | None = None) -> Iterator[str]:
         total += len(text)
         if limit_chars is not None and total >= limit_chars:
             return
+
+
+def repo_cache_dir() -> Path:
+    """``<repo>/.cache``: trained tokenizers, tokenized corpora, the demo model (git-ignored)."""
+    return Path(os.environ.get("REST_CACHE_DIR", Path(__file__).resolve().parent.parent / ".cache"))
+
+
+def stdlib_bpe_tokenizer(cache_dir: Path | None = None):
+    """The reference workload's tokenizer: ``ByteLevelBPETokenizer`` trained on the standard
+    library corpus with ``vocab_size=16384, min_frequency=2``; trained once, then cached."""
+    from tokenizers import ByteLevelBPETokenizer, Tokenizer
+
+    path = (cache_dir or repo_cache_dir()) / "stdlib-bpe-16k.json"
+    if path.exists():
+        return Tokenizer.from_file(str(path))
+    tokenizer = ByteLevelBPETokenizer()
+    tokenizer.train_from_iterator(stdlib_documents(), vocab_size=16384, min_frequency=2, show_progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tokenizer.save(str(tmp))
+    tmp.rename(path)
+    return Tokenizer.from_file(str(path))
+
+
+def code_documents() -> Iterator[str]:
+    """Real code found on this machine, in a fixed order: the standard library, then the Python
+    sources of installed packages, then C headers. For benchmarks that need more text than the
+    standard library holds."""
+    yield from stdlib_documents()
+    yield from site_packages_documents()
+    include = Path("/usr/include")
+    if include.is_dir():
+        for path in sorted(include.rglob("*.h")):
+            try:
+                yield path.read_bytes().decode("utf-8", errors="replace")
+            except OSError:
+                continue

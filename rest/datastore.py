@@ -159,6 +159,35 @@ def build_datastore(
     return Datastore.open(out_dir).info()
 
 
+def build_datastore_from_array(
+    out_dir: str | Path,
+    tokens,
+    doc_lengths: Sequence[int],
+    *,
+    vocab_size: int,
+    tokenizer_name: str,
+    tokenizer_fingerprint: str,
+    shard_tokens: int | None = None,
+    parallel_shards: int = 2,
+    overwrite: bool = False,
+) -> DatastoreInfo:
+    """Like ``build_datastore`` for documents laid end to end in one integer array (numpy)."""
+    import numpy as np
+
+    flat = np.ascontiguousarray(tokens, dtype="<u4")
+    builder = _engine.DatastoreBuilder(
+        str(out_dir), vocab_size, tokenizer_name, tokenizer_fingerprint,
+        shard_tokens or DEFAULT_SHARD_TOKENS, parallel_shards, overwrite,
+    )
+    try:
+        builder.add_flat(flat.tobytes(), [int(n) for n in doc_lengths])
+        builder.finish()
+    except BaseException:
+        builder.abort()
+        raise
+    return Datastore.open(out_dir).info()
+
+
 def _add(builder, batch, bar, added: int) -> int:
     total = builder.add_documents(batch)
     if bar is not None:

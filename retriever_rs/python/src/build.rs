@@ -55,6 +55,30 @@ impl DatastoreBuilder {
         .map_err(to_py)
     }
 
+    /// Appends documents given as one flat little-endian u32 token buffer and their lengths
+    /// (the fast path for numpy arrays: no per-token Python objects).
+    fn add_flat(&mut self, py: Python<'_>, tokens: &[u8], doc_lengths: Vec<u64>) -> PyResult<u64> {
+        let builder = self.builder()?;
+        if tokens.len() % 4 != 0 || doc_lengths.iter().sum::<u64>() * 4 != tokens.len() as u64 {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "tokens must hold 4 bytes per token and doc_lengths must sum to the token count",
+            ));
+        }
+        py.detach(|| {
+            let mut at = 0usize;
+            let mut doc = Vec::new();
+            for &len in &doc_lengths {
+                let end = at + len as usize * 4;
+                doc.clear();
+                doc.extend(tokens[at..end].chunks_exact(4).map(|b| u32::from_le_bytes(b.try_into().unwrap()) as i64));
+                builder.add_document(&doc)?;
+                at = end;
+            }
+            Ok(builder.tokens_added())
+        })
+        .map_err(to_py)
+    }
+
     /// Writes the last shard and the manifest and renames the directory into place.
     /// Returns the manifest as JSON text.
     fn finish(&mut self, py: Python<'_>) -> PyResult<String> {
