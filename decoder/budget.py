@@ -1,0 +1,107 @@
+"""The adaptive budget: how many draft nodes a step should verify.
+
+A step that verifies the ``n`` best nodes emits, in expectation, ``1 + sum of their scores``
+tokens (the bonus token, plus each node's probability of lying on the accepted path) and costs
+``cost(n + 1)`` seconds of forward pass (the root is fed too) on top of the retrieval time already
+spent. The budget is the ``n`` maximising tokens per second; ``cost`` is measured once per
+generator on the actual model and device (``calibrate``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from decoder.draft_tree import DraftTree
+from decoder.kv_cache import keep_accepted, new_cache
+from decoder.verify import prefill, verify_tree
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds of one verification forward pass, measured at some tree sizes (root included)
+    and interpolated linearly in between (extrapolated from the last two beyond)."""
+
+    sizes: tuple[int, ...]
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.sizes) < 2 or list(self.sizes) != sorted(set(self.sizes)):
+            raise ValueError("a CostModel needs at least two increasing sizes")
+        if len(self.seconds) != len(self.sizes):
+            raise ValueError("a CostModel needs one time per size")
+
+    def cost(self, n_tokens: np.ndarray | int) -> np.ndarray:
+        sizes = np.asarray(self.sizes, dtype=np.float64)
+        seconds = np.asarray(self.seconds, dtype=np.float64)
+        n = np.asarray(n_tokens, dtype=np.float64)
+        slope = (seconds[-1] - seconds[-2]) / (sizes[-1] - sizes[-2])
+        inside = np.interp(n, sizes, seconds)
+        return np.where(n > sizes[-1], seconds[-1] + slope * (n - sizes[-1]), inside)
+
+
+def choose_budget(
+    ranked_scores: Sequence[float], cost: CostModel, retrieval_s: float, max_budget: int
+) -> int:
+    """The number of best-ranked nodes that maximises expected tokens per second.
+
+    Ties go to the smaller tree (less work for the same expected speed).
+    """
+    k = min(len(ranked_scores), max_budget)
+    gain = 1.0 + np.concatenate([[0.0], np.cumsum(ranked_scores[:k])])  # [k + 1]
+    seconds = cost.cost(np.arange(1, k + 2)) + retrieval_s  # [k + 1]
+    return int(np.argmax(gain / seconds))  # argmax returns the first maximum
+
+
+def calibration_sizes(max_budget: int) -> tuple[int, ...]:
+    """Tree sizes in tokens: 1, 2, 4, ... and the largest tree (``max_budget`` nodes + root)."""
+    sizes = {1, 2, max_budget + 1}
+    size = 4
+    while size <= max_budget:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+@torch.inference_mode()
+def calibrate(
+    model: torch.nn.Module, max_budget: int, prefix_len: int = 32, repeats: int = 3
+) -> CostModel:
+    """Time verification forward passes of every calibration size after a ``prefix_len`` prefix.
+
+    The trees are chains (the shape does not change the work of a forward pass). After one
+    warm-up round, ``repeats`` rounds time every size in turn, so that a burst of load elsewhere
+    hits all sizes alike; each size keeps its fastest run. A smaller tree never costs more than a
+    larger one, so a measured inversion is noise and is capped.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    tokens = [(7 * i + 1) % vocab for i in range(prefix_len + max_budget + 1)]
+    cache = new_cache()
+    prefill(model, cache, tokens[:prefix_len])
+    sizes = calibration_sizes(max_budget)
+    trees = []
+    for size in sizes:
+        chain = DraftTree(tokens[prefix_len + 1 : prefix_len + size], list(range(-1, size - 2)),
+                          [1.0] * (size - 1))  # fmt: skip
+        trees.append(chain.linearise(tokens[prefix_len], prefix_len, model.dtype, model.device))
+    best = np.full(len(sizes), np.inf)
+    for round_ in range(repeats + 1):
+        for i, inputs in enumerate(trees):
+            start = time.perf_counter()
+            verify_tree(model, cache, inputs)
+            synchronize(model.device)
+            if round_ > 0:
+                best[i] = min(best[i], time.perf_counter() - start)
+            keep_accepted(cache, prefix_len, [])
+    monotone = np.minimum.accumulate(best[::-1])[::-1]
+    return CostModel(sizes, tuple(float(s) for s in monotone))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that a timer measures them."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

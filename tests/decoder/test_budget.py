@@ -1,0 +1,55 @@
+"""decoder/budget.py: the adaptive budget maximises expected tokens per second."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from decoder.budget import CostModel, calibrate, calibration_sizes, choose_budget
+from tests.decoder.helpers import make_model
+
+# A device where up to 4 tokens cost the same (1 ms), then every token costs 0.25 ms more.
+FLAT_THEN_LINEAR = CostModel((1, 2, 4, 8, 16), (1e-3, 1e-3, 1e-3, 2e-3, 4e-3))
+
+
+def test_cost_model_interpolates_and_extrapolates() -> None:
+    cost = FLAT_THEN_LINEAR.cost(np.array([1, 3, 6, 16, 20]))
+    np.testing.assert_allclose(cost, [1e-3, 1e-3, 1.5e-3, 4e-3, 5e-3])
+    with pytest.raises(ValueError):
+        CostModel((4, 2), (1.0, 2.0))
+    with pytest.raises(ValueError):
+        CostModel((1, 2), (1.0,))
+
+
+def test_free_nodes_are_always_worth_verifying() -> None:
+    # Trees of up to 3 nodes (4 tokens) cost what the root alone costs: take them all, even
+    # unlikely ones.
+    assert choose_budget([0.9, 0.05, 0.01], FLAT_THEN_LINEAR, 0.0, 64) == 3
+
+
+def test_costly_nodes_must_pay_for_themselves() -> None:
+    # Node 4 and beyond cost 0.25 ms each: worth it while their score beats the current rate.
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.01, 0.01]
+    # n=3: 3.4 / 1.0 ms; n=4: 4.0 / 1.25 ms = 3.2 -> stop at 3 ... unless retrieval is slow,
+    # which makes each extra forward-pass millisecond relatively cheaper.
+    assert choose_budget(scores, FLAT_THEN_LINEAR, 0.0, 64) == 3
+    assert choose_budget(scores, FLAT_THEN_LINEAR, 5e-3, 64) == 5
+
+
+def test_budget_is_capped_and_ties_go_to_the_smaller_tree() -> None:
+    assert choose_budget([1.0] * 10, FLAT_THEN_LINEAR, 0.0, 2) == 2
+    assert choose_budget([0.0] * 3, FLAT_THEN_LINEAR, 0.0, 64) == 0
+    assert choose_budget([], FLAT_THEN_LINEAR, 0.0, 64) == 0
+
+
+def test_calibration_sizes_cover_the_range() -> None:
+    assert calibration_sizes(64) == (1, 2, 4, 8, 16, 32, 64, 65)
+    assert calibration_sizes(10) == (1, 2, 4, 8, 11)
+    assert calibration_sizes(1) == (1, 2)
+
+
+def test_calibrate_times_every_size_on_the_model() -> None:
+    cost = calibrate(make_model("llama"), max_budget=8, prefix_len=4, repeats=1)
+    assert cost.sizes == (1, 2, 4, 8, 9)
+    assert all(0 < s < 1.0 for s in cost.seconds)
+    assert list(cost.seconds) == sorted(cost.seconds)  # noise never makes a smaller tree dearer
