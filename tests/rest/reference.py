@@ -114,7 +114,7 @@ def rest_search(shards, context, min_span=2, max_span=16, budget=64, max_depth=1
     distinct = [len(set(path)) for path, _ in ranked]
     total = sum(distinct)
     dropped = set()
-    for i in sorted(range(len(ranked)), key=lambda i: (-distinct[i], -i)):
+    for i in sorted(range(len(ranked)), key=lambda i: (-distinct[i], i)):
         if total <= budget:
             break
         total -= distinct[i]

@@ -8,8 +8,8 @@
 //! 3. Every prefix of those continuations counted; the `budget` most frequent kept
 //!    (ties: shorter first, then lexicographically smaller).
 //! 4. The final cut: while the kept prefixes' distinct-token counts sum to more than `budget`,
-//!    drop the prefix with the most distinct tokens (ties: the less frequent, then the later in
-//!    step 3's order).
+//!    drop the prefix with the most distinct tokens (ties: the earlier in step 3's order, as the
+//!    original code's stable sort does).
 //! 5. The tree is every prefix of the remaining paths, ordered by (count desc, depth asc,
 //!    lexicographic path).
 
@@ -96,8 +96,9 @@ fn distinct_token_cut<'a>(ranked: &[(&'a Vec<u32>, u64)], budget: usize) -> Vec<
     };
     let mut order: Vec<(usize, usize)> = ranked.iter().enumerate().map(|(i, r)| (distinct(r.0), i)).collect();
     let mut total: usize = order.iter().map(|o| o.0).sum();
-    // Most distinct first; among equals the less frequent (later ranked) first.
-    order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(b.1.cmp(&a.1)));
+    // Most distinct first; among equals the earlier ranked (more frequent) first, as the original
+    // code's stable sort of the ranked list does.
+    order.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     let mut dropped = vec![false; ranked.len()];
     for (d, i) in order {
         if total <= budget {
