@@ -1,0 +1,308 @@
+"""``retriever-server``: serve a datastore (or some of its shards) over gRPC.
+
+    retriever-server --datastore DIR [--shard NAME ...] [--host 127.0.0.1] [--port 50051]
+
+Besides ``rest.retriever.v1.Retriever`` the server runs the standard health service and server
+reflection. ``--port 0`` binds a free port; the bound address is printed on stdout as
+``retriever-server listening on HOST:PORT``. On SIGTERM (or SIGINT) health turns NOT_SERVING, new
+calls are refused, calls in flight get up to ``--grace-s`` seconds to finish, then the process
+exits 0.
+
+For tests and benchmarks, ``BackgroundServer`` runs the same server in a thread of the calling
+process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from retriever_service.auth import BearerTokenInterceptor
+from retriever_service.pool import WorkerPool
+from retriever_service.servicer import RetrieverServicer
+from retriever_service.telemetry import SearchTelemetry, providers_from_env
+from retriever_service.v1 import retriever_pb2 as pb
+from retriever_service.v1 import retriever_pb2_grpc as pb_grpc
+
+log = logging.getLogger("retriever_service.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything the server is started with (the command line's options, one for one)."""
+
+    datastore: str
+    shards: tuple[str, ...] = ()  # empty: every shard of the datastore
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: pick a free port
+    max_concurrent_searches: int = 64  # in flight at once, running or waiting for a worker
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # search threads
+    max_context_tokens: int = 4096
+    max_message_bytes: int = 4 * MiB
+    keepalive_time_s: float = 30.0  # ping an idle client this often...
+    keepalive_timeout_s: float = 10.0  # ...and drop it if the ping is not answered in time
+    grace_s: float = 10.0  # how long calls in flight may run on after SIGTERM
+    tls_cert: str | None = None  # PEM files; cert + key turn TLS on
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # also require client certificates signed by this CA
+    token: str | None = None  # require "authorization: Bearer <token>"
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_searches < 1 or self.workers < 1:
+            raise ValueError("max_concurrent_searches and workers must be >= 1")
+        if self.max_context_tokens < 1:
+            raise ValueError("max_context_tokens must be >= 1")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key (--tls-cert, --tls-key)")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.keepalive_time_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.keepalive_timeout_ms", int(self.keepalive_timeout_s * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            # Let clients ping as often as this server pings them, without being cut off for it.
+            ("grpc.http2.min_ping_interval_without_data_ms", int(self.keepalive_time_s * 1000)),
+            ("grpc.http2.max_pings_without_data", 0),
+            # A second server on the same fixed port must fail to bind, not silently share it.
+            ("grpc.so_reuseport", 0),
+        ]
+
+
+def open_datastore(config: ServerConfig):
+    from rest.datastore import Datastore
+
+    return Datastore.open(config.datastore, shards=list(config.shards) or None)
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if config.tls_cert is None:
+        return None
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+class RetrieverServer:
+    """A started server: its bound ``port``, its health service, and a graceful ``shutdown``."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health: HealthServicer, pool):
+        self.server = server
+        self.port = port
+        self.health = health
+        self._pool = pool
+
+    async def shutdown(self, grace_s: float) -> None:
+        # NOT_SERVING first, so health watchers (load balancers) stop sending before refusals.
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace_s)
+        self._pool.shutdown()
+
+
+async def start_server(
+    config: ServerConfig, datastore=None, *, tracer_provider=None, meter_provider=None
+) -> RetrieverServer:
+    """Start serving ``datastore`` (opened from ``config`` when not given) on ``config``'s address.
+
+    Tracing is switched on by passing a ``tracer_provider``: without one the gRPC instrumentation
+    is not installed at all, so an untraced server pays nothing for it.
+    """
+    datastore = datastore if datastore is not None else open_datastore(config)
+    pool = WorkerPool(config.workers, name="search")
+    interceptors = []
+    if tracer_provider is not None:
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor
+
+        interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider))
+    if config.token:
+        interceptors.append(BearerTokenInterceptor(config.token))
+    server = grpc.aio.server(interceptors=interceptors, options=config.channel_options())
+
+    traced = tracer_provider is not None or meter_provider is not None
+    telemetry = SearchTelemetry("server", tracer_provider, meter_provider) if traced else None
+    servicer = RetrieverServicer(
+        datastore,
+        pool,
+        max_concurrent_searches=config.max_concurrent_searches,
+        max_context_tokens=config.max_context_tokens,
+        telemetry=telemetry,
+    )
+    pb_grpc.add_RetrieverServicer_to_server(servicer, server)
+    health = HealthServicer()
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )
+
+    try:
+        port = _bind(server, config)
+        await server.start()
+    except BaseException:
+        pool.shutdown()
+        raise
+    return RetrieverServer(server, port, health, pool)
+
+
+def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
+    address = f"{host_for_address(config.host)}:{config.port}"
+    credentials = _server_credentials(config)
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpcio raises where older versions returned 0
+        raise OSError(f"could not bind {address}: {exc}; is the port in use?") from exc
+    if port == 0:
+        raise OSError(f"could not bind {address}: is the port in use?")
+    return port
+
+
+def host_for_address(host: str) -> str:
+    """``::1`` -> ``[::1]``: an IPv6 literal needs brackets before ``:port``."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    providers = providers_from_env("rest-retriever")
+    running = await start_server(
+        config,
+        datastore,
+        tracer_provider=providers.tracer_provider,
+        meter_provider=providers.meter_provider,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    scheme = "TLS" if config.tls_cert else "plaintext"
+    # Tests and scripts read the port from this line; keep its shape.
+    address = f"{host_for_address(config.host)}:{running.port}"
+    print(f"retriever-server listening on {address}", file=out, flush=True)
+    log.info("serving %s (%s) on %s", config.datastore, scheme, address)
+    await stop.wait()
+    log.info("shutting down: NOT_SERVING, up to %.1f s for calls in flight", config.grace_s)
+    await running.shutdown(config.grace_s)
+    providers.shutdown()
+    log.info("stopped")
+
+
+class BackgroundServer:
+    """The server on an event loop in a thread of this process (tests, benchmarks).
+
+    ``with BackgroundServer(config, datastore) as server: ... server.port ...``
+    """
+
+    def __init__(self, config: ServerConfig, datastore=None, **providers) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True,
+                                        name="retriever-server")
+        self._thread.start()
+        try:
+            self._running = self._call(start_server(config, datastore, **providers))
+        except BaseException:
+            self._stop_loop()
+            raise
+        self.port = self._running.port
+        self.health = self._running.health
+
+    def _call(self, coroutine, timeout: float = 30.0):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        if self._loop.is_closed():
+            return
+        self._call(self._running.shutdown(grace_s))
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@click.command("serve")
+@click.option("--datastore", required=True, type=click.Path(exists=True, file_okay=False),
+              help="Datastore directory (made by `rest datastore build`).")
+@click.option("--shard", "shards", multiple=True, metavar="NAME",
+              help="Serve only this shard (repeat for several). Default: every shard.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 for every interface).")
+@click.option("--port", default=50051, show_default=True, help="0 picks a free port.")
+@click.option("--max-concurrent-searches", default=64, show_default=True,
+              help="Searches in flight at once; more get RESOURCE_EXHAUSTED.")
+@click.option("--workers", default=os.cpu_count() or 1, show_default=True,
+              help="Threads running searches.")
+@click.option("--max-context-tokens", default=4096, show_default=True,
+              help="Longer contexts get INVALID_ARGUMENT.")
+@click.option("--max-message-bytes", default=4 * MiB, show_default=True,
+              help="Largest request or response; larger ones get RESOURCE_EXHAUSTED.")
+@click.option("--keepalive-time-s", default=30.0, show_default=True,
+              help="Ping idle connections this often.")
+@click.option("--keepalive-timeout-s", default=10.0, show_default=True,
+              help="Close a connection whose ping is not answered in this time.")
+@click.option("--grace-s", default=10.0, show_default=True,
+              help="After SIGTERM, how long calls in flight may still run.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
+              help="Server certificate (PEM); with --tls-key turns TLS on.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False),
+              help="Require client certificates signed by this CA (mutual TLS).")
+@click.option("--token", envvar="REST_RETRIEVER_TOKEN", default=None,
+              help="Require 'authorization: Bearer TOKEN'. Prefer the REST_RETRIEVER_TOKEN "
+                   "environment variable: a command line is visible to other users.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
+def serve_command(log_level: str, shards: tuple[str, ...], **options) -> None:
+    """Serve a REST datastore over gRPC (rest.retriever.v1).
+
+    Traces and metrics are exported as the standard OTEL_TRACES_EXPORTER and
+    OTEL_METRICS_EXPORTER variables say (otlp, console or none; default none).
+    """
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = ServerConfig(shards=shards, **options)
+        datastore = open_datastore(config)
+    except Exception as exc:  # noqa: BLE001 - bad options, unknown shard, unreadable datastore
+        raise click.ClickException(f"cannot serve {options['datastore']}: {exc}") from exc
+    asyncio.run(serve(config, datastore))
+
+
+def main() -> None:
+    serve_command()
+
+
+if __name__ == "__main__":
+    main()

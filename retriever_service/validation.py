@@ -1,0 +1,125 @@
+"""Every check a search request goes through before it reaches the engine, and the status codes.
+
+The one place that decides what is a bad request and which gRPC status it gets: the servicer calls
+``SearchRequestParser.parse`` and turns a ``RequestError`` into the status, and the engine's own
+exceptions (should a request slip past these checks) are mapped by ``engine_error`` in the same
+terms. Messages start with the proto field they are about (``context``, ``params.budget``,
+``shard``) so a client author can tell what to fix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import grpc
+
+from rest.types import SearchParams
+from retriever_service.v1 import retriever_pb2 as pb
+from retriever_service.wire import PARAM_FIELDS, POLICY_FROM_WIRE
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What this server accepts: its vocabulary, its context limit and the shards it serves."""
+
+    vocab_size: int
+    max_context_tokens: int
+    shards: tuple[str, ...]
+
+
+class RequestError(Exception):
+    """A request the server refuses, with the status code the client gets."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ParsedSearch(NamedTuple):  # a tuple: built once per request, cheaper than a dataclass
+    context: list[int]
+    params: SearchParams
+    shards: list[str] | None  # None: every served shard
+
+
+class SearchRequestParser:
+    """Turns a ``SearchRequest`` into the engine's arguments, or raises ``RequestError``."""
+
+    # A session sends the same parameters with every request: remembering the valid ones by their
+    # wire bytes saves building and re-validating a SearchParams per request.
+    _PARAMS_CACHE_SIZE = 1024
+
+    def __init__(self, limits: RequestLimits) -> None:
+        self.limits = limits
+        self._params: dict[bytes, SearchParams] = {b"": SearchParams()}
+
+    def parse(self, request: pb.SearchRequest) -> ParsedSearch:
+        params = self.params(request.params)  # an unset message serializes to b"": defaults
+        context = parse_context(request.context, self.limits)
+        shards = parse_shard(request.shard, self.limits) if request.HasField("shard") else None
+        # The engine only looks at the last max_span tokens; slicing here saves copying the rest.
+        return ParsedSearch(context[-params.max_span :], params, shards)
+
+    def params(self, wire: pb.SearchParams) -> SearchParams:
+        key = wire.SerializeToString(deterministic=True)
+        params = self._params.get(key)
+        if params is None:
+            params = parse_params(wire)
+            if len(self._params) >= self._PARAMS_CACHE_SIZE:
+                self._params = {b"": SearchParams()}
+            self._params[key] = params
+        return params
+
+
+def parse_context(context, limits: RequestLimits) -> list[int]:
+    n = len(context)
+    if n == 0:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "context: must not be empty")
+    if n > limits.max_context_tokens:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"context: {n} tokens is more than this server's limit of {limits.max_context_tokens};"
+            " send only the last max_span tokens",
+        )
+    tokens = list(context)
+    if max(tokens) >= limits.vocab_size:  # uint32 on the wire: no negative ids to check
+        position, token = next((i, t) for i, t in enumerate(tokens) if t >= limits.vocab_size)
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"context: token id {token} at position {position} is outside the datastore's"
+            f" vocabulary (size {limits.vocab_size}); was it built with another tokenizer?",
+        )
+    return tokens
+
+
+def parse_params(wire: pb.SearchParams) -> SearchParams:
+    # SearchParams validates its own ranges; reusing it keeps one definition of "in range".
+    policy = POLICY_FROM_WIRE.get(wire.policy)
+    if policy is None:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"params.policy: unknown value {wire.policy}"
+        )
+    given = {name: getattr(wire, name) for name in PARAM_FIELDS if wire.HasField(name)}
+    try:
+        return SearchParams(**given, policy=policy)
+    except ValueError as exc:  # messages start with the field name: "budget must be in 0..4096"
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"params.{exc}") from None
+
+
+def parse_shard(shard: str, limits: RequestLimits) -> list[str]:
+    if shard not in limits.shards:
+        raise RequestError(
+            grpc.StatusCode.NOT_FOUND,
+            f"shard: {shard!r} is not served here; this server serves {list(limits.shards)}",
+        )
+    return [shard]
+
+
+def engine_error(exc: Exception) -> RequestError:
+    """The status for an exception the engine raised on a request that passed the checks above."""
+    if isinstance(exc, KeyError):
+        return RequestError(grpc.StatusCode.NOT_FOUND, f"shard: {exc}")
+    if isinstance(exc, ValueError):
+        return RequestError(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    return RequestError(grpc.StatusCode.INTERNAL, f"search failed: {type(exc).__name__}: {exc}")

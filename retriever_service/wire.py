@@ -1,0 +1,86 @@
+"""Conversions between the wire messages (``retriever_pb2``) and the types of ``rest.types``.
+
+Both directions live here so that the client and the server cannot drift apart on, say, which
+policy enum value means ``"rest"``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rest.types import DatastoreInfo, SearchParams, SearchResult
+from retriever_service.v1 import retriever_pb2 as pb
+
+POLICY_TO_WIRE = {"exact": pb.POLICY_EXACT, "rest": pb.POLICY_REST}
+# POLICY_UNSPECIFIED is what an old or minimal client sends: the documented default.
+POLICY_FROM_WIRE = {
+    pb.POLICY_UNSPECIFIED: "exact", pb.POLICY_EXACT: "exact", pb.POLICY_REST: "rest"
+}
+PARAM_FIELDS = ("min_span", "max_span", "budget", "max_depth")
+
+
+def params_to_wire(params: SearchParams) -> pb.SearchParams:
+    return pb.SearchParams(
+        min_span=params.min_span,
+        max_span=params.max_span,
+        budget=params.budget,
+        max_depth=params.max_depth,
+        policy=POLICY_TO_WIRE[params.policy],
+    )
+
+
+def search_request(
+    context: Sequence[int], params: SearchParams, shard: str | None = None
+) -> pb.SearchRequest:
+    # Only the last max_span tokens can take part in a match: sending more is wasted bandwidth.
+    tail = context[-params.max_span :] if len(context) > params.max_span else context
+    request = pb.SearchRequest(context=tail, params=params_to_wire(params))
+    if shard is not None:
+        request.shard = shard
+    return request
+
+
+def search_response(result: SearchResult) -> pb.SearchResponse:
+    return pb.SearchResponse(
+        match_length=result.match_length,
+        occurrences=result.occurrences,
+        tokens=result.tokens,
+        parents=result.parents,
+        counts=result.counts,
+        shard=result.shard,
+    )
+
+
+def search_result(response: pb.SearchResponse) -> SearchResult:
+    return SearchResult(
+        match_length=response.match_length,
+        occurrences=response.occurrences,
+        tokens=tuple(response.tokens),
+        parents=tuple(response.parents),
+        counts=tuple(response.counts),
+        shard=response.shard,
+    )
+
+
+def info_response(info: DatastoreInfo) -> pb.InfoResponse:
+    return pb.InfoResponse(
+        format_version=info.format_version,
+        vocab_size=info.vocab_size,
+        n_tokens=info.n_tokens,
+        n_docs=info.n_docs,
+        tokenizer_name=info.tokenizer_name,
+        tokenizer_fingerprint=info.tokenizer_fingerprint,
+        shards=list(info.shards),
+    )
+
+
+def datastore_info(response: pb.InfoResponse) -> DatastoreInfo:
+    return DatastoreInfo(
+        format_version=response.format_version,
+        vocab_size=response.vocab_size,
+        n_tokens=response.n_tokens,
+        n_docs=response.n_docs,
+        tokenizer_name=response.tokenizer_name,
+        tokenizer_fingerprint=response.tokenizer_fingerprint,
+        shards=tuple(response.shards),
+    )

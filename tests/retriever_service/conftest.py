@@ -1,0 +1,59 @@
+"""Fixtures for the retrieval-service tests: small real datastores and subprocess servers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rest.datastore import Datastore, build_datastore
+from tests.retriever_service.service_testing import (
+    SHARD_TOKENS,
+    VOCAB,
+    ServerProcess,
+    random_documents,
+)
+
+
+@pytest.fixture(scope="session")
+def documents() -> list[list[int]]:
+    return random_documents(seed=1234)
+
+
+@pytest.fixture(scope="session")
+def datastore_dir(tmp_path_factory, documents) -> Path:
+    path = tmp_path_factory.mktemp("datastore") / "ds"
+    build_datastore(path, documents, vocab_size=VOCAB, tokenizer_name="test-tokenizer",
+                    tokenizer_fingerprint="f" * 32, shard_tokens=SHARD_TOKENS)
+    return path
+
+
+@pytest.fixture(scope="session")
+def datastore(datastore_dir) -> Datastore:
+    ds = Datastore.open(datastore_dir)
+    assert len(ds.shard_names) >= 3, "the tests want several shards"
+    return ds
+
+
+@pytest.fixture(scope="session")
+def slow_datastore_dir(tmp_path_factory) -> Path:
+    """One long run of a single token: the REST policy's search of [0, 0] takes a while."""
+    path = tmp_path_factory.mktemp("slow") / "ds"
+    build_datastore(path, [[0] * 100_000 for _ in range(4)], vocab_size=8,
+                    tokenizer_name="test-tokenizer", tokenizer_fingerprint="s" * 32)
+    return path
+
+
+@pytest.fixture
+def server_process():
+    """Start subprocess servers with ``server_process(*args)``; all are killed at teardown."""
+    started: list[ServerProcess] = []
+
+    def start(*args: str, env: dict | None = None) -> ServerProcess:
+        server = ServerProcess(*args, env=env)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.kill()

@@ -1,0 +1,139 @@
+"""Helpers for the retrieval-service tests.
+
+Every server listens on 127.0.0.1 with a port the OS picks. Datastores are built by the real
+engine from seeded random token documents; the only stand-in is ``GatedDatastore``, which wraps
+the real datastore to hold searches at a gate so that "in flight" and "queued" can be arranged
+deterministically (overload, deadlines).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rest.datastore import Datastore
+
+ROOT = Path(__file__).resolve().parents[2]
+VOCAB = 64
+USED_TOKENS = 24  # documents use ids 0..23, so 24..63 are in the vocabulary but never occur
+SHARD_TOKENS = 6000
+
+
+def random_documents(seed: int, n_docs: int = 80) -> list[list[int]]:
+    """Documents over a small alphabet (so that suffixes recur), with some repeated phrases."""
+    rng = np.random.default_rng(seed)
+    phrases = [rng.integers(0, USED_TOKENS, size=rng.integers(3, 12)).tolist() for _ in range(12)]
+    docs = []
+    for _ in range(n_docs):
+        doc: list[int] = []
+        target = rng.integers(40, 300)
+        while len(doc) < target:
+            if rng.random() < 0.4:
+                doc += phrases[rng.integers(len(phrases))]
+            else:
+                doc += rng.integers(0, USED_TOKENS, size=rng.integers(1, 8)).tolist()
+        docs.append(doc)
+    return docs
+
+
+def random_contexts(documents, n: int, seed: int) -> list[list[int]]:
+    """Contexts cut from the documents (long matches) and random ones (short or no match)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        if i % 3 == 2:
+            out.append(rng.integers(0, VOCAB, size=rng.integers(1, 40)).tolist())
+        else:
+            doc = documents[rng.integers(len(documents))]
+            end = int(rng.integers(1, len(doc) + 1))
+            out.append(doc[max(0, end - int(rng.integers(1, 40))) : end])
+    return out
+
+
+class GatedDatastore:
+    """The real datastore, whose searches wait at ``gate`` and are counted.
+
+    ``entered`` is released once per search that reached the engine call.
+    """
+
+    def __init__(self, datastore: Datastore) -> None:
+        self._datastore = datastore
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self.calls = 0
+        self._lock = threading.Lock()
+        self.shard_names = datastore.shard_names
+        self.vocab_size = datastore.vocab_size
+
+    def info(self):
+        return self._datastore.info()
+
+    def search(self, context, params, shards=None):
+        with self._lock:
+            self.calls += 1
+        self.entered.release()
+        assert self.gate.wait(20), "test gate never opened"
+        return self._datastore.search(context, params, shards=shards)
+
+    def wait_entered(self, n: int, timeout: float = 10.0) -> None:
+        for _ in range(n):
+            assert self.entered.acquire(timeout=timeout), "search did not reach the engine"
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound and released at once)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m retriever_service.server`` as a real subprocess on 127.0.0.1."""
+
+    def __init__(self, *args: str, env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "retriever_service.server", "--host", "127.0.0.1",
+             "--port", "0", *args],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )
+        line = self.proc.stdout.readline()  # blocks until the server printed its address
+        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
+        if match is None:
+            self.proc.kill()
+            raise AssertionError(f"server did not start: {line!r} {self.proc.stderr.read()}")
+        self.port = int(match.group(1))
+        self.address = f"127.0.0.1:{self.port}"
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def output(self) -> tuple[str, str]:
+        out, err = self.proc.communicate(timeout=30)
+        return out, err
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
