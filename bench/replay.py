@@ -22,6 +22,11 @@ A policy sees ``target[:i+1]`` (the context, ending with the root) and nothing e
 current target; after a target is replayed it may ``observe`` the whole of it (the output was
 served), which a policy learning from served outputs uses for the *next* targets only.
 
+The ``decoder`` policy (and its ablations, ``DECODER_VARIANTS``) is the decoder's own drafting,
+``decoder.draft_sources``, called as ``RestGenerator`` calls it: what it measures is what the
+decoder runs. The simple reference policies (``rest``, ``exact``, ``prompt-lookup``,
+``exact+context``) reproduce the figures of the reference workload's recipe.
+
 Run ``python -m bench.replay --help``.
 """
 
@@ -29,21 +34,26 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import heapq
 import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Union
 
+from decoder.config import DecodingConfig
+from decoder.draft_sources import DraftSource, draft_tree, open_draft_sources, served_outputs
+from rest.retriever import RetrievalSession, Retriever
 from rest.types import SearchParams
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache" / "replay"
 TOKENIZER_VOCAB_SIZE = 16384
 TOKENIZER_MIN_FREQUENCY = 2
+# Drafting time is the replaying thread's CPU time: on a shared machine wall time also counts
+# the time other processes hold the cores (the engine searches on the calling thread too).
+CLOCK = time.thread_time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +180,8 @@ class ReplayResult:
     steps: int = 0
     nodes: int = 0
     max_nodes: int = 0
-    draft_seconds: float = 0.0
+    draft_seconds: float = 0.0  # in ``propose``, on CLOCK (see there)
+    search_seconds: float | None = None  # of draft_seconds, in datastore searches (if known)
 
     @property
     def m(self) -> float:
@@ -184,11 +195,17 @@ class ReplayResult:
     def us_per_step(self) -> float:
         return 1e6 * self.draft_seconds / self.steps if self.steps else 0.0
 
+    @property
+    def search_us_per_step(self) -> float | None:
+        if self.search_seconds is None:
+            return None
+        return 1e6 * self.search_seconds / self.steps if self.steps else 0.0
+
 
 def replay(policy: Policy, targets: Iterable[Target], name: str = "") -> ReplayResult:
     """Replays ``targets`` in order with ``policy`` (see the module docstring for the rule)."""
     result = ReplayResult(policy=name or type(policy).__name__)
-    clock = time.perf_counter
+    clock = CLOCK
     for target in targets:
         tokens = list(target.tokens)
         i = target.prompt_len
@@ -203,6 +220,7 @@ def replay(policy: Policy, targets: Iterable[Target], name: str = "") -> ReplayR
             i += 1 + accepted_length(tree, tokens, i)
         result.scored_tokens += len(tokens) - target.prompt_len
         policy.observe(tuple(tokens), target.prompt_len)
+    result.search_seconds = getattr(policy, "search_seconds", None)
     return result
 
 
@@ -213,7 +231,8 @@ def replay(policy: Policy, targets: Iterable[Target], name: str = "") -> ReplayR
 class Policy:
     """A drafting policy: ``propose(context)`` gives the draft tree continuing after the root
     (``context[-1]``), as a Tree or a list of paths. ``observe`` is told each target once it has
-    been replayed (served); most policies ignore it."""
+    been replayed (served); most policies ignore it. A policy that times its datastore searches
+    says so in ``search_seconds``."""
 
     def propose(self, context: Sequence[int]) -> Proposal:
         raise NotImplementedError
@@ -289,375 +308,68 @@ class UnionPolicy(Policy):
             p.observe(sequence, prompt_len)
 
 
-# --- The blended policy: several sources, one scored trie, pruned best-first -----------------
+class DecoderPolicy(Policy):
+    """The decoder's own drafting, called as ``RestGenerator`` calls it: each target is one
+    generation, with the sources ``decoder.draft_sources.open_draft_sources`` opens for
+    ``config``; every step, their levels are scored into one tree of at most
+    ``config.tree_budget`` nodes (``draft_tree``); when a target ends, its output (the scored
+    part, prompt excluded) joins the served outputs, for the next targets only.
 
-
-@dataclass(frozen=True)
-class Level:
-    """One source's continuations of one matched suffix: ``counts[j]`` of the ``occurrences``
-    occurrences of the suffix (``match_length`` tokens) continue with node ``j``'s path."""
-
-    source: str
-    match_length: int
-    occurrences: int
-    tokens: Sequence[int]
-    parents: Sequence[int]
-    counts: Sequence[int]
-
-
-def count_level(source: str, match_length: int, continuations: Sequence[Sequence[int]]) -> Level:
-    """The count trie of ``continuations`` (one per occurrence of the matched suffix)."""
-    tokens: list[int] = []
-    parents: list[int] = []
-    counts: list[int] = []
-    index: dict[tuple[int, int], int] = {}
-    for seq in continuations:
-        parent = -1
-        for token in seq:
-            key = (parent, token)
-            node = index.get(key)
-            if node is None:
-                node = index[key] = len(tokens)
-                tokens.append(token)
-                parents.append(parent)
-                counts.append(0)
-            counts[node] += 1
-            parent = node
-    return Level(source, match_length, len(continuations), tokens, parents, counts)
-
-
-class ScoredTrie:
-    """Candidate nodes merged from every level, each scored by the estimated probability that
-    the model produces its whole path; a score never exceeds its parent's, so the ``budget``
-    best nodes always form a tree hanging from the root."""
-
-    def __init__(self) -> None:
-        self.tokens: list[int] = []
-        self.parents: list[int] = []
-        self.scores: list[float] = []
-        self.index: dict[tuple[int, int], int] = {}
-
-    def node(self, parent: int, token: int) -> int:
-        key = (parent, token)
-        j = self.index.get(key)
-        if j is None:
-            j = self.index[key] = len(self.tokens)
-            self.tokens.append(token)
-            self.parents.append(parent)
-            self.scores.append(0.0)
-        return j
-
-    def merge(self, level: Level) -> list[int]:
-        """Adds the level's nodes (unscored); returns the merged node of each of its nodes."""
-        merged: list[int] = []
-        for token, parent in zip(level.tokens, level.parents):
-            merged.append(self.node(-1 if parent < 0 else merged[parent], token))
-        return merged
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def best(self, budget: int) -> Tree:
-        """The ``budget`` best nodes, grown best-first from the root (ties: the earlier node)."""
-        children: list[list[int]] = [[] for _ in range(len(self.tokens) + 1)]
-        for j, parent in enumerate(self.parents):
-            children[parent + 1].append(j)
-        scores = self.scores
-        frontier = [(-scores[j], j) for j in children[0]]
-        heapq.heapify(frontier)
-        kept: list[int] = []
-        while frontier and len(kept) < budget:
-            _, j = heapq.heappop(frontier)
-            kept.append(j)
-            for c in children[j + 1]:
-                heapq.heappush(frontier, (-scores[c], c))
-        kept.sort()  # original order keeps parents first
-        new_index = {old: new for new, old in enumerate(kept)}
-        return Tree(
-            tuple(self.tokens[j] for j in kept),
-            tuple(-1 if self.parents[j] < 0 else new_index[self.parents[j]] for j in kept),
-        )
-
-    def subtree(self, path: Sequence[int]) -> Level | None:
-        """The nodes below ``path``, re-rooted, as a level with one occurrence whose "counts"
-        are the nodes' scores relative to the path's (conditional probabilities)."""
-        node = -1
-        for token in path:
-            node = self.index.get((node, token), -2)
-            if node == -2:
-                return None
-        base = self.scores[node] if node >= 0 else 1.0
-        if base <= 0:
-            return None
-        new_index = {node: -1}
-        tokens: list[int] = []
-        parents: list[int] = []
-        probs: list[float] = []
-        for j in range(node + 1, len(self.tokens)):
-            parent = new_index.get(self.parents[j])
-            if parent is None:
-                continue
-            new_index[j] = len(tokens)
-            tokens.append(self.tokens[j])
-            parents.append(parent)
-            probs.append(min(1.0, self.scores[j] / base))
-        return Level("carry", 0, 1, tokens, parents, probs) if tokens else None
-
-
-def score_mixture(levels: Sequence[Level], trust: dict[str, float], weights: dict[str, float]) -> ScoredTrie:
-    """score(node) = sum over levels of weight(source) * lambda(level) * count / occurrences.
-
-    Within a source, levels go longest match first; a level with ``N`` occurrences takes the
-    share ``N / (N + trust[source])`` of the weight its longer levels left.
-    """
-    trie = ScoredTrie()
-    left: dict[str, float] = {}
-    for level in sorted(levels, key=lambda lv: -lv.match_length):
-        c = trust[level.source]
-        share = level.occurrences / (level.occurrences + c) if c > 0 else 1.0
-        lam = left.get(level.source, 1.0) * share
-        left[level.source] = left.get(level.source, 1.0) * (1.0 - share)
-        w = weights[level.source] * lam / level.occurrences
-        scores = trie.scores
-        for j, count in zip(trie.merge(level), level.counts):
-            scores[j] += w * count
-    _make_monotone(trie)
-    return trie
-
-
-def score_chain(levels: Sequence[Level], trust: dict[str, float], weights: dict[str, float]) -> ScoredTrie:
-    """score(node) = score(parent) * P(token | context + parent's path), the conditional
-    interpolated over the levels that continue the parent (Witten-Bell style).
-
-    At a parent, the levels that list a child there are taken longest match first (then in the
-    order given); one whose suffix + path occurs ``n`` times takes the share
-    ``n / (n + trust[source] / weight[source])`` of the probability its longer levels left, and
-    hands it to the children by count / n. What no level takes is the chance of a token no
-    source proposed.
-    """
-    trie = ScoredTrie()
-    ordered = sorted(levels, key=lambda lv: -lv.match_length)  # stable: ties keep the given order
-    # per merged parent (-1: the root): [(level number, n = count at the parent)] in order
-    at_parent: dict[int, list[tuple[int, float]]] = {}
-    # per merged node: [(level number, count)]
-    node_counts: list[list[tuple[int, float]]] = []
-    for number, level in enumerate(ordered):
-        merged = trie.merge(level)
-        while len(node_counts) < len(trie):
-            node_counts.append([])
-        for j, parent, count in zip(merged, level.parents, level.counts):
-            node_counts[j].append((number, count))
-            p = -1 if parent < 0 else merged[parent]
-            n = level.occurrences if parent < 0 else level.counts[parent]
-            entries = at_parent.setdefault(p, [])
-            if not entries or entries[-1][0] != number:
-                entries.append((number, n))
-    escape = [trust[lv.source] / max(weights[lv.source], 1e-12) for lv in ordered]
-    coefs: dict[int, dict[int, float]] = {}
-    for p, entries in at_parent.items():
-        left = 1.0
-        coef: dict[int, float] = {}
-        for number, n in entries:  # already longest first: levels were merged in that order
-            if n <= 0:
-                continue
-            share = n / (n + escape[number])
-            coef[number] = left * share / n
-            left *= 1.0 - share
-        coefs[p] = coef
-    scores = trie.scores
-    for j, parent in enumerate(trie.parents):
-        coef = coefs[parent]
-        cond = sum(coef.get(number, 0.0) * count for number, count in node_counts[j])
-        scores[j] = min(cond, 1.0) * (scores[parent] if parent >= 0 else 1.0)
-    return trie
-
-
-def _make_monotone(trie: ScoredTrie) -> None:
-    scores = trie.scores
-    for j, parent in enumerate(trie.parents):  # parents first: one pass suffices
-        if parent >= 0 and scores[j] > scores[parent]:
-            scores[j] = scores[parent]
-
-
-class NgramIndex:
-    """Where each n-gram (n = 1..max_n) occurs in a set of documents, with the position right
-    after it; continuations never cross documents. The last document can keep growing."""
-
-    def __init__(self, max_n: int) -> None:
-        self.max_n = max_n
-        self.docs: list[list[int]] = []
-        self.where: dict[tuple[int, ...], list[tuple[int, int]]] = {}
-        self._indexed: list[int] = []  # per document: n-grams ending before this are indexed
-
-    def add_document(self, tokens: Sequence[int] = ()) -> None:
-        self.docs.append([])
-        self._indexed.append(1)
-        self.extend(tokens)
-
-    def extend(self, tokens: Sequence[int]) -> None:
-        """Appends to the last document. An n-gram is indexed once a token follows it."""
-        d = len(self.docs) - 1
-        doc = self.docs[d]
-        doc.extend(tokens)
-        where = self.where
-        for end in range(self._indexed[d], len(doc)):  # the n-gram doc[end-n:end] before doc[end]
-            for n in range(1, min(self.max_n, end) + 1):
-                key = tuple(doc[end - n : end])
-                hits = where.get(key)
-                if hits is None:
-                    where[key] = [(d, end)]
-                else:
-                    hits.append((d, end))
-        self._indexed[d] = max(self._indexed[d], len(doc))
-
-    def continuations(self, ngram: tuple[int, ...], depth: int, limit: int) -> list[list[int]]:
-        """The next ``depth`` tokens after the latest ``limit`` occurrences of ``ngram``."""
-        hits = self.where.get(ngram)
-        if not hits:
-            return []
-        docs = self.docs
-        return [docs[d][e : e + depth] for d, e in hits[-limit:]]
-
-
-SCORERS = {"mixture": score_mixture, "chain": score_chain}
-
-
-@dataclass(frozen=True)
-class BlendConfig:
-    """The blended policy's knobs.
-
-    Every source proposes, for a few matched suffixes (levels), the continuations that followed
-    them with their counts; a scorer (``SCORERS``) turns the merged levels into one trie of
-    estimated path probabilities and the ``budget`` best nodes are kept. ``*_trust`` is how many
-    occurrences a level needs before it is half trusted (smaller: trusted sooner); ``*_weight``
-    scales a source against the others.
-
-    - datastore (``ds_``): the engine's exact search, ``ds_levels`` match lengths (the longest of
-      ``ds_min_span..ds_max_span``, then the longest shorter than it, ...), each tree at most
-      ``ds_candidates`` nodes and ``ds_depth`` deep.
-    - context (``ctx_``): the sequence's own earlier tokens, every n-gram size from
-      ``ctx_max_ngram`` down to ``ctx_min_ngram`` that occurs, the latest ``ctx_occurrences``
-      occurrences, ``ctx_depth`` tokens each.
-    - served (``srv_``): outputs already served (earlier targets' solutions; ``served_prompts``
-      adds their prompts), likewise.
-    - carry: last step's candidates below the accepted path and the new root (pruned away then,
-      still a valid proposal now).
+    The datastore is the decoder's retriever here, its searches timed (``search_seconds``).
+    ``use_datastore=False`` leaves it out.
     """
 
-    budget: int = 64
-    scorer: str = "chain"
-    ds_weight: float = 1.0
-    ds_levels: int = 3
-    ds_candidates: int = 128
-    ds_depth: int = 10
-    ds_min_span: int = 1
-    ds_max_span: int = 16
-    ds_trust: float = 16.0
-    ctx_weight: float = 1.0
-    ctx_min_ngram: int = 1
-    ctx_max_ngram: int = 4
-    ctx_occurrences: int = 32
-    ctx_depth: int = 10
-    ctx_trust: float = 1.0
-    srv_weight: float = 1.0
-    srv_min_ngram: int = 1
-    srv_max_ngram: int = 8
-    srv_occurrences: int = 32
-    srv_depth: int = 10
-    srv_trust: float = 3.0
-    served_prompts: bool = False
-    carry_weight: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.scorer not in SCORERS:
-            raise ValueError(f"scorer must be one of {tuple(SCORERS)}, got {self.scorer!r}")
-        if self.budget < 0:
-            raise ValueError(f"budget must be >= 0, got {self.budget}")
-
-
-class BlendPolicy(Policy):
-    """Drafts from the datastore, the sequence's own context, outputs already served and last
-    step's leftovers, scored as one trie and pruned best-first (see ``BlendConfig``)."""
-
-    def __init__(self, datastore, config: BlendConfig = BlendConfig()) -> None:
-        self.datastore = datastore
+    def __init__(self, datastore, config: DecodingConfig, vocab_size: int | None = None,
+                 use_datastore: bool = True) -> None:
+        self.retriever = TimedRetriever(datastore) if use_datastore else None
         self.config = config
-        self._context_index = NgramIndex(config.ctx_max_ngram)
-        self._context: list[int] = []
-        self._served = NgramIndex(config.srv_max_ngram)
-        self._last: tuple[list[int], ScoredTrie] | None = None
+        self.vocab_size = vocab_size
+        self.served = served_outputs(config)
+        self.sources: list[DraftSource] | None = None
+
+    @property
+    def search_seconds(self) -> float:
+        return self.retriever.seconds if self.retriever is not None else 0.0
 
     def propose(self, context: Sequence[int]) -> Tree:
-        cfg = self.config
-        carried = self._carried(context)
-        self._follow(context)
-        levels: list[Level] = []
-        if cfg.ctx_weight > 0:
-            levels += self._ngram_levels("context", self._context_index, context, cfg.ctx_min_ngram,
-                                         cfg.ctx_max_ngram, cfg.ctx_occurrences, cfg.ctx_depth)
-        if cfg.srv_weight > 0 and self._served.docs:
-            levels += self._ngram_levels("served", self._served, context, cfg.srv_min_ngram,
-                                         cfg.srv_max_ngram, cfg.srv_occurrences, cfg.srv_depth)
-        if cfg.ds_weight > 0:
-            levels += self._datastore_levels(context)
-        if carried is not None:
-            levels.append(carried)
-        trust = {"datastore": cfg.ds_trust, "context": cfg.ctx_trust, "served": cfg.srv_trust, "carry": 0.0}
-        weights = {"datastore": cfg.ds_weight, "context": cfg.ctx_weight, "served": cfg.srv_weight,
-                   "carry": cfg.carry_weight}
-        trie = SCORERS[cfg.scorer](levels, trust, weights)
-        if cfg.carry_weight > 0:
-            self._last = (list(context), trie)
-        return trie.best(cfg.budget)
+        if self.sources is None:
+            self.sources = open_draft_sources(self.config, self.retriever, self.served)
+        tree = draft_tree(self.sources, context, self.config.tree_budget, self.vocab_size)
+        return Tree(tuple(tree.tokens), tuple(tree.parents))
 
     def observe(self, sequence: Sequence[int], prompt_len: int) -> None:
-        start = 0 if self.config.served_prompts else prompt_len
-        self._served.add_document(list(sequence[start:]))
-        self._last = None
+        for source in self.sources or ():
+            source.close()
+        self.sources = None
+        if self.served is not None:
+            self.served.add(sequence[prompt_len:])
 
-    def _follow(self, context: Sequence[int]) -> None:
-        """Keeps the context index in step: extended when the context grew, rebuilt otherwise."""
-        known = self._context
-        if known and len(context) >= len(known) and list(context[: len(known)]) == known:
-            self._context_index.extend(context[len(known) :])
-        else:
-            self._context_index = NgramIndex(self.config.ctx_max_ngram)
-            self._context_index.add_document(context)
-            self._last = None
-        self._context = list(context)
 
-    def _datastore_levels(self, context: Sequence[int]) -> list[Level]:
-        cfg = self.config
-        params: SearchParams | None = SearchParams(
-            min_span=cfg.ds_min_span, max_span=cfg.ds_max_span, budget=cfg.ds_candidates, max_depth=cfg.ds_depth)
-        levels = []
-        while len(levels) < cfg.ds_levels and params is not None:
-            r = self.datastore.search(context[-params.max_span :], params)
-            if r.match_length == 0:
-                break
-            levels.append(Level("datastore", r.match_length, r.occurrences, r.tokens, r.parents, r.counts))
-            shorter = r.match_length - 1
-            params = replace(params, max_span=shorter) if shorter >= cfg.ds_min_span else None
-        return levels
+class TimedRetriever(Retriever):
+    """A datastore searched in-process, as ``rest.retriever.LocalRetriever`` does, with the time
+    spent in searches added up in ``seconds``."""
 
-    @staticmethod
-    def _ngram_levels(source: str, index: NgramIndex, context: Sequence[int], min_n: int, max_n: int,
-                      occurrences: int, depth: int) -> list[Level]:
-        levels = []
-        for n in range(min(max_n, len(context)), min_n - 1, -1):
-            continuations = index.continuations(tuple(context[-n:]), depth, occurrences)
-            if continuations:
-                levels.append(count_level(source, n, continuations))
-        return levels
+    def __init__(self, datastore) -> None:
+        self.datastore = datastore
+        self.seconds = 0.0
 
-    def _carried(self, context: Sequence[int]) -> Level | None:
-        if self._last is None or self.config.carry_weight <= 0:
-            return None
-        old_context, old_trie = self._last
-        grown = context[len(old_context) :]
-        if not grown or list(context[: len(old_context)]) != old_context:
-            return None
-        return old_trie.subtree(grown)
+    def info(self):
+        return self.datastore.info()
+
+    def session(self) -> RetrievalSession:
+        return _TimedSession(self)
+
+
+class _TimedSession(RetrievalSession):
+    def __init__(self, retriever: TimedRetriever) -> None:
+        self.retriever = retriever
+
+    def search(self, context: Sequence[int], params: SearchParams):
+        start = CLOCK()
+        try:
+            return self.retriever.datastore.search(context, params)
+        finally:
+            self.retriever.seconds += CLOCK() - start
 
 
 # ---------------------------------------------------------------------------------------------
@@ -751,21 +463,26 @@ def load_workload(fraction: tuple[int, int] = (1, 1), cache_dir: Path = CACHE_DI
 # The policies the benchmark knows by name
 
 
-# The blend and the variants measured while choosing it (ablations: one knob changed each).
-BLEND_VARIANTS: dict[str, dict] = {
-    "blend": {},
-    "blend-mixture": {"scorer": "mixture", "ds_trust": 2.0, "srv_trust": 1.0},
-    "blend-no-served": {"srv_weight": 0.0},
-    "blend-no-context": {"ctx_weight": 0.0},
-    "blend-no-datastore": {"ds_weight": 0.0},
-    "blend-min-span-2": {"ds_min_span": 2},
-    "blend-1-level": {"ds_levels": 1},
-    "blend+carry": {"carry_weight": 1.0},
-    "blend+served-prompts": {"served_prompts": True},
+# The decoder's drafting, and variants with one part changed (ablations). ``use_datastore`` is
+# the policy's; every other key is a ``DecodingConfig`` field.
+DECODER_VARIANTS: dict[str, dict] = {
+    "decoder": {},
+    "decoder-no-served": {"served_drafts": False},
+    "decoder-no-context": {"context_drafts": False},
+    "decoder-no-datastore": {"use_datastore": False},
+    "decoder-1-level": {"retrieval_levels": 1},
+    "decoder-min-span-2": {"search": SearchParams(min_span=2)},
+    "decoder-128-candidates": {"search": SearchParams(min_span=1, budget=128)},
 }
 
 
-def make_policy(name: str, datastore, budget: int) -> Policy:
+def decoder_config(budget: int, **changes) -> DecodingConfig:
+    """The decoder's defaults at a fixed ``budget``. No retrieval deadline: the replay is
+    deterministic, and the guard's thread hop is not drafting work."""
+    return DecodingConfig(budget=budget, retrieval_deadline_s=None, **changes)
+
+
+def make_policy(name: str, datastore, budget: int, vocab_size: int | None = None) -> Policy:
     """The policy the CLI calls ``name``, drafting at most ``budget`` nodes per step (the
     prompt-lookup chain is capped by its own 10 tokens)."""
     if name == "rest":
@@ -784,13 +501,16 @@ def make_policy(name: str, datastore, budget: int) -> Policy:
         return UnionPolicy(PromptLookupPolicy(), make_policy("exact", datastore, budget), budget=budget)
     if name == "none":
         return NoDraftPolicy()
-    if name in BLEND_VARIANTS:
-        return BlendPolicy(datastore, BlendConfig(budget=budget, **BLEND_VARIANTS[name]))
+    if name in DECODER_VARIANTS:
+        changes = dict(DECODER_VARIANTS[name])
+        use_datastore = changes.pop("use_datastore", True)
+        config = decoder_config(budget, **changes)
+        return DecoderPolicy(datastore, config, vocab_size, use_datastore)
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
 
 
-POLICY_NAMES = ("rest", "exact", "prompt-lookup", "exact+context", "none", *BLEND_VARIANTS)
-DEFAULT_POLICIES = ("rest", "exact", "prompt-lookup", "exact+context", "blend")
+POLICY_NAMES = ("rest", "exact", "prompt-lookup", "exact+context", "none", *DECODER_VARIANTS)
+DEFAULT_POLICIES = ("rest", "exact", "prompt-lookup", "exact+context", "decoder")
 
 
 def run_policies(workload: Workload, names: Sequence[str], budget: int, limit: int | None = None,
@@ -802,24 +522,31 @@ def run_policies(workload: Workload, names: Sequence[str], budget: int, limit: i
     results = []
     for name in names:
         _log(f"replaying {name} ...")
-        results.append(replay(make_policy(name, datastore, budget), targets, name))
+        policy = make_policy(name, datastore, budget, workload.vocab_size)
+        results.append(replay(policy, targets, name))
     return results
 
 
 def format_table(results: Sequence[ReplayResult], baseline: str = "rest") -> str:
-    """One row per policy; the last column is M over the baseline's M measured in the same run."""
+    """One row per policy: M, mean nodes per step, drafting time per step (CPU microseconds of
+    the replaying thread) and the part of it spent in datastore searches (where the policy
+    times them); the last column is M over the baseline's M measured in the same run."""
     base = next((r.m for r in results if r.policy == baseline), None)
     width = max([len("policy"), *(len(r.policy) for r in results)])
-    lines = [f"{'policy':<{width}} {'M':>6} {'nodes':>7} {'us/step':>9} {'M/' + baseline:>7}"]
+    header = f"{'M':>6} {'nodes':>7} {'us/step':>9} {'search':>9} {'M/' + baseline:>7}"
+    lines = [f"{'policy':<{width}} {header}"]
     for r in results:
         ratio = f"{r.m / base:7.3f}" if base else f"{'-':>7}"
-        lines.append(f"{r.policy:<{width}} {r.m:6.3f} {r.mean_nodes:7.1f} {r.us_per_step:9.1f} {ratio}")
+        search = f"{r.search_us_per_step:9.1f}" if r.search_us_per_step is not None else f"{'-':>9}"
+        figures = f"{r.m:6.3f} {r.mean_nodes:7.1f} {r.us_per_step:9.1f} {search} {ratio}"
+        lines.append(f"{r.policy:<{width}} {figures}")
     return "\n".join(lines)
 
 
 def result_json(r: ReplayResult, base: float | None) -> dict:
     return {"policy": r.policy, "M": r.m, "mean_nodes": r.mean_nodes, "max_nodes": r.max_nodes,
-            "us_per_step": r.us_per_step, "steps": r.steps, "scored_tokens": r.scored_tokens,
+            "us_per_step": r.us_per_step, "search_us_per_step": r.search_us_per_step,
+            "steps": r.steps, "scored_tokens": r.scored_tokens,
             "ratio_to_rest": r.m / base if base else None}
 
 
@@ -867,7 +594,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=int, default=64, help="draft nodes per step (default 64)")
     parser.add_argument("--policies", nargs="+", default=list(DEFAULT_POLICIES), choices=POLICY_NAMES,
-                        metavar="POLICY", help=f"from {', '.join(POLICY_NAMES)} (default: all but none)")
+                        metavar="POLICY",
+                        help=f"from {', '.join(POLICY_NAMES)} (default: {' '.join(DEFAULT_POLICIES)})")
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N problems")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--sweep", type=Path, default=None, metavar="CHART.png",
@@ -883,8 +611,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = {
         "workload": {"corpus_tokens": workload.corpus_tokens, "targets": len(workload.targets),
                      "scored_tokens": workload.scored_tokens, "limit": args.limit, "budget": args.budget},
-        "blend_config": asdict(BlendConfig(budget=args.budget)),
-        "blend_variants": BLEND_VARIANTS,
+        "decoder_config": asdict(decoder_config(args.budget)),
+        "decoder_variants": {
+            name: {k: asdict(v) if is_dataclass(v) else v for k, v in changes.items()}
+            for name, changes in DECODER_VARIANTS.items()
+        },
         "results": [result_json(r, base) for r in results],
     }
     if args.sweep:

@@ -59,11 +59,13 @@ def generators(model, tokenizer, retriever, budget):
     from rest.types import SearchParams
 
     base = DecodingConfig(budget=budget)
+    # Single-source methods: one search per step, no context or served-output drafts.
+    single = replace(base, context_drafts=False, served_drafts=False, retrieval_levels=1)
     configs = {
         "plain": (base, None),
-        "rest-policy": (replace(base, context_drafts=False, search=SearchParams(policy="rest")), retriever),
-        "exact": (replace(base, context_drafts=False, search=SearchParams(policy="exact")), retriever),
-        "prompt-lookup": (base, None),
+        "rest-policy": (replace(single, search=SearchParams(policy="rest")), retriever),
+        "exact": (replace(single, search=SearchParams(policy="exact")), retriever),
+        "prompt-lookup": (replace(base, served_drafts=False), None),
         "hybrid": (base, retriever),
     }
     built = {name: RestGenerator(model, tokenizer, r, c) for name, (c, r) in configs.items()}

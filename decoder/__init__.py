@@ -13,13 +13,22 @@ Terms, used with these meanings throughout the package:
   choices (greedy: argmax; sampling: the token drawn at each node in turn).
 - bonus token: the model's choice after the accepted path. Every step emits the accepted path and
   the bonus token (at least one token), and the bonus token becomes the next root.
+- level: one draft source's continuations of one matched suffix of the context, counted (match
+  length, occurrences, and how many occurrences continue with each path); a scorer turns the
+  levels of every source into one draft tree (``decoder.draft_tree``).
+- served outputs: the outputs of a generator's earlier calls, a draft source for later ones.
 - budget: the number of draft nodes one step verifies, fixed or chosen per step ("auto").
 - step: one forward pass over a draft tree; M = new tokens / steps.
 """
 
-from decoder.config import DecodingConfig
-from decoder.draft_sources import ContextDraftSource, DraftSource, RetrieverDraftSource
-from decoder.draft_tree import Draft, DraftTree
+from decoder.config import DecodingConfig, NgramParams
+from decoder.draft_sources import (
+    ContextDraftSource,
+    DraftSource,
+    RetrieverDraftSource,
+    ServedDraftSource,
+)
+from decoder.draft_tree import DraftTree, Level
 from decoder.errors import DecoderError, TokenizerMismatchError, UnsupportedModelError
 from decoder.generator import (
     GenerationResult,
@@ -29,19 +38,23 @@ from decoder.generator import (
     StreamChunk,
 )
 from decoder.model_support import load_model
+from decoder.ngram_index import ServedOutputs
 
 __all__ = [
     "ContextDraftSource",
     "DecoderError",
     "DecodingConfig",
-    "Draft",
     "DraftSource",
     "DraftTree",
     "GenerationResult",
     "GenerationStats",
     "GenerationStream",
+    "Level",
+    "NgramParams",
     "RestGenerator",
     "RetrieverDraftSource",
+    "ServedDraftSource",
+    "ServedOutputs",
     "StreamChunk",
     "TokenizerMismatchError",
     "UnsupportedModelError",

@@ -4,7 +4,8 @@ A step that verifies the ``n`` best nodes emits, in expectation, ``1 + sum of th
 tokens (the bonus token, plus each node's probability of lying on the accepted path) and costs
 ``cost(n + 1)`` seconds of forward pass (the root is fed too) on top of the retrieval time already
 spent. The budget is the ``n`` maximising tokens per second; ``cost`` is measured once per
-generator on the actual model and device (``calibrate``).
+generator on the actual model and device (``calibrate``). Scores are estimates, and some sources
+are over-confident: ``ScoreCorrection`` rescales them by what recent steps actually accepted.
 """
 
 from __future__ import annotations
@@ -55,6 +56,43 @@ def choose_budget(
     gain = 1.0 + np.concatenate([[0.0], np.cumsum(ranked_scores[:k])])  # [k + 1]
     seconds = cost.cost(np.arange(1, k + 2)) + retrieval_s  # [k + 1]
     return int(np.argmax(gain / seconds))  # argmax returns the first maximum
+
+
+class ScoreCorrection:
+    """How far the draft scores are borne out, learnt online.
+
+    A step whose verified nodes score ``s_i`` predicts ``sum(s_i)`` accepted draft nodes (the
+    scores estimate path probabilities); it accepts some number ``a``. Both are summed over the
+    steps, older ones forgotten by ``decay`` per step, and ``factor = (accepted + prior) /
+    (predicted + prior)``: 1 while there is little evidence, below 1 for over-confident drafts,
+    above 1 for timid ones. ``correct`` scales scores by it (capped at 1) before the budget is
+    chosen; the ranking of nodes does not change, only how many are worth verifying.
+    """
+
+    def __init__(self, decay: float = 0.9, prior: float = 1.0) -> None:
+        if not 0 <= decay < 1 or prior <= 0:
+            raise ValueError("need 0 <= decay < 1 and prior > 0")
+        self.decay = decay
+        self.prior = prior
+        self.predicted = 0.0
+        self.accepted = 0.0
+
+    @property
+    def factor(self) -> float:
+        return (self.accepted + self.prior) / (self.predicted + self.prior)
+
+    def observe(self, predicted: float, accepted: int) -> None:
+        """One step: the sum of its verified nodes' (uncorrected) scores, the nodes accepted.
+
+        A step that verified nothing counts too: the evidence fades, and a factor that had
+        shrunk the budget to nothing drifts back towards 1 until drafts are tried again.
+        """
+        self.predicted = self.decay * self.predicted + predicted
+        self.accepted = self.decay * self.accepted + accepted
+
+    def correct(self, scores: Sequence[float]) -> list[float]:
+        factor = self.factor
+        return [min(score * factor, 1.0) for score in scores]
 
 
 def calibration_sizes(max_budget: int) -> tuple[int, ...]:

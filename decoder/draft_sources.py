@@ -1,6 +1,9 @@
-"""Where drafts come from, behind one interface: ``DraftSource.propose(context) -> Draft``.
+"""Where drafts come from, behind one interface: ``DraftSource.propose(context) -> levels``.
 
-The verifier only ever sees the merged ``DraftTree``; it does not know which source proposed what.
+A source answers with levels (``decoder.draft_tree.Level``): for a few suffixes of the context
+that it matched, the continuations that followed them, counted. One scorer turns every source's
+levels into the step's draft tree (``draft_tree``); the verifier only ever sees that tree and
+does not know which source proposed what.
 """
 
 from __future__ import annotations
@@ -12,96 +15,208 @@ import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import replace
 
 import numpy as np
 
-from decoder.draft_tree import EMPTY_DRAFT, Draft, count_trie
-from rest.retriever import RetrievalSession
+from decoder.config import DecodingConfig, NgramParams
+from decoder.draft_tree import DraftTree, Level
+from decoder.ngram_index import NgramIndex, ServedOutputs
+from rest.retriever import RetrievalSession, Retriever
 from rest.types import SearchParams
 
 log = logging.getLogger(__name__)
 
 
 class DraftSource(abc.ABC):
-    """Proposes continuations of a context.
+    """Proposes counted continuations of a context.
 
-    ``context`` is the prompt plus the output so far and ends with the root; the proposed nodes
-    continue after the root. ``failures`` counts proposals that gave nothing because something went
-    wrong (not because nothing matched).
+    ``context`` is the prompt plus the output so far and ends with the root; the proposed
+    continuations start after the root. ``failures`` counts proposals that gave nothing because
+    something went wrong (not because nothing matched). The sources ``open_draft_sources`` makes
+    serve one generation, whose contexts each extend the previous one.
     """
 
     failures: int = 0
 
     @abc.abstractmethod
-    def propose(self, context: Sequence[int]) -> Draft:
-        """Scored continuations of ``context`` (``EMPTY_DRAFT`` when there are none)."""
+    def propose(self, context: Sequence[int]) -> list[Level]:
+        """Levels of continuations of ``context`` (an empty list when there are none)."""
 
     def close(self) -> None:
         """Release what the source holds (a retrieval session, a worker thread)."""
 
 
-def scored_trie(sequences: Sequence[Sequence[int]]) -> Draft:
-    """The trie of ``sequences``, a node scored by the share of sequences passing through it."""
-    if not sequences:
-        return EMPTY_DRAFT
-    tokens, parents, counts = count_trie(sequences)
-    total = len(sequences)
-    return Draft(tuple(tokens), tuple(parents), tuple(c / total for c in counts))
+def draft_tree(
+    sources: Sequence[DraftSource],
+    context: Sequence[int],
+    budget: int | None = None,
+    vocab_size: int | None = None,
+) -> DraftTree:
+    """One step's drafting: every source's levels, scored into one tree of at most ``budget``
+    nodes (``DraftTree.from_levels``)."""
+    levels = [level for source in sources for level in source.propose(context)]
+    return DraftTree.from_levels(levels, budget=budget, vocab_size=vocab_size)
+
+
+def served_outputs(config: DecodingConfig) -> ServedOutputs | None:
+    """The store of served outputs ``config`` asks for (None: no served drafts), to be shared by
+    every generation of one generator."""
+    if not config.served_drafts:
+        return None
+    return ServedOutputs(config.served.max_ngram, config.served_max_tokens)
+
+
+def open_draft_sources(
+    config: DecodingConfig,
+    retriever: Retriever | None = None,
+    served: ServedOutputs | None = None,
+    extra: Sequence[DraftSource] = (),
+) -> list[DraftSource]:
+    """The sources of one generation, as ``config`` asks: the context, the served outputs, the
+    retriever (a session of its own, behind the deadline), then ``extra`` (shared sources,
+    guarded so that their failures cost a step's drafts only). Close them when it ends."""
+    sources: list[DraftSource] = []
+    if config.context_drafts:
+        sources.append(ContextDraftSource(config.context))
+    if config.served_drafts and served is not None:
+        sources.append(ServedDraftSource(served, config.served))
+    if retriever is not None:
+        try:
+            session = retriever.session()
+        except Exception:
+            log.warning("no retrieval session; decoding without it", exc_info=True)
+        else:
+            source = RetrieverDraftSource(
+                session, config.search, config.retrieval_levels, config.retrieval_trust
+            )
+            sources.append(GuardedDraftSource(source, config.retrieval_deadline_s))
+    sources.extend(GuardedDraftSource(source, None) for source in extra)
+    return sources
+
+
+def ngram_levels(
+    indexes: Sequence[NgramIndex], context: Sequence[int], params: NgramParams
+) -> list[Level]:
+    """For each n from ``params.max_ngram`` down to ``params.min_ngram`` whose n-gram (the
+    context's last n tokens) occurred in ``indexes`` (newest first): one level, the
+    continuations after its latest ``params.max_occurrences`` occurrences."""
+    suffix = tuple(int(t) for t in context[-params.max_ngram :])
+    found: list[tuple[int, list[tuple[int, list[int]]]]] = []  # (n, [(index number, positions)])
+    for n in range(len(suffix), params.min_ngram - 1, -1):
+        ngram, wanted, hits = suffix[-n:], params.max_occurrences, []
+        for number, index in enumerate(indexes):
+            positions = index.latest(ngram, wanted)
+            if positions:
+                hits.append((number, positions))
+                wanted -= len(positions)
+                if not wanted:
+                    break
+        if hits:
+            found.append((n, hits))
+    if not found:
+        return []
+    # One gather per index for all the levels: numpy calls cost more than the work they do here.
+    per_index: dict[int, list[int]] = {}
+    for _, hits in found:
+        for number, positions in hits:
+            per_index.setdefault(number, []).extend(positions)
+    rows = {number: indexes[number].rows(positions, params.max_length)
+            for number, positions in per_index.items()}  # fmt: skip
+    taken = dict.fromkeys(rows, 0)
+    levels = []
+    for n, hits in found:
+        parts = []
+        for number, positions in hits:
+            start = taken[number]
+            taken[number] = start + len(positions)
+            parts.append(rows[number][start : start + len(positions)])
+        level_rows = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        levels.append(Level(n, len(level_rows), params.trust, rows=level_rows))
+    return levels
 
 
 class ContextDraftSource(DraftSource):
-    """Prompt lookup: continuations of earlier occurrences of the context's own suffix.
+    """Prompt lookup with back-off: the continuations of earlier occurrences of the context's
+    own suffixes, one level per suffix length that occurred (``NgramParams``).
 
-    The longest suffix of ``max_ngram`` down to ``min_ngram`` tokens that occurred before wins; the
-    next ``max_length`` tokens after each of its latest ``max_occurrences`` occurrences form the
-    draft, a node scored by the share of those occurrences whose continuation passes through it.
+    The index of the context grows with the tokens each step adds; a context that does not
+    extend the previous one is indexed afresh.
     """
 
-    def __init__(
-        self,
-        min_ngram: int = 1,
-        max_ngram: int = 4,
-        max_length: int = 10,
-        max_occurrences: int = 64,
-    ) -> None:
-        self.min_ngram = min_ngram
-        self.max_ngram = max_ngram
-        self.max_length = max_length
-        self.max_occurrences = max_occurrences
+    def __init__(self, params: NgramParams = NgramParams()) -> None:
+        self.params = params
+        self._index = NgramIndex(params.max_ngram)
+        self._known: list[int] = []
 
-    def propose(self, context: Sequence[int]) -> Draft:
-        ctx = np.asarray(context, dtype=np.int64)
-        for n in range(min(self.max_ngram, len(ctx) - 1), self.min_ngram - 1, -1):
-            # windows[j] = ctx[j : j + n] for every start j whose continuation is non-empty
-            windows = np.lib.stride_tricks.sliding_window_view(ctx[:-1], n)  # [len - n, n]
-            starts = np.flatnonzero((windows == ctx[-n:]).all(axis=1))
-            if starts.size:
-                latest = starts[-self.max_occurrences :]
-                return scored_trie([ctx[j + n : j + n + self.max_length] for j in latest])
-        return EMPTY_DRAFT
+    def propose(self, context: Sequence[int]) -> list[Level]:
+        known = len(self._known)
+        if len(context) < known or list(context[:known]) != self._known:
+            self._index, self._known, known = NgramIndex(self.params.max_ngram), [], 0
+        new = [int(t) for t in context[known:]]
+        self._index.extend(new)
+        self._known.extend(new)
+        return ngram_levels((self._index,), context, self.params)
+
+
+class ServedDraftSource(DraftSource):
+    """The continuations of the context's suffixes in outputs served before (``ServedOutputs``,
+    filled by the generator when a generation ends: the current one is never among them)."""
+
+    def __init__(self, served: ServedOutputs, params: NgramParams) -> None:
+        if params.max_ngram > served.max_n:
+            raise ValueError(
+                f"the served outputs index n-grams up to {served.max_n} tokens, "
+                f"not {params.max_ngram}"
+            )
+        self.served = served
+        self.params = params
+
+    def propose(self, context: Sequence[int]) -> list[Level]:
+        return ngram_levels(self.served.segments(), context, self.params)
 
 
 class RetrieverDraftSource(DraftSource):
-    """Drafts from a datastore: a node scored by count / occurrences, the share of the matched
-    suffix's occurrences that continue with the node's path."""
+    """Drafts from a datastore with back-off: ``levels`` searches, the first for the longest
+    matching suffix (``params``), each next one for the longest suffix shorter than the last
+    match (``max_span`` = last match length - 1), each answer a level believed with ``trust``.
 
-    def __init__(self, session: RetrievalSession, params: SearchParams) -> None:
+    The searches depend on each other, so they run one after the other: for a remote retriever,
+    one round trip each.
+    """
+
+    def __init__(
+        self, session: RetrievalSession, params: SearchParams, levels: int = 1, trust: float = 0.0
+    ) -> None:
         self.session = session
-        self.params = params
+        self.levels = levels
+        self.trust = trust
+        # One SearchParams per max_span, made once: a step must not pay for their validation.
+        self._params = {span: replace(params, max_span=span)
+                        for span in range(params.min_span, params.max_span + 1)}  # fmt: skip
+        self._max_span = params.max_span
 
-    def propose(self, context: Sequence[int]) -> Draft:
-        # Only the last max_span tokens can be matched: the rest need not travel to the retriever.
-        result = self.session.search(list(context[-self.params.max_span :]), self.params)
-        if result is None:
-            self.failures += 1
-            return EMPTY_DRAFT
-        if not result.tokens or result.occurrences <= 0:
-            return EMPTY_DRAFT
-        return Draft(
-            tuple(result.tokens),
-            tuple(result.parents),
-            tuple(c / result.occurrences for c in result.counts),
-        )
+    def propose(self, context: Sequence[int]) -> list[Level]:
+        levels: list[Level] = []
+        span = self._max_span
+        params = self._params
+        for _ in range(self.levels):
+            if span not in params:  # the last match was min_span long: nothing shorter to ask
+                break
+            # Only the last max_span tokens can be matched: the rest need not travel.
+            result = self.session.search(list(context[-span:]), params[span])
+            if result is None:
+                self.failures += 1
+                break
+            if result.match_length <= 0:
+                break
+            if result.tokens and result.occurrences > 0:
+                levels.append(Level.from_trie(
+                    result.match_length, result.occurrences, result.tokens, result.parents,
+                    result.counts, self.trust,
+                ))  # fmt: skip
+            span = result.match_length - 1
+        return levels
 
     def close(self) -> None:
         self.session.close()
@@ -115,7 +230,7 @@ class _Worker:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._run, name="draft-source", daemon=True).start()
 
-    def submit(self, fn: Callable[[], Draft]) -> Future:
+    def submit(self, fn: Callable[[], list[Level]]) -> Future:
         future: Future = Future()
         self._calls.put((fn, future))
         return future
@@ -150,13 +265,13 @@ class GuardedDraftSource(DraftSource):
     def failures(self) -> int:  # type: ignore[override]
         return self._own_failures + self.source.failures
 
-    def propose(self, context: Sequence[int]) -> Draft:
+    def propose(self, context: Sequence[int]) -> list[Level]:
         try:
             if self._worker is None:
                 return self.source.propose(context)
             if self._pending is not None and not self._pending.done():
                 self._own_failures += 1
-                return EMPTY_DRAFT
+                return []
             snapshot = tuple(context)  # the decoder extends its context while a late call runs
             self._pending = self._worker.submit(lambda: self.source.propose(snapshot))
             return self._pending.result(timeout=self.deadline_s)
@@ -168,7 +283,7 @@ class GuardedDraftSource(DraftSource):
             log.log(level, "draft source %s failed; steps go on without its drafts",
                     type(self.source).__name__, exc_info=True)  # fmt: skip
         self._own_failures += 1
-        return EMPTY_DRAFT
+        return []
 
     def close(self) -> None:
         if self._pending is not None and not self._pending.done():

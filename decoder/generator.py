@@ -1,10 +1,12 @@
 """Lossless retrieval-based speculative decoding for a Hugging Face causal LM.
 
-One step, top to bottom: the draft sources propose continuations of the context; they are merged
-into one draft tree and pruned to the budget; the root and the draft nodes go through the model in
-one forward pass with tree attention; the tree walk accepts the path the model itself would have
-produced and adds the bonus token; the KV cache keeps only the accepted path; stop conditions are
-checked token by token. Terms are defined in the package docstring (``decoder/__init__.py``).
+One step, top to bottom: the draft sources propose levels of counted continuations of the
+context; one scorer turns them into a draft tree, pruned to the budget; the root and the draft
+nodes go through the model in one forward pass with tree attention; the tree walk accepts the path
+the model itself would have produced and adds the bonus token; the KV cache keeps only the
+accepted path; stop conditions are checked token by token. When the call ends, its output joins
+the served outputs that later calls draft from. Terms are defined in the package docstring
+(``decoder/__init__.py``).
 """
 
 from __future__ import annotations
@@ -12,38 +14,34 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from decoder.budget import CostModel, calibrate, choose_budget, synchronize
+from decoder.budget import CostModel, ScoreCorrection, calibrate, choose_budget, synchronize
 from decoder.config import DecodingConfig
-from decoder.draft_sources import (
-    ContextDraftSource,
-    DraftSource,
-    GuardedDraftSource,
-    RetrieverDraftSource,
-)
+from decoder.draft_sources import DraftSource, draft_tree, open_draft_sources, served_outputs
 from decoder.draft_tree import DraftTree
 from decoder.errors import TokenizerMismatchError
 from decoder.kv_cache import keep_accepted, new_cache
 from decoder.model_support import check_length, check_model
+from decoder.ngram_index import ServedOutputs
 from decoder.sampling import SamplingParams, node_chooser
 from decoder.stopping import StopChecker, eos_token_ids
 from decoder.verify import prefill, verify_tree, walk_tree
 from rest.retriever import Retriever
-from rest.types import DatastoreInfo
 from rest.tokenizer import tokenizer_fingerprint, tokenizer_name
+from rest.types import DatastoreInfo
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class GenerationStats:
-    """What one ``generate`` call did. Times are wall-clock seconds; ``retrieval_s`` covers every
-    draft source (retriever and context lookup), ``verification_s`` the forward passes over the
-    trees with their acceptance."""
+    """What one ``generate`` call did. Times are wall-clock seconds; ``retrieval_s`` covers the
+    drafting (every source and the scoring), ``verification_s`` the forward passes over the trees
+    with their acceptance."""
 
     prompt_tokens: int
     new_tokens: int
@@ -154,13 +152,15 @@ class IncrementalDetokenizer:
 
 
 class RestGenerator:
-    """Generates with draft trees from a retriever and from the context itself, verified by the
-    model so that the output is the model's own.
+    """Generates with draft trees from a retriever, the context itself and the outputs it served
+    before, verified by the model so that the output is the model's own.
 
     ``retriever``: a ``rest.retriever.Retriever`` (local or remote) or None. Its tokenizer
     fingerprint must match ``tokenizer``'s unless ``config.allow_tokenizer_mismatch``.
     ``draft_sources``: more proposers, shared by every call (they must not keep per-call state).
-    Batch size is 1; the model must pass ``decoder.model_support.check_model``.
+    ``served``: the outputs of earlier calls (prompts excluded), added as each call ends.
+    ``score_correction``: how far recent steps bore out the draft scores (the adaptive budget
+    uses it). Batch size is 1; the model must pass ``decoder.model_support.check_model``.
     """
 
     def __init__(
@@ -177,6 +177,10 @@ class RestGenerator:
         self.config = config
         self.draft_sources = tuple(draft_sources)
         self.cost_model: CostModel | None = None
+        self.served: ServedOutputs | None = served_outputs(config)
+        self.score_correction: ScoreCorrection | None = None
+        if config.score_correction:
+            self.score_correction = ScoreCorrection(config.score_correction_decay)
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.eos_ids = eos_token_ids(model)
         if retriever is not None:
@@ -296,7 +300,10 @@ class RestGenerator:
                 tree = self._draft(sources, context)
                 t1 = time.perf_counter()
                 tree = tree.prune(self._budget(tree, t1 - t0))
-                emitted = stopper.extend(self._verify(cache, context, tree, sampling, generator))
+                accepted, emitted = self._verify(cache, context, tree, sampling, generator)
+                if self.score_correction is not None and not plain:
+                    self.score_correction.observe(sum(tree.scores), accepted)
+                emitted = stopper.extend(emitted)
                 context.extend(emitted)
                 retrieval_s += t1 - t0
                 verification_s += time.perf_counter() - t1
@@ -307,6 +314,10 @@ class RestGenerator:
             failures = sum(source.failures for source in sources)
             for source in sources:
                 source.close()
+            if self.served is not None and not plain:
+                # Later calls may draft from it. Plain calls leave no trace: a baseline run must
+                # not feed the drafted run that it is compared with.
+                self.served.add(stopper.tokens)
         stats = GenerationStats(
             prompt_tokens=len(ids),
             new_tokens=len(stopper.tokens),
@@ -322,37 +333,19 @@ class RestGenerator:
         return GenerationResult(list(stopper.tokens), text, stopper.finish_reason, stats)
 
     def _open_sources(self) -> list[DraftSource]:
-        cfg = self.config
-        sources: list[DraftSource] = [GuardedDraftSource(s, None) for s in self.draft_sources]
-        if cfg.context_drafts:
-            sources.append(
-                ContextDraftSource(
-                    cfg.context_min_ngram, cfg.context_max_ngram, cfg.context_max_length,
-                    cfg.context_max_occurrences,
-                )  # fmt: skip
-            )
-        if self.retriever is not None:
-            try:
-                session = self.retriever.session()
-            except Exception:
-                log.warning("no retrieval session; decoding without it", exc_info=True)
-            else:
-                params = replace(cfg.search, budget=cfg.tree_budget)
-                source = RetrieverDraftSource(session, params)
-                sources.append(GuardedDraftSource(source, cfg.retrieval_deadline_s))
-        return sources
+        return open_draft_sources(self.config, self.retriever, self.served, self.draft_sources)
 
     def _draft(self, sources: Sequence[DraftSource], context: list[int]) -> DraftTree:
-        drafts = [source.propose(context) for source in sources]
-        return DraftTree.merge(drafts, vocab_size=self.vocab_size, rule=self.config.merge)
+        return draft_tree(sources, context, self.config.tree_budget, self.vocab_size)
 
     def _budget(self, tree: DraftTree, retrieval_s: float) -> int:
         if not self.config.adaptive or not len(tree):
             return self.config.tree_budget
         assert self.cost_model is not None
-        return choose_budget(
-            tree.ranked_scores(), self.cost_model, retrieval_s, self.config.max_budget
-        )
+        scores = tree.ranked_scores()
+        if self.score_correction is not None:
+            scores = self.score_correction.correct(scores)
+        return choose_budget(scores, self.cost_model, retrieval_s, self.config.max_budget)
 
     def _verify(
         self,
@@ -361,15 +354,16 @@ class RestGenerator:
         tree: DraftTree,
         sampling: SamplingParams,
         generator: torch.Generator | None,
-    ) -> list[int]:
+    ) -> tuple[int, list[int]]:
         """One forward pass over root + tree; the cache keeps the accepted path. Returns the
-        emitted tokens: the accepted path's, then the bonus token."""
+        number of accepted draft nodes and the emitted tokens: the accepted path's, then the
+        bonus token."""
         prefix_len = len(context) - 1
         inputs = tree.linearise(context[-1], prefix_len, self.model.dtype, self.model.device)
         logits = verify_tree(self.model, cache, inputs)  # [n_tree, vocab]
         accepted, emitted = walk_tree(inputs.children, node_chooser(logits, sampling, generator))
         keep_accepted(cache, prefix_len, accepted)
-        return emitted
+        return len(accepted) - 1, emitted
 
 
 def check_tokenizer(tokenizer: Any, info: DatastoreInfo, allow_mismatch: bool = False) -> None:

@@ -47,6 +47,10 @@ def demo_datastore(tokenizer, cache_dir: Path) -> Path:
         return path
     step(f"building the datastore from the standard library into {path}")
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # documents longer than the model's context are fine here
+
     def documents():
         texts = list(stdlib_documents())
         for i in range(0, len(texts), 64):
@@ -118,6 +122,8 @@ def run_demo(model: str | None, problems: int, max_new_tokens: int, budget: str,
             step("calibrating verification cost per tree size on this device")
             generator.calibrate()
         generator.generate(prompts[0][1], 8)  # warm-up: first-call overheads out of the figures
+        if generator.served is not None:
+            generator.served.clear()  # the warm-up's output must not draft for the measured runs
         step(f"decoding {len(prompts)} HumanEval prompts, {max_new_tokens} new tokens each, REST and plain")
         for i, (task_id, prompt) in enumerate(prompts, 1):
             plain = generator.generate(prompt, max_new_tokens, plain=True)

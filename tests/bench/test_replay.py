@@ -9,22 +9,17 @@ from hypothesis import strategies as st
 
 from bench import replay as R
 from bench.replay import (
-    BlendConfig,
-    BlendPolicy,
-    Level,
-    NgramIndex,
+    DecoderPolicy,
     NoDraftPolicy,
     Policy,
     PromptLookupPolicy,
-    ScoredTrie,
     Target,
     Tree,
     UnionPolicy,
     accepted_length,
     as_tree,
-    count_level,
+    decoder_config,
     replay,
-    score_chain,
     union,
 )
 from rest.datastore import Datastore, build_datastore
@@ -202,60 +197,7 @@ def test_prompt_lookup_matches_hugging_face(context, max_ngram, num_output_token
     assert got.parents == tuple(range(-1, len(expected) - 1))
 
 
-# --- the blend's parts ------------------------------------------------------------------------
-
-
-def test_ngram_index_continuations_stop_at_document_ends_and_take_the_latest():
-    index = NgramIndex(max_n=2)
-    index.add_document([1, 2, 3, 1, 2, 4])
-    index.add_document([1, 2])
-    assert index.continuations((1, 2), depth=5, limit=10) == [[3, 1, 2, 4], [4]]  # the last (1, 2) ends its doc
-    assert index.continuations((1, 2), depth=5, limit=1) == [[4]]
-    index.extend([6])  # the last document grows: its (1, 2) now has a continuation
-    assert index.continuations((1, 2), depth=1, limit=10) == [[3], [4], [6]]
-    assert index.continuations((9,), depth=1, limit=10) == []
-
-
-def test_scored_trie_best_keeps_the_best_nodes_and_their_parents():
-    trie = ScoredTrie()
-    for path, score in [((1,), 0.9), ((1, 2), 0.5), ((1, 2, 3), 0.45), ((4,), 0.5), ((1, 5), 0.1)]:
-        node = -1
-        for token in path:
-            node = trie.node(node, token)
-        trie.scores[node] = score
-    # ties (0.5): the earlier node first
-    assert sorted(trie.best(3).paths()) == [(1,), (1, 2), (4,)]
-    assert sorted(trie.best(4).paths()) == [(1,), (1, 2), (1, 2, 3), (4,)]
-    assert len(trie.best(0)) == 0 and len(trie.best(100)) == 5
-
-
-def test_chain_scores_are_interpolated_conditionals():
-    # One level: 4 occurrences, 3 continue with 7 (then 2 of those with 8), 1 with 9.
-    level = count_level("context", 2, [[7, 8], [7, 8], [7], [9]])
-    trust = {"context": 0.0}
-    trie = score_chain([level], trust, {"context": 1.0})
-    scores = dict(zip(map(tuple, Tree(tuple(trie.tokens), tuple(trie.parents)).paths()), trie.scores))
-    assert scores == pytest.approx({(7,): 0.75, (7, 8): 0.5, (9,): 0.25})
-    # Trust 4: the 4 occurrences get half the probability at the root; the 3 through 7, 3/7 below it.
-    trie = score_chain([level], {"context": 4.0}, {"context": 1.0})
-    assert trie.scores[0] == pytest.approx(0.5 * 3 / 4)
-    assert trie.scores[1] == pytest.approx(0.5 * 3 / 4 * (3 / 7) * (2 / 3))
-
-
-def test_chain_scoring_prefers_the_longer_match_and_backs_off_to_the_shorter():
-    long = Level("datastore", 5, 2, tokens=(7,), parents=(-1,), counts=(2,))
-    short = Level("datastore", 2, 10, tokens=(7, 9), parents=(-1, -1), counts=(2, 8))
-    trie = score_chain([short, long], {"datastore": 2.0}, {"datastore": 1.0})
-    by_token = dict(zip(trie.tokens, trie.scores))
-    # The long level takes 2 / (2 + 2) = 1/2 and gives it all to 7; the short level takes
-    # 10 / 12 of the rest and splits it 2:8.
-    assert by_token[7] == pytest.approx(0.5 + 0.5 * (10 / 12) * 0.2)
-    assert by_token[9] == pytest.approx(0.5 * (10 / 12) * 0.8)
-    for j, parent in enumerate(trie.parents):
-        assert parent < 0 or trie.scores[j] <= trie.scores[parent]
-
-
-# --- the blend end to end on a tiny datastore -------------------------------------------------
+# --- the decoder's drafting, end to end on a tiny datastore ------------------------------------
 
 
 def _walk(policy, targets, stride):
@@ -270,7 +212,7 @@ def _walk(policy, targets, stride):
 
 
 @pytest.mark.parametrize("stride", [1, 3])
-def test_blend_never_looks_ahead(tmp_path, stride):
+def test_decoder_policy_never_looks_ahead(tmp_path, stride):
     """Runs whose targets agree up to a point propose the same trees up to that point: what
     follows the context in the current target cannot matter."""
     ds = tiny_datastore(tmp_path, [[1, 2, 3, 4, 5, 6], [2, 3, 9, 9, 4], [5, 6, 7, 1, 2, 3]])
@@ -278,11 +220,11 @@ def test_blend_never_looks_ahead(tmp_path, stride):
     second = Target((4, 5, 6, 7, 1, 2, 3, 9, 9, 4, 5, 6), 1)
     first_changed = Target(first.tokens[:8] + (20, 21, 1, 2, 3), 2)
     second_changed = Target(second.tokens[:6] + (11, 12, 4, 5, 6), 1)
-    cfg = BlendConfig(budget=8)
-    base = _walk(BlendPolicy(ds, cfg), [first, second], stride)
+    config = decoder_config(budget=8)
+    base = _walk(DecoderPolicy(ds, config), [first, second], stride)
     checks = 0
     for targets, agree in [([first_changed, second], {0: 8}), ([first, second_changed], {0: 99, 1: 6})]:
-        other = _walk(BlendPolicy(ds, cfg), targets, stride)
+        other = _walk(DecoderPolicy(ds, config), targets, stride)
         for (number, i), tree in base.items():
             if number in agree and i < agree[number]:  # context target[:i+1] is shared
                 assert other[(number, i)] == tree, (number, i)
@@ -292,31 +234,36 @@ def test_blend_never_looks_ahead(tmp_path, stride):
     assert all(len(tree) <= 8 for tree in base.values())
 
 
-def test_blend_learns_from_served_outputs_only_after_serving_them(tmp_path):
+def test_decoder_policy_learns_from_served_outputs_only_after_serving_them(tmp_path):
     ds = tiny_datastore(tmp_path, [[30, 31]])
     target = Target((1,) + tuple(range(10, 22)), 1)  # nothing in the datastore or the prompt helps
-    served = BlendPolicy(ds, BlendConfig(budget=16))
+    served = DecoderPolicy(ds, decoder_config(budget=16))
     first = replay(served, [target])
     assert first.m == 1.0
     again = replay(served, [target])  # the same output served before: now predictable
     assert again.m > 3.0
-    blind = BlendPolicy(ds, BlendConfig(budget=16, srv_weight=0.0))
+    assert again.search_seconds > 0  # the datastore was searched, and timed
+    blind = DecoderPolicy(ds, decoder_config(budget=16, served_drafts=False))
     replay(blind, [target])
     assert replay(blind, [target]).m == 1.0
 
 
-def test_blend_stays_within_its_budget(tmp_path):
+def test_decoder_policy_stays_within_its_budget(tmp_path):
     ds = tiny_datastore(tmp_path, [[i % 7, (i * 3) % 11] * 5 for i in range(40)], vocab_size=16)
     target = Target(tuple((i * 5) % 11 for i in range(60)), 10)
     for budget in (0, 1, 5, 16):
-        result = replay(BlendPolicy(ds, BlendConfig(budget=budget)), [target])
+        result = replay(DecoderPolicy(ds, decoder_config(budget=budget)), [target])
         assert result.max_nodes <= budget
-    assert replay(BlendPolicy(ds, BlendConfig(budget=16)), [target]).max_nodes > 5
+    assert replay(DecoderPolicy(ds, decoder_config(budget=16)), [target]).max_nodes > 5
 
 
-def test_blend_config_rejects_an_unknown_scorer():
-    with pytest.raises(ValueError, match="scorer"):
-        BlendConfig(scorer="magic")
+def test_decoder_policy_without_the_datastore_searches_nothing(tmp_path):
+    ds = tiny_datastore(tmp_path, [[1, 2, 3, 4, 5, 6]])
+    target = Target((1, 2, 3, 4, 5, 6), 1)
+    with_ds = replay(DecoderPolicy(ds, decoder_config(budget=8)), [target])
+    without = replay(DecoderPolicy(ds, decoder_config(budget=8), use_datastore=False), [target])
+    assert with_ds.m > without.m == 1.0
+    assert without.search_seconds == 0.0
 
 
 # --- the CLI on a tiny workload ---------------------------------------------------------------
@@ -331,12 +278,14 @@ def test_cli_prints_the_table_and_writes_json_and_a_sweep_chart(tmp_path, monkey
     monkeypatch.setattr(R, "load_workload", lambda fraction=(1, 1): workload)
     out_json = tmp_path / "out.json"
     chart = tmp_path / "sweep.png"
-    assert R.main(["--policies", "rest", "exact", "blend", "--json", str(out_json), "--sweep", str(chart)]) == 0
+    assert R.main(["--policies", "rest", "exact", "decoder", "--json", str(out_json), "--sweep", str(chart)]) == 0
     printed = capsys.readouterr().out
-    assert "policy" in printed and "blend" in printed
+    assert "policy" in printed and "decoder" in printed and "search" in printed
     data = json.loads(out_json.read_text())
     rows = {r["policy"]: r for r in data["results"]}
     assert rows["rest"]["ratio_to_rest"] == pytest.approx(1.0)
-    assert rows["exact"]["M"] >= 1.0 and rows["blend"]["steps"] > 0
+    assert rows["exact"]["M"] >= 1.0 and rows["decoder"]["steps"] > 0
+    assert rows["decoder"]["search_us_per_step"] >= 0 and rows["rest"]["search_us_per_step"] is None
+    assert data["decoder_config"]["retrieval_levels"] == 3
     assert len(data["sweep"]) == 4 * 3
     assert chart.read_bytes()[:4] == b"\x89PNG"

@@ -19,7 +19,7 @@ from transformers import (
 )
 
 from decoder.draft_sources import DraftSource
-from decoder.draft_tree import EMPTY_DRAFT, Draft
+from decoder.draft_tree import Level
 from rest.retriever import RetrievalSession, Retriever
 from rest.tokenizer import tokenizer_fingerprint
 from rest.types import DatastoreInfo, SearchParams, SearchResult
@@ -91,53 +91,62 @@ def prompts(n: int = 3, seed: int = 0) -> list[list[int]]:
 class FunctionSource(DraftSource):
     """Drafts computed by a function of the context."""
 
-    def __init__(self, propose: Callable[[Sequence[int]], Draft]) -> None:
+    def __init__(self, propose: Callable[[Sequence[int]], list[Level]]) -> None:
         self._propose = propose
 
-    def propose(self, context: Sequence[int]) -> Draft:
+    def propose(self, context: Sequence[int]) -> list[Level]:
         return self._propose(context)
 
 
-def chain(tokens: Sequence[int], score: float = 0.9) -> Draft:
-    return Draft(tuple(tokens), tuple(range(-1, len(tokens) - 1)), (score,) * len(tokens))
+def scored_level(tokens, parents, scores, match_length: int = 1 << 20) -> Level:
+    """A level that gives node ``i`` the score ``scores[i]`` (capped by its parent's): one
+    occurrence, fully trusted, counts equal to the scores. Its match length puts it before
+    every real source's levels, which get only what it leaves."""
+    return Level.from_trie(match_length, 1, tuple(tokens), tuple(parents), tuple(scores), 0.0)
+
+
+def chain(tokens: Sequence[int], score: float = 0.9) -> Level:
+    return scored_level(tokens, range(-1, len(tokens) - 1), [score] * len(tokens))
 
 
 def oracle_source(target: Sequence[int], depth: int = 10) -> FunctionSource:
     """Drafts the next ``depth`` tokens of ``target`` while the context is a prefix of it."""
 
-    def propose(context: Sequence[int]) -> Draft:
+    def propose(context: Sequence[int]) -> list[Level]:
         if list(target[: len(context)]) != list(context):
-            return EMPTY_DRAFT
-        return chain(target[len(context) : len(context) + depth])
+            return []
+        return [chain(target[len(context) : len(context) + depth])]
 
     return FunctionSource(propose)
 
 
-def random_tree(rng: random.Random, size: int, vocab: int = VOCAB, tokens=None) -> Draft:
+def random_level(rng: random.Random, size: int, vocab: int = VOCAB, tokens=None) -> Level:
     """A random tree: random parents (earlier nodes), random tokens, random scores."""
     parents = tuple(rng.randrange(-1, i) for i in range(size))
     toks = tuple(rng.choice(tokens) if tokens else rng.randrange(vocab) for _ in range(size))
-    return Draft(toks, parents, tuple(rng.random() for _ in range(size)))
+    return scored_level(toks, parents, tuple(rng.random() for _ in range(size)))
 
 
 def random_source(seed: int = 0, size: int = 12, tokens=None) -> FunctionSource:
     rng = random.Random(seed)
-    return FunctionSource(lambda context: random_tree(rng, rng.randrange(size + 1), tokens=tokens))
+    return FunctionSource(
+        lambda context: [random_level(rng, rng.randrange(size + 1), tokens=tokens)]
+    )
 
 
 def eos_source(target: Sequence[int], eos: int = EOS) -> FunctionSource:
     """The right continuation, plus at every depth a branch that ends with EOS instead."""
 
-    def propose(context: Sequence[int]) -> Draft:
+    def propose(context: Sequence[int]) -> list[Level]:
         if list(target[: len(context)]) != list(context):
-            return Draft((eos,), (-1,), (0.9,))
+            return [scored_level((eos,), (-1,), (0.9,))]
         nxt = list(target[len(context) : len(context) + 6])
         tokens, parents = [], []
         for i, token in enumerate(nxt):
             parent = -1 if i == 0 else 2 * (i - 1)
             tokens += [token, eos]
             parents += [parent, parent]
-        return Draft(tuple(tokens), tuple(parents), tuple([0.5] * len(tokens)))
+        return [scored_level(tokens, parents, [0.5] * len(tokens))]
 
     return FunctionSource(propose)
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from decoder.budget import CostModel, calibrate, calibration_sizes, choose_budget
+from decoder.budget import (
+    CostModel,
+    ScoreCorrection,
+    calibrate,
+    calibration_sizes,
+    choose_budget,
+)
 from tests.decoder.helpers import make_model
 
 # A device where up to 4 tokens cost the same (1 ms), then every token costs 0.25 ms more.
@@ -53,3 +59,42 @@ def test_calibrate_times_every_size_on_the_model() -> None:
     assert cost.sizes == (1, 2, 4, 8, 9)
     assert all(0 < s < 1.0 for s in cost.seconds)
     assert list(cost.seconds) == sorted(cost.seconds)  # noise never makes a smaller tree dearer
+
+
+# --- the online correction of scores ----------------------------------------------------------
+
+
+def test_correction_starts_at_one_and_follows_what_steps_accept() -> None:
+    correction = ScoreCorrection(decay=0.9, prior=1.0)
+    assert correction.factor == 1.0
+    assert correction.correct([0.5, 2.0]) == [0.5, 1.0]  # capped at 1
+    correction.observe(predicted=4.0, accepted=0)
+    assert correction.factor == pytest.approx(1 / 5)
+    correction.observe(predicted=4.0, accepted=0)
+    assert correction.factor == pytest.approx(1 / (1 + 4 * 0.9 + 4))
+    timid = ScoreCorrection(decay=0.9)
+    timid.observe(predicted=0.5, accepted=3)
+    assert timid.factor == pytest.approx(4 / 1.5)
+
+
+def test_evidence_fades_when_nothing_is_verified() -> None:
+    correction = ScoreCorrection(decay=0.5)
+    correction.observe(predicted=10.0, accepted=0)
+    low = correction.factor
+    for _ in range(10):
+        correction.observe(predicted=0.0, accepted=0)
+    assert low < 0.1 and correction.factor > 0.95
+
+
+def test_over_confident_scores_shrink_the_chosen_budget_step_by_step() -> None:
+    # Linear cost: 1 ms for the root, 0.1 ms per node. Ten nodes claiming certainty, never right.
+    cost = CostModel((1, 65), (1e-3, 1e-3 + 64e-4))
+    scores = [1.0] * 10
+    correction = ScoreCorrection(decay=0.9)
+    budgets = []
+    for _ in range(5):
+        budget = choose_budget(correction.correct(scores), cost, 0.0, 64)
+        budgets.append(budget)
+        correction.observe(predicted=sum(scores[:budget]), accepted=0)
+    assert budgets[0] == 10  # believed at first
+    assert budgets[1] == 0 and max(budgets[1:]) <= 3  # then hardly, now and then tried again

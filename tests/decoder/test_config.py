@@ -6,7 +6,27 @@ import dataclasses
 
 import pytest
 
-from decoder import DecodingConfig
+from decoder import DecodingConfig, NgramParams
+
+
+def test_defaults_draft_like_the_replay_benchmarks_decoder_policy() -> None:
+    config = DecodingConfig()
+    assert (config.search.min_span, config.search.max_span) == (1, 16)
+    assert (config.search.budget, config.search.max_depth) == (64, 10)
+    assert (config.retrieval_levels, config.retrieval_trust) == (3, 16.0)
+    assert config.context_drafts and config.context == NgramParams(1, 4, 10, 32, 1.0)
+    assert config.served_drafts and config.served == NgramParams(1, 4, 10, 32, 3.0)
+    assert config.score_correction
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(min_ngram=3, max_ngram=2), dict(min_ngram=0), dict(max_length=0),
+     dict(max_occurrences=0), dict(trust=-0.5)],
+)  # fmt: skip
+def test_invalid_ngram_params_are_refused(kwargs) -> None:
+    with pytest.raises(ValueError):
+        NgramParams(**kwargs)
 
 
 def test_defaults_use_the_adaptive_budget() -> None:
@@ -24,8 +44,10 @@ def test_defaults_use_the_adaptive_budget() -> None:
         dict(budget="big"),
         dict(budget=-1),
         dict(max_budget=0),
-        dict(context_min_ngram=3, context_max_ngram=2),
-        dict(merge="sum"),
+        dict(retrieval_levels=0),
+        dict(retrieval_trust=-1.0),
+        dict(served_max_tokens=0),
+        dict(score_correction_decay=1.0),
         dict(retrieval_deadline_s=0),
     ],
 )

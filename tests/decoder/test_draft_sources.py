@@ -1,4 +1,5 @@
-"""decoder/draft_sources.py: prompt lookup, retriever drafts, and the failure guard."""
+"""decoder/draft_sources.py: the context, served-output and retriever sources, their levels, the
+failure guard, and one step's drafting."""
 
 from __future__ import annotations
 
@@ -6,116 +7,184 @@ import threading
 import time
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from decoder.config import DecodingConfig, NgramParams
 from decoder.draft_sources import (
     ContextDraftSource,
     GuardedDraftSource,
     RetrieverDraftSource,
-    scored_trie,
+    ServedDraftSource,
+    draft_tree,
+    open_draft_sources,
+    served_outputs,
 )
-from decoder.draft_tree import EMPTY_DRAFT, Draft
+from decoder.draft_tree import Level
+from decoder.ngram_index import ServedOutputs
 from rest.retriever import RetrievalSession
 from rest.types import SearchParams, SearchResult
-from tests.decoder.helpers import FunctionSource
+from tests.decoder.helpers import FakeRetriever, FunctionSource, chain
 
 
-def as_paths(draft: Draft) -> dict[tuple[int, ...], float]:
-    out: list[tuple[int, ...]] = []
-    for token, parent in zip(draft.tokens, draft.parents):
-        out.append((out[parent] if parent >= 0 else ()) + (token,))
-    return dict(zip(out, draft.scores))
+def summary(levels: list[Level]) -> list[tuple[int, int, dict]]:
+    """(match length, occurrences, counts) of each level, in order."""
+    return [(level.match_length, level.occurrences, level.counts()) for level in levels]
 
 
-def test_context_lookup_uses_the_longest_suffix_that_occurred_before() -> None:
-    # suffix [1, 2, 3] occurred twice before; [3, 1, 2, 3] never did.
+# --- the context ------------------------------------------------------------------------------
+
+
+def test_context_levels_back_off_from_the_longest_suffix_that_occurred() -> None:
     context = [1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3]
-    draft = ContextDraftSource(max_ngram=4, max_length=2).propose(context)
-    assert as_paths(draft) == {(9,): 0.5, (9, 1): 0.5, (7,): 0.5, (7, 1): 0.5}
+    levels = ContextDraftSource(NgramParams(max_ngram=4, max_length=2)).propose(context)
+    both = {(9,): 1.0, (9, 1): 1.0, (7,): 1.0, (7, 1): 1.0}
+    # [3, 1, 2, 3] never occurred before; [1, 2, 3], [2, 3] and [3] did, twice each.
+    assert summary(levels) == [(3, 2, both), (2, 2, both), (1, 2, both)]
+    assert all(level.trust == 1.0 for level in levels)
 
 
-def test_context_lookup_scores_by_frequency_among_the_occurrences() -> None:
-    context = [4, 5, 4, 5, 4, 6, 4]  # "4" occurred 3 times before: followed by 5, 5, 6
-    draft = ContextDraftSource(max_ngram=1, max_length=1).propose(context)
-    assert as_paths(draft) == pytest.approx({(5,): 2 / 3, (6,): 1 / 3})
-
-
-def test_context_lookup_keeps_the_latest_occurrences() -> None:
+def test_context_levels_keep_the_latest_occurrences() -> None:
     context = [4, 5, 4, 6, 4, 7, 4]
-    draft = ContextDraftSource(max_ngram=1, max_length=1, max_occurrences=2).propose(context)
-    assert as_paths(draft) == {(6,): 0.5, (7,): 0.5}
+    params = NgramParams(max_ngram=1, max_length=1, max_occurrences=2)
+    assert summary(ContextDraftSource(params).propose(context)) == [
+        (1, 2, {(6,): 1.0, (7,): 1.0})
+    ]
 
 
-def test_context_lookup_finds_nothing_without_an_earlier_occurrence() -> None:
-    source = ContextDraftSource(min_ngram=2, max_ngram=3)
-    assert source.propose([1, 2, 3, 4, 3]) is EMPTY_DRAFT  # "3" recurs but is shorter than 2
-    assert source.propose([7]) is EMPTY_DRAFT
-    assert source.propose([]) is EMPTY_DRAFT
+def test_context_finds_nothing_without_an_earlier_occurrence() -> None:
+    source = ContextDraftSource(NgramParams(min_ngram=2, max_ngram=3))
+    assert source.propose([1, 2, 3, 4, 3]) == []  # "3" recurs, but only n >= 2 counts here
+    assert source.propose([7]) == []
+    assert source.propose([]) == []
 
 
 def test_a_continuation_may_run_into_the_suffix_itself() -> None:
     # The only earlier "8 8" starts at 0; its continuation is the rest of the context.
-    draft = ContextDraftSource(min_ngram=2, max_ngram=2, max_length=5).propose([8, 8, 8])
-    assert as_paths(draft) == {(8,): 1.0}
+    levels = ContextDraftSource(NgramParams(2, 2, max_length=5)).propose([8, 8, 8])
+    assert summary(levels) == [(2, 1, {(8,): 1.0})]
 
 
-def brute_force_lookup(context, min_ngram, max_ngram, max_length, max_occurrences):
-    for n in range(max_ngram, min_ngram - 1, -1):
-        if n >= len(context):
-            continue
+def brute_force_context(context, params: NgramParams):
+    out = []
+    for n in range(min(params.max_ngram, len(context)), params.min_ngram - 1, -1):
         suffix = context[-n:]
         starts = [j for j in range(len(context) - n) if context[j : j + n] == suffix]
-        if starts:
-            latest = starts[-max_occurrences:]
-            return scored_trie([context[j + n : j + n + max_length] for j in latest])
-    return EMPTY_DRAFT
+        latest = starts[-params.max_occurrences :]
+        if latest:
+            continuations = [context[j + n : j + n + params.max_length] for j in latest]
+            out.append((n, len(latest), Level.from_continuations(n, continuations, 0).counts()))
+    return out
 
 
+@settings(max_examples=60, deadline=None)
 @given(
     st.lists(st.integers(0, 3), max_size=40),
     st.integers(1, 3),
     st.integers(0, 2),
     st.integers(1, 6),
     st.integers(1, 5),
+    st.lists(st.integers(1, 4), max_size=8),
 )
-def test_context_lookup_matches_brute_force(context, min_ngram, extra, max_length, max_occ):
-    source = ContextDraftSource(min_ngram, min_ngram + extra, max_length, max_occ)
-    want = brute_force_lookup(context, min_ngram, min_ngram + extra, max_length, max_occ)
-    assert source.propose(context) == want
+def test_the_growing_index_matches_brute_force(context, min_n, extra, length, occ, steps):
+    """Proposals along a growing context (as a generation's steps) equal a brute-force scan of
+    each context; a context that does not extend the last one is indexed afresh."""
+    params = NgramParams(min_n, min_n + extra, length, occ)
+    source = ContextDraftSource(params)
+    end = min(len(context), 1)
+    for step in steps + [len(context)]:
+        end = min(end + step, len(context))
+        assert summary(source.propose(context[:end])) == brute_force_context(context[:end], params)
+    other = [9] + context[1:]  # the same length, another first token
+    assert summary(source.propose(other)) == brute_force_context(other, params)
+
+
+# --- served outputs ---------------------------------------------------------------------------
+
+
+def test_served_levels_come_from_earlier_outputs_only() -> None:
+    served = ServedOutputs(max_n=4, max_tokens=100)
+    source = ServedDraftSource(served, NgramParams(max_ngram=4, max_length=3, trust=3.0))
+    assert source.propose([5, 6, 7]) == []
+    served.add([6, 7, 8, 9, 1])
+    served.add([7, 2])
+    levels = source.propose([5, 6, 7])
+    after_6_7 = {(8,): 1.0, (8, 9): 1.0, (8, 9, 1): 1.0}
+    assert summary(levels) == [(2, 1, after_6_7), (1, 2, {**after_6_7, (2,): 1.0})]
+    assert all(level.trust == 3.0 for level in levels)
+    # A continuation never runs from one output into the next.
+    assert summary(source.propose([1])) == []
+
+
+def test_served_source_needs_the_store_to_index_long_enough_ngrams() -> None:
+    with pytest.raises(ValueError, match="up to 2"):
+        ServedDraftSource(ServedOutputs(max_n=2, max_tokens=10), NgramParams(max_ngram=3))
+
+
+# --- the retriever ----------------------------------------------------------------------------
 
 
 class Session(RetrievalSession):
-    def __init__(self, answer) -> None:
-        self.answer = answer
-        self.contexts: list[list[int]] = []
+    """Answers with ``answers`` in turn (then nothing), recording what was asked."""
+
+    def __init__(self, *answers) -> None:
+        self.answers = list(answers)
+        self.asked: list[tuple[list[int], int]] = []
         self.closed = False
 
     def search(self, context, params):
-        self.contexts.append(list(context))
-        return self.answer
+        self.asked.append((list(context), params.max_span))
+        return self.answers.pop(0) if self.answers else SearchResult(0, 0)
 
     def close(self) -> None:
         self.closed = True
 
 
-def test_retriever_drafts_are_scored_by_count_over_occurrences() -> None:
-    result = SearchResult(match_length=2, occurrences=4, tokens=(5, 6, 7), parents=(-1, 0, -1),
-                          counts=(3, 1, 1))  # fmt: skip
-    session = Session(result)
-    source = RetrieverDraftSource(session, SearchParams(min_span=1, max_span=3))
-    draft = source.propose(list(range(10)))
-    assert as_paths(draft) == {(5,): 0.75, (5, 6): 0.25, (7,): 0.25}
-    assert session.contexts == [[7, 8, 9]]  # only the last max_span tokens travel
+def result(match_length, occurrences, tokens, parents, counts) -> SearchResult:
+    return SearchResult(match_length, occurrences, tuple(tokens), tuple(parents), tuple(counts))
+
+
+def test_retriever_levels_back_off_to_shorter_matches() -> None:
+    session = Session(
+        result(3, 4, (5, 6, 7), (-1, 0, -1), (3, 1, 1)),
+        result(2, 9, (5, 8), (-1, -1), (5, 4)),
+        result(1, 50, (5,), (-1,), (50,)),
+    )
+    source = RetrieverDraftSource(session, SearchParams(min_span=1, max_span=4), levels=3,
+                                  trust=16.0)  # fmt: skip
+    levels = source.propose(list(range(10)))
+    assert summary(levels) == [
+        (3, 4, {(5,): 3.0, (5, 6): 1.0, (7,): 1.0}),
+        (2, 9, {(5,): 5.0, (8,): 4.0}),
+        (1, 50, {(5,): 50.0}),
+    ]
+    assert all(level.trust == 16.0 for level in levels)
+    # Only the last max_span tokens travel; each next search is for a shorter match.
+    assert session.asked == [([6, 7, 8, 9], 4), ([8, 9], 2), ([9], 1)]
     source.close()
     assert session.closed
 
 
-def test_a_retriever_that_returns_none_counts_a_failure() -> None:
-    source = RetrieverDraftSource(Session(None), SearchParams())
-    assert source.propose([1, 2, 3]) is EMPTY_DRAFT and source.failures == 1
-    empty = RetrieverDraftSource(Session(SearchResult(0, 0)), SearchParams())
-    assert empty.propose([1, 2, 3]) is EMPTY_DRAFT and empty.failures == 0  # no match: no failure
+def test_retriever_levels_stop_at_min_span_and_at_the_level_count() -> None:
+    session = Session(result(2, 1, (5,), (-1,), (1,)), result(1, 3, (6,), (-1,), (3,)))
+    source = RetrieverDraftSource(session, SearchParams(min_span=2, max_span=5), levels=3)
+    assert [level.match_length for level in source.propose(list(range(8)))] == [2]
+    assert len(session.asked) == 1  # a match of min_span leaves nothing shorter to ask for
+    session = Session(result(4, 1, (5,), (-1,), (1,)), result(3, 2, (6,), (-1,), (2,)))
+    source = RetrieverDraftSource(session, SearchParams(min_span=1, max_span=5), levels=1)
+    assert len(source.propose(list(range(8)))) == 1 and len(session.asked) == 1
+
+
+def test_a_failed_search_counts_and_keeps_the_levels_found_before_it() -> None:
+    session = Session(result(3, 2, (5,), (-1,), (2,)), None)
+    source = RetrieverDraftSource(session, SearchParams(min_span=1), levels=3)
+    assert [level.match_length for level in source.propose([1, 2, 3])] == [3]
+    assert source.failures == 1
+    nothing = RetrieverDraftSource(Session(SearchResult(0, 0)), SearchParams(), levels=3)
+    assert nothing.propose([1, 2, 3]) == [] and nothing.failures == 0  # no match: no failure
+
+
+# --- the guard --------------------------------------------------------------------------------
 
 
 def boom(context):
@@ -123,11 +192,11 @@ def boom(context):
 
 
 @pytest.mark.parametrize("deadline", [None, 1.0])
-def test_guard_turns_errors_into_empty_drafts(deadline) -> None:
+def test_guard_turns_errors_into_no_levels(deadline) -> None:
     guarded = GuardedDraftSource(FunctionSource(boom), deadline)
-    assert guarded.propose([1]) is EMPTY_DRAFT and guarded.failures == 1
-    good = GuardedDraftSource(FunctionSource(lambda c: Draft((5,), (-1,), (1.0,))), deadline)
-    assert good.propose([1]).tokens == (5,) and good.failures == 0
+    assert guarded.propose([1]) == [] and guarded.failures == 1
+    good = GuardedDraftSource(FunctionSource(lambda c: [chain([5])]), deadline)
+    assert len(good.propose([1])) == 1 and good.failures == 0
     guarded.close()
     good.close()
 
@@ -139,18 +208,46 @@ def test_guard_abandons_a_late_proposal_and_skips_while_it_runs() -> None:
     def slow(context):
         seen.append(tuple(context))
         release.wait(5)
-        return Draft((5,), (-1,), (1.0,))
+        return [chain([5])]
 
     guarded = GuardedDraftSource(FunctionSource(slow), deadline_s=0.02)
     context = [1, 2]
     start = time.monotonic()
-    assert guarded.propose(context) is EMPTY_DRAFT
+    assert guarded.propose(context) == []
     context.append(3)  # the decoder goes on; the late call must still see its own snapshot
-    assert guarded.propose(context) is EMPTY_DRAFT  # busy: no second call is queued
+    assert guarded.propose(context) == []  # busy: no second call is queued
     assert time.monotonic() - start < 1.0
     assert guarded.failures == 2
     release.set()
     guarded._pending.result(timeout=5)  # the late call finishes on its own
-    assert guarded.propose(context).tokens == (5,)  # free again
+    assert len(guarded.propose(context)) == 1  # free again
     assert seen == [(1, 2), (1, 2, 3)]
     guarded.close()
+
+
+# --- one step's drafting ----------------------------------------------------------------------
+
+
+def test_the_default_sources_follow_the_config() -> None:
+    retriever = FakeRetriever(lambda c, p: SearchResult(0, 0))
+    config = DecodingConfig()
+    served = served_outputs(config)
+    kinds = [type(s).__name__ for s in open_draft_sources(config, retriever, served)]
+    assert kinds == ["ContextDraftSource", "ServedDraftSource", "GuardedDraftSource"]
+    bare = DecodingConfig(context_drafts=False, served_drafts=False)
+    assert served_outputs(bare) is None
+    assert open_draft_sources(bare, None, None) == []
+
+
+def test_one_step_scores_every_source_into_one_tree() -> None:
+    served = ServedOutputs(max_n=4, max_tokens=100)
+    served.add([3, 4, 5])
+    config = DecodingConfig(budget=3)
+    session_search = lambda context, params: result(1, 2, (4, 9), (-1, -1), (1, 1))  # noqa: E731
+    sources = open_draft_sources(config, FakeRetriever(session_search), served)
+    tree = draft_tree(sources, [1, 3, 7, 3], budget=3, vocab_size=50)
+    assert len(tree) == 3
+    # context ("3" -> 7), served ("3" -> 4 5) and datastore (4, 9) all speak.
+    assert {4, 7}.issubset(set(tree.tokens))
+    for source in sources:
+        source.close()

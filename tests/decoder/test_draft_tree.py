@@ -1,17 +1,39 @@
-"""decoder/draft_tree.py: merging, pruning and linearising draft trees."""
+"""decoder/draft_tree.py: levels, their chain scoring into one tree, pruning, linearising."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from decoder.draft_tree import Draft, DraftTree, count_trie
+from decoder.draft_tree import DraftTree, Level, count_trie
 
 
 def paths(tree: DraftTree) -> dict[tuple[int, ...], float]:
-    return dict(zip(draft_paths(tree), tree.scores))
+    return dict(zip(tree_paths(tree), tree.scores))
+
+
+def tree_paths(tree: DraftTree) -> list[tuple[int, ...]]:
+    out: list[tuple[int, ...]] = []
+    for token, parent in zip(tree.tokens, tree.parents):
+        out.append((out[parent] if parent >= 0 else ()) + (token,))
+    return out
+
+
+def rows_level(match_length, continuations, trust):
+    return Level.from_continuations(match_length, continuations, trust)
+
+
+def trie_level(match_length, continuations, trust, extra_occurrences=0):
+    """The same counts as ``rows_level``, as a datastore would give them (a counted trie)."""
+    tokens, parents, counts = count_trie(continuations)
+    occurrences = len(continuations) + extra_occurrences
+    return Level.from_trie(match_length, occurrences, tokens, parents, counts, trust)
+
+
+# --- levels -----------------------------------------------------------------------------------
 
 
 def test_count_trie_counts_the_sequences_through_each_node() -> None:
@@ -19,34 +41,171 @@ def test_count_trie_counts_the_sequences_through_each_node() -> None:
     assert count_trie([]) == ([], [], [])
 
 
-def test_draft_rejects_malformed_trees() -> None:
-    with pytest.raises(ValueError, match="parent"):
-        Draft((1, 2), (-1, 1), (0.5, 0.5))  # a node cannot be its own parent
+def test_a_level_counts_its_paths_in_either_shape() -> None:
+    continuations = [[7, 8], [7, 8], [7], [9, -1, 4]]  # a row ends at its first negative token
+    want = {(7,): 3.0, (7, 8): 2.0, (9,): 1.0}
+    level = rows_level(2, continuations, 1.0)
+    assert level.counts() == want and level.occurrences == 4 and len(level) == 4
+    trie = Level.from_trie(2, 4, (7, 8, 9), (-1, 0, -1), (3, 2, 1), 1.0)
+    assert trie.counts() == want and len(trie) == 3
+
+
+def test_levels_reject_malformed_input() -> None:
+    with pytest.raises(ValueError, match="either"):
+        Level(1, 1, 0.0)
     with pytest.raises(ValueError, match="as many"):
-        Draft((1, 2), (-1,), (0.5, 0.5))
+        Level.from_trie(1, 2, (1, 2), (-1,), (1, 1), 0.0)
+    with pytest.raises(ValueError, match="trust"):
+        rows_level(1, [[1]], -1.0)
+    # A parent after its child is caught when the trie is merged.
+    bad = Level.from_trie(1, 2, (1, 2), (1, -1), (1, 1), 0.0)
+    with pytest.raises(ValueError, match="parent"):
+        DraftTree.from_levels([bad])
 
 
-def test_identical_paths_merge_and_their_scores_combine() -> None:
-    a = Draft((5, 6, 7), (-1, 0, 0), (0.5, 0.4, 0.1))
-    b = Draft((5, 6, 9), (-1, 0, -1), (0.5, 0.2, 0.3))
-    union = DraftTree.merge([a, b])
-    assert paths(union) == pytest.approx(
-        {(5,): 0.75, (5, 6): 1 - 0.6 * 0.8, (5, 7): 0.1, (9,): 0.3}
+# --- chain scoring on tiny inputs --------------------------------------------------------------
+
+
+def test_one_fully_trusted_level_scores_by_relative_frequency() -> None:
+    # 4 occurrences: 3 continue with 7 (2 of those with 8), 1 with 9.
+    level = rows_level(2, [[7, 8], [7, 8], [7], [9]], trust=0.0)
+    assert paths(DraftTree.from_levels([level])) == pytest.approx(
+        {(7,): 0.75, (7, 8): 0.5, (9,): 0.25}
     )
-    assert paths(DraftTree.merge([a, b], rule="max")) == pytest.approx(
-        {(5,): 0.5, (5, 6): 0.4, (5, 7): 0.1, (9,): 0.3}
+
+
+def test_trust_is_the_occurrences_needed_to_half_believe_a_level() -> None:
+    level = rows_level(2, [[7, 8], [7, 8], [7], [9]], trust=4.0)
+    scores = paths(DraftTree.from_levels([level]))
+    # At the root 4 occurrences earn 4 / (4 + 4) = 1/2; below 7 its 3 earn 3 / 7, split 2:1.
+    assert scores[(7,)] == pytest.approx(0.5 * 3 / 4)
+    assert scores[(7, 8)] == pytest.approx(0.5 * 3 / 4 * (3 / 7) * (2 / 3))
+    # The same counts believed more: every score grows.
+    trusting = paths(DraftTree.from_levels([rows_level(2, [[7, 8], [7, 8], [7], [9]], 1.0)]))
+    assert all(trusting[path] > score for path, score in scores.items())
+
+
+def test_the_longer_match_speaks_first_and_the_shorter_one_gets_what_is_left() -> None:
+    long = Level.from_trie(5, 2, (7,), (-1,), (2,), trust=2.0)
+    short = Level.from_trie(2, 10, (7, 9), (-1, -1), (2, 8), trust=2.0)
+    by_token = dict(zip(*(lambda t: (t.tokens, t.scores))(DraftTree.from_levels([short, long]))))
+    # long: 2 / (2 + 2) = 1/2, all to 7; short: 10 / 12 of the other half, split 2:8.
+    assert by_token[7] == pytest.approx(0.5 + 0.5 * (10 / 12) * 0.2)
+    assert by_token[9] == pytest.approx(0.5 * (10 / 12) * 0.8)
+
+
+def test_equal_match_lengths_speak_in_the_order_given() -> None:
+    first = rows_level(3, [[5]], trust=1.0)  # takes 1/2 for 5
+    second = rows_level(3, [[6]], trust=1.0)  # then 1/2 of the rest for 6
+    assert paths(DraftTree.from_levels([first, second])) == pytest.approx({(5,): 0.5, (6,): 0.25})
+    assert paths(DraftTree.from_levels([second, first])) == pytest.approx({(6,): 0.5, (5,): 0.25})
+
+
+def test_a_level_only_speaks_where_it_continues_the_path() -> None:
+    # Below 5, only the short level goes on: it gets the whole share there, not what is left.
+    long = rows_level(4, [[5], [5]], trust=0.0)  # ends right after 5
+    short = rows_level(1, [[5, 6], [8]], trust=0.0)
+    scores = paths(DraftTree.from_levels([long, short]))
+    assert scores == pytest.approx({(5,): 1.0, (5, 6): 1.0, (8,): 0.0})
+
+
+def test_identical_paths_of_several_levels_become_one_node() -> None:
+    context = rows_level(3, [[5, 6, 7]], trust=1.0)
+    served = rows_level(2, [[5, 6], [5, 9]], trust=3.0)
+    datastore = trie_level(1, [[5, 6, 7], [4]], trust=16.0)
+    tree = DraftTree.from_levels([datastore, served, context])
+    assert sorted(tree_paths(tree)) == [(4,), (5,), (5, 6), (5, 6, 7), (5, 9)]
+    assert len(set(tree_paths(tree))) == len(tree)
+
+
+def test_rows_and_tries_of_the_same_counts_score_the_same() -> None:
+    continuations = [[1, 2, 3], [1, 2], [1, 4], [2]]
+    as_rows = DraftTree.from_levels([rows_level(3, continuations, 2.0)])
+    as_trie = DraftTree.from_levels([trie_level(3, continuations, 2.0)])
+    assert paths(as_rows) == pytest.approx(paths(as_trie))
+
+
+def test_out_of_vocabulary_tokens_are_dropped_with_what_follows() -> None:
+    level = Level.from_trie(2, 4, (5, 99, 6, 7), (-1, -1, 1, 0), (2, 2, 2, 1), 0.0)
+    assert paths(DraftTree.from_levels([level], vocab_size=50)) == pytest.approx(
+        {(5,): 0.5, (5, 7): 0.25}
     )
+    assert len(DraftTree.from_levels([rows_level(1, [[-3, 1]], 0.0)])) == 0
+    assert len(DraftTree.from_levels([])) == 0
 
 
-def test_scores_are_made_non_increasing_along_paths() -> None:
-    # A source may score a child above its parent; the merged tree never does.
-    tree = DraftTree.merge([Draft((5, 6, 7), (-1, 0, 1), (0.2, 0.9, 1.7))])
-    assert tree.scores == [0.2, 0.2, 0.2]
+def test_the_budget_keeps_the_best_nodes_shallower_first_on_ties() -> None:
+    level = rows_level(1, [[5, 6, 7], [5, 6, 7], [8], [8]], trust=0.0)
+    full = DraftTree.from_levels([level])
+    assert paths(full) == pytest.approx({(5,): 0.5, (5, 6): 0.5, (5, 6, 7): 0.5, (8,): 0.5})
+    assert sorted(paths(DraftTree.from_levels([level], budget=2))) == [(5,), (8,)]
+    assert sorted(paths(DraftTree.from_levels([level], budget=3))) == [(5,), (5, 6), (8,)]
+    assert len(DraftTree.from_levels([level], budget=0)) == 0
 
 
-def test_out_of_vocabulary_tokens_are_dropped_with_their_subtrees() -> None:
-    draft = Draft((5, 99, 6, 7), (-1, -1, 1, 0), (0.5, 0.5, 0.5, 0.5))
-    assert paths(DraftTree.merge([draft], vocab_size=50)) == {(5,): 0.5, (5, 7): 0.5}
+# --- chain scoring against a brute-force reference ----------------------------------------------
+
+
+def reference_scores(levels: list[Level]) -> dict[tuple[int, ...], float]:
+    """Chain back-off written the obvious way, path by path, from each level's counts."""
+    ordered = sorted(levels, key=lambda level: -level.match_length)  # stable
+    counts = [level.counts() for level in ordered]
+
+    def conditional(path):
+        prefix, left, p = path[:-1], 1.0, 0.0
+        for level, count in zip(ordered, counts):
+            n = level.occurrences if not prefix else count.get(prefix, 0.0)
+            lists_a_child = any(q[:-1] == prefix and c > 0 for q, c in count.items())
+            if not lists_a_child or n <= 0:
+                continue
+            share = n / (n + level.trust)
+            p += left * share * count.get(path, 0.0) / n
+            left *= 1.0 - share
+        return min(p, 1.0)
+
+    every_path = {path for count in counts for path in count}
+    return {
+        path: float(np.prod([conditional(path[: i + 1]) for i in range(len(path))]))
+        for path in every_path
+    }
+
+
+continuation_lists = st.lists(st.lists(st.integers(0, 3), max_size=4), min_size=1, max_size=6)
+levels = st.builds(
+    lambda shape, match_length, conts, trust, extra: (
+        rows_level(match_length, conts, trust)
+        if shape == "rows"
+        else trie_level(match_length, [c for c in conts if c] or [[0]], trust, extra)
+    ),
+    st.sampled_from(["rows", "trie"]),
+    st.integers(1, 4),
+    continuation_lists,
+    st.sampled_from([0.0, 1.0, 3.0, 16.0]),
+    st.integers(0, 3),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(levels, max_size=5), st.integers(0, 12))
+def test_scoring_and_pruning_match_a_brute_force_reference(level_list, budget) -> None:
+    full = DraftTree.from_levels(level_list)
+    want = {path: s for path, s in reference_scores(level_list).items()}
+    assert paths(full) == pytest.approx(want)
+    assert len(set(tree_paths(full))) == len(full)  # one node per path
+    for node, parent in enumerate(full.parents):  # parents first, scores never grow down a path
+        assert parent < node
+        assert parent < 0 or full.scores[node] <= full.scores[parent] + 1e-12
+    pruned = DraftTree.from_levels(level_list, budget=budget)
+    kept = paths(pruned)
+    assert len(kept) == min(budget, len(full))
+    for path in kept:  # every kept node's parent is kept: a tree hanging from the root
+        assert len(path) == 1 or path[:-1] in kept
+    left_out = [s for path, s in want.items() if path not in kept]
+    assert all(s >= max(left_out, default=0.0) - 1e-12 for s in kept.values())
+    assert paths(full.prune(budget)) == pytest.approx(kept)
+
+
+# --- pruning and layout ------------------------------------------------------------------------
 
 
 def test_prune_keeps_the_best_nodes_and_breaks_ties_by_depth_then_order() -> None:
@@ -57,43 +216,6 @@ def test_prune_keeps_the_best_nodes_and_breaks_ties_by_depth_then_order() -> Non
     assert tree.prune(0).tokens == []
     assert tree.prune(10) is tree
     assert tree.ranked_scores() == [0.9, 0.5, 0.5, 0.5, 0.1]
-
-
-drafts = st.integers(0, 12).flatmap(
-    lambda n: st.tuples(
-        st.lists(st.integers(0, 4), min_size=n, max_size=n),
-        st.tuples(*[st.integers(-1, i - 1) for i in range(n)]),
-        st.lists(st.floats(0, 1), min_size=n, max_size=n),
-    )
-).map(lambda t: Draft(tuple(t[0]), tuple(t[1]), tuple(t[2])))
-
-
-@given(st.lists(drafts, max_size=3), st.integers(0, 20))
-def test_pruning_keeps_a_tree_of_the_best_scored_paths(sources, budget) -> None:
-    merged = DraftTree.merge(sources)
-    pruned = merged.prune(budget)
-    assert len(pruned) == min(budget, len(merged))
-    kept = paths(pruned)
-    for path in kept:  # every kept node's parent is kept: a tree hanging from the root
-        assert len(path) == 1 or path[:-1] in kept
-    # Nothing left out scores better than something kept.
-    everything = paths(merged)
-    left_out = [score for path, score in everything.items() if path not in kept]
-    assert all(s >= max(left_out, default=0.0) for s in kept.values())
-    # Brute force: each distinct path once, the union of its scores, capped by its prefixes'.
-    union: dict[tuple[int, ...], float] = {}
-    for draft in sources:
-        for path, score in zip(draft_paths(draft), draft.scores):
-            union[path] = 1 - (1 - union.get(path, 0.0)) * (1 - score)
-    want = {path: min(union[path[:i]] for i in range(1, len(path) + 1)) for path in union}
-    assert everything == pytest.approx(want)
-
-
-def draft_paths(draft: Draft) -> list[tuple[int, ...]]:
-    out: list[tuple[int, ...]] = []
-    for token, parent in zip(draft.tokens, draft.parents):
-        out.append((out[parent] if parent >= 0 else ()) + (token,))
-    return out
 
 
 def test_linearise_builds_the_tree_mask_positions_and_children() -> None:

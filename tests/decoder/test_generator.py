@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from decoder import (
     TokenizerMismatchError,
     UnsupportedModelError,
 )
-from decoder.draft_tree import Draft
+from decoder.budget import CostModel
 from decoder.model_support import sequential_logits
 from decoder.sampling import SamplingParams, processed_probs
 from decoder.testing import InMemoryRetriever
@@ -24,8 +25,10 @@ from tests.decoder.helpers import (
     ARCHS,
     ATTENTIONS,
     EOS,
+    VOCAB,
     FakeRetriever,
     FunctionSource,
+    chain,
     chi_square_pvalue,
     eos_source,
     hf_greedy,
@@ -35,6 +38,7 @@ from tests.decoder.helpers import (
     oracle_source,
     prompts,
     random_source,
+    scored_level,
 )
 
 MAX_NEW = 24
@@ -50,9 +54,14 @@ def oracle_retriever(sequences) -> InMemoryRetriever:
 def test_greedy_output_equals_transformers_generate(arch: str, attn: str) -> None:
     model = make_model(arch, attn)
     tokenizer = make_tokenizer()
+    # One generator for every prompt, drafting from the context and from its own earlier
+    # outputs (each prompt twice: the second time its whole output was served before).
+    shared = RestGenerator(model, tokenizer, config=FIXED)
     for prompt in prompts():
         want = hf_greedy(model, prompt, MAX_NEW)
         target = prompt + want
+        for _ in range(2):
+            assert shared.generate(prompt, MAX_NEW).tokens == want, ("shared", prompt)
         good = RestGenerator(model, tokenizer, oracle_retriever([target]), FIXED)
         wrong = RestGenerator(model, tokenizer, config=FIXED, draft_sources=[random_source(1)])
         with_eos = RestGenerator(model, tokenizer, config=FIXED, draft_sources=[eos_source(target)])
@@ -112,8 +121,8 @@ def test_sampled_continuations_follow_plain_sampling_distribution() -> None:
         exact[(EOS,)] = exact.get((EOS,), 0.0) + exact.pop((EOS, b))
     a = first.argmax().item()
     b, c, d = second[a].argsort(descending=True)[:3].tolist()
-    tree = Draft((a, b, c, d), (-1, 0, 0, 0), (0.9, 0.3, 0.3, 0.3))
-    source = FunctionSource(lambda context: tree if list(context) == prompt else Draft())
+    tree = scored_level((a, b, c, d), (-1, 0, 0, 0), (0.9, 0.3, 0.3, 0.3))
+    source = FunctionSource(lambda context: [tree] if list(context) == prompt else [])
     generator = RestGenerator(
         model, make_tokenizer(vocab), config=DecodingConfig(budget=8, context_drafts=False),
         draft_sources=[source],
@@ -151,7 +160,9 @@ def test_failed_or_late_retrieval_leaves_the_output_unchanged(failure: str) -> N
         return oracle.search(context, params)
 
     retriever = (Unreachable if failure == "session" else FakeRetriever)(search)
-    config = DecodingConfig(budget=16, context_drafts=False, retrieval_deadline_s=0.05)
+    # One search per step, so that "every other call" fails every other step.
+    config = DecodingConfig(budget=16, context_drafts=False, retrieval_deadline_s=0.05,
+                            retrieval_levels=1)  # fmt: skip
     result = RestGenerator(model, tokenizer, retriever, config).generate(prompt, MAX_NEW)
     assert result.tokens == want
     if failure == "session":
@@ -257,7 +268,7 @@ def test_tokenizer_mismatch_is_refused_unless_allowed() -> None:
 def test_out_of_vocabulary_drafts_are_dropped() -> None:
     model, tokenizer = make_model("llama"), make_tokenizer()
     prompt = prompts()[0]
-    source = FunctionSource(lambda context: Draft((10_000, 5), (-1, 0), (1.0, 1.0)))
+    source = FunctionSource(lambda context: [scored_level((10_000, 5), (-1, 0), (1.0, 1.0))])
     config = DecodingConfig(budget=16, context_drafts=False)
     generator = RestGenerator(model, tokenizer, config=config, draft_sources=[source])
     result = generator.generate(prompt, 8)
@@ -368,3 +379,51 @@ def test_incremental_detokenizer_holds_back_split_characters() -> None:
     pieces = [detokenizer.add([i]) for i in ids] + [detokenizer.flush()]
     assert "".join(pieces) == text
     assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_served_outputs_draft_later_calls_never_the_current_one() -> None:
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    prompt = prompts()[1]
+    want = hf_greedy(model, prompt, MAX_NEW)
+    config = DecodingConfig(budget=16, context_drafts=False)
+    generator = RestGenerator(model, tokenizer, config=config)
+    first = generator.generate(prompt, MAX_NEW)
+    assert first.tokens == want
+    # Nothing was served before: the output could not draft itself while it was made.
+    assert first.stats.draft_tokens == 0
+    assert generator.served is not None and generator.served.tokens == len(want) + 1
+    again = generator.generate(prompt, MAX_NEW)
+    assert again.tokens == want
+    assert again.stats.accepted_draft_tokens > len(want) / 2  # now it was served before
+    forgetful = RestGenerator(model, tokenizer, config=replace(config, served_drafts=False))
+    forgetful.generate(prompt, MAX_NEW)
+    assert forgetful.served is None
+    assert forgetful.generate(prompt, MAX_NEW).stats.draft_tokens == 0
+
+
+def test_over_confident_drafts_shrink_the_adaptive_budget() -> None:
+    # A source claiming certainty for a chain that is always wrong: the correction learns not
+    # to verify it, the uncorrected budget verifies all of it every step.
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    prompt = prompts()[1]
+    want = hf_greedy(model, prompt, MAX_NEW)
+    target = prompt + want
+
+    def wrong(context):
+        right = target[len(context)] if len(context) < len(target) else 3
+        bad = 3 + (right - 3 + 1) % (VOCAB - 3)  # never the model's token, never EOS
+        return [chain([bad] * 8, score=1.0)]
+
+    # 1 ms per forward pass plus 0.1 ms per node: certain nodes are worth verifying.
+    cost = CostModel((1, 65), (1e-3, 1e-3 + 64e-4))
+    drafted = {}
+    for correct in (False, True):
+        config = DecodingConfig(context_drafts=False, served_drafts=False, score_correction=correct)
+        generator = RestGenerator(model, tokenizer, config=config,
+                                  draft_sources=[FunctionSource(wrong)])  # fmt: skip
+        generator.cost_model = cost
+        result = generator.generate(prompt, MAX_NEW)
+        assert result.tokens == want
+        drafted[correct] = result.stats.draft_tokens
+    assert drafted[False] == 8 * MAX_NEW
+    assert drafted[True] < drafted[False] / 2

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from decoder.draft_tree import Draft, DraftTree
+from decoder.draft_tree import DraftTree
 from decoder.kv_cache import new_cache
 from decoder.model_support import sequential_logits
 from decoder.sampling import SamplingParams, draw, node_chooser, processed_probs
@@ -19,7 +19,7 @@ from tests.decoder.helpers import (
     VOCAB,
     chi_square_pvalue,
     make_model,
-    random_tree,
+    random_level,
 )
 
 
@@ -44,7 +44,8 @@ def test_tree_logits_equal_sequential_logits(arch: str, attn: str) -> None:
     model = make_model(arch, attn)
     rng = random.Random(1)
     prefix = [rng.randrange(3, VOCAB) for _ in range(7)]
-    tree = DraftTree.merge([random_tree(rng, 15)])  # random parents: several branches and depths
+    # random parents: several branches and depths
+    tree = DraftTree.from_levels([random_level(rng, 15)])
     assert max(tree.depths()) >= 3 and sum(p < 0 for p in tree.parents) >= 2
     logits = tree_logits(model, prefix, 42, tree)  # [n_tree, vocab]
     assert logits.shape == (len(tree) + 1, VOCAB)
@@ -107,7 +108,7 @@ def setting():
     b, c, d = second[a].argsort(descending=True)[:3].tolist()
     # The single-token path (e) comes last and cannot out-match the shared token's paths, so
     # under the independent scheme the output starts with a exactly when a path accepts it.
-    tree = DraftTree.merge([Draft((a, b, c, d, e), (-1, 0, 0, 0, -1), (1.0,) * 5)])
+    tree = DraftTree([a, b, c, d, e], [-1, 0, 0, 0, -1], [1.0] * 5)
     logits = tree_logits(model, PROMPT[:-1], PROMPT[-1], tree)
     return model, first, second, exact, tree, logits
 
