@@ -5,7 +5,9 @@ Corpus: ``rest.corpus.code_documents()`` (standard library, installed packages' 
 C headers) tokenized with the reference workload's 16k byte-level BPE; when it holds fewer tokens
 than a size asks for, the token stream is repeated (stated in the table). Queries: every scored
 position of the HumanEval replay targets (prompt + canonical solution), the last 16 tokens as
-context, budget 64.
+context, budget 64, measured one query at a time from Python with the datastore's files in the
+page cache and mapped by one untimed pass over the same queries (steady state on a serving host;
+the engine caches no results, so the timed pass does all the search work again).
 
     python -m bench.engine [--sizes 10000000,100000000] [--queries 5000] [--json out.json]
 """
@@ -147,7 +149,14 @@ def main(sizes: str, queries: int, json_out: str | None) -> None:
         build_s = time.perf_counter() - start
         probe = open_probe(out)
         ds = Datastore.open(out)
-        latencies_us(ds, contexts[:200], "exact")  # warm the page cache
+        # Steady state, as on a serving host: the shard files in the page cache (read once).
+        for shard_file in out.glob("*.rds"):
+            with open(shard_file, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+        # One untimed pass first: the first touch of each mapped page costs this process a page
+        # fault even when the page is cached, which a long-running server pays only once.
+        latencies_us(ds, contexts, "exact")
         row = {"tokens": info.n_tokens, "real_tokens": real, "build_s": build_s,
                "build_tokens_per_s": info.n_tokens / build_s, **probe}
         for policy in ("exact", "rest"):

@@ -97,7 +97,7 @@ def humaneval_prompts(n: int) -> list[tuple[str, str]]:
     return [(task_id, problems[task_id]["prompt"]) for task_id in list(problems)[:n]]
 
 
-def run_demo(model: str | None, problems: int, max_new_tokens: int, budget: str, out_dir: Path) -> dict:
+def run_demo(model: str | None, problems: int, max_new_tokens: int, budget: str, levels: int, out_dir: Path) -> dict:
     import torch
 
     from decoder import DecodingConfig, RestGenerator, load_model
@@ -116,7 +116,7 @@ def run_demo(model: str | None, problems: int, max_new_tokens: int, budget: str,
     rows = []
     with retriever_server(datastore) as address:
         retriever = RemoteRetriever(address, deadline_s=0.5)
-        config = DecodingConfig(budget=budget if budget == "auto" else int(budget))
+        config = DecodingConfig(budget=budget if budget == "auto" else int(budget), retrieval_levels=levels)
         generator = RestGenerator(lm, tokenizer, retriever, config)
         if config.adaptive:
             step("calibrating verification cost per tree size on this device")
@@ -144,6 +144,7 @@ def run_demo(model: str | None, problems: int, max_new_tokens: int, budget: str,
     summary["model"] = model
     summary["datastore"] = str(datastore)
     summary["budget"] = budget
+    summary["retrieval_levels"] = levels
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
     chart(rows, summary, out_dir / "demo.png")
@@ -206,13 +207,15 @@ def chart(rows: list[dict], summary: dict, path: Path) -> None:
 @click.option("--model", default=None, help="Model directory or hub id (default: the demo model, trained on first run).")
 @click.option("--problems", default=20, show_default=True, help="HumanEval prompts to decode.")
 @click.option("--max-new-tokens", default=128, show_default=True)
-@click.option("--budget", default="auto", show_default=True, help="Draft nodes per step, or 'auto'.")
+@click.option("--budget", default="16", show_default=True, help="Draft nodes per step, or 'auto' (adaptive).")
+@click.option("--retrieval-levels", "levels", default=1, show_default=True,
+              help="Datastore searches per step (back-off levels); each is a gRPC round trip.")
 @click.option("--out", "out_dir", default="results/demo", show_default=True, type=click.Path(file_okay=False))
-def demo_command(model, problems, max_new_tokens, budget, out_dir):
+def demo_command(model, problems, max_new_tokens, budget, levels, out_dir):
     """The whole system offline: demo model, datastore, retriever-server, REST vs plain decoding."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     start = time.perf_counter()
-    summary = run_demo(model, problems, max_new_tokens, budget, Path(out_dir))
+    summary = run_demo(model, problems, max_new_tokens, budget, levels, Path(out_dir))
     print_table(summary)
     step(f"results: {out_dir}/demo.json and {out_dir}/demo.png ({time.perf_counter() - start:.0f}s in all)")
     if summary["identical"] != summary["prompts"]:

@@ -16,8 +16,10 @@ use std::collections::BinaryHeap;
 /// Intervals at or below this size are split by scanning every entry.
 const SCAN_LIMIT: u32 = 64;
 /// Large intervals are first split by sampling: `SAMPLES_PER_BUDGET * budget` samples find every
-/// child whose count is at least the sampling stride (see `Expansion`).
-const SAMPLES_PER_BUDGET: u32 = 4;
+/// child whose count is at least twice the sampling stride (see `sampled_runs`).
+const SAMPLES_PER_BUDGET: u32 = 2;
+/// Each completion of a sampled expansion samples this many times more finely.
+const REFINE_FACTOR: u32 = 8;
 
 /// A half-open suffix-array interval `[lo, hi)` of one shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,24 +149,32 @@ fn all_runs(v: &ShardView, span: Span, offset: usize, out: &mut Vec<(u32, Span)>
     }
 }
 
-/// The runs found by sampling every `stride`-th entry: every run of at least `stride` entries
-/// contains a sample, so all of them are found (shorter ones only when a sample hits them).
-fn sampled_runs(v: &ShardView, span: Span, offset: usize, stride: u32, out: &mut Vec<(u32, Span)>) {
-    let mut i = span.lo;
-    let mut last_end = span.lo;
-    while i < span.hi {
-        if i >= last_end {
-            let token = token_at(v, i, offset);
-            if token == v.separator {
-                break;
-            }
-            let start = run_start(v, i, last_end, offset, token);
-            let end = run_end(v, i, span.hi, offset, token);
-            out.push((token, Span { shard: span.shard, lo: start, hi: end }));
-            last_end = end;
+/// The runs found by sampling every `stride`-th entry and resolving only the tokens seen at two
+/// or more consecutive samples: every run of at least `2 * stride` entries contains two samples,
+/// so all of them are found, at one gallop each; a run seen at most once is shorter than
+/// `2 * stride` and is left to the caller's bound. Returns that bound (`2 * stride - 1`).
+fn sampled_runs(v: &ShardView, span: Span, offset: usize, stride: u32, out: &mut Vec<(u32, Span)>) -> u64 {
+    let samples: Vec<(u32, u32)> = (span.lo..span.hi)
+        .step_by(stride as usize)
+        .map(|i| (i, token_at(v, i, offset)))
+        .collect();
+    let mut resolved_end = span.lo;
+    for group in samples.chunk_by(|a, b| a.1 == b.1) {
+        let token = group[0].1;
+        if token == v.separator {
+            break; // separators sort last: nothing follows
         }
-        i = i.saturating_add(stride);
+        if group.len() < 2 {
+            continue;
+        }
+        let first = group[0].0;
+        let last = group[group.len() - 1].0;
+        let start = run_start(v, first, resolved_end, offset, token);
+        let end = run_end(v, last, span.hi, offset, token);
+        out.push((token, Span { shard: span.shard, lo: start, hi: end }));
+        resolved_end = end;
     }
+    2 * stride as u64 - 1
 }
 
 /// A frontier entry of the best-first search.
@@ -181,6 +191,8 @@ struct Candidate {
     pending: bool,
     spans: Vec<Span>,
     pushed: Vec<u32>,
+    /// How much finer than the first expansion a pending entry samples when popped.
+    refine: u32,
 }
 
 type CandidateKey = (u64, bool, Reverse<u32>, Reverse<i32>, Reverse<u32>);
@@ -257,11 +269,11 @@ pub fn exact_tree(views: &[ShardView], context: &[u32], limits: &Limits) -> Tree
     }
     let mut expansion =
         Expansion { views, match_length, budget: limits.budget as u32, heap: BinaryHeap::new() };
-    expansion.expand(&root_spans, 0, -1, None);
+    expansion.expand(&root_spans, 0, -1, &[], 1);
     while tree.tokens.len() < limits.budget {
         let Some(c) = expansion.heap.pop() else { break };
         if c.pending {
-            expansion.expand(&c.spans, c.depth - 1, c.parent, Some(&c.pushed));
+            expansion.expand(&c.spans, c.depth - 1, c.parent, &c.pushed, c.refine);
             continue;
         }
         let index = tree.tokens.len() as i32;
@@ -269,7 +281,7 @@ pub fn exact_tree(views: &[ShardView], context: &[u32], limits: &Limits) -> Tree
         tree.parents.push(c.parent);
         tree.counts.push(c.count);
         if (c.depth as usize) < limits.max_depth && tree.tokens.len() < limits.budget {
-            expansion.expand(&c.spans, c.depth, index, None);
+            expansion.expand(&c.spans, c.depth, index, &[], 1);
         }
     }
     tree
@@ -283,24 +295,25 @@ struct Expansion<'a, 'b> {
 }
 
 impl Expansion<'_, '_> {
-    /// Pushes the children of the node with `spans` at `depth` (0 = the matched suffix).
+    /// Pushes the children of the node with `spans` at `depth` (0 = the matched suffix), except
+    /// the `pushed` ones.
     ///
-    /// First expansion (`pushed == None`): an interval much larger than the budget is split by
-    /// sampling, which finds every child with at least `stride` occurrences, and a pending entry
-    /// bounds the rest. Completion (`pushed == Some(..)`): every child is enumerated and those
-    /// not pushed the first time are pushed.
-    fn expand(&mut self, spans: &[Span], depth: u32, parent: i32, pushed: Option<&[u32]>) {
+    /// An interval much larger than the budget is split by sampling (finer with each `refine`),
+    /// which finds every child above a bound, and a pending entry with that bound stands for the
+    /// rest; popped, it expands again `REFINE_FACTOR` times finer, down to a full enumeration.
+    /// So a large interval is only enumerated as far as the best-first order needs.
+    fn expand(&mut self, spans: &[Span], depth: u32, parent: i32, pushed: &[u32], refine: u32) {
         let offset = self.match_length + depth as usize;
         let mut runs: Vec<(u32, Span)> = Vec::new();
         let mut sampled_shards: Vec<usize> = Vec::new();
         let mut missed_bound = 0u64;
+        let samples = (SAMPLES_PER_BUDGET * self.budget.max(1)).saturating_mul(refine);
         for (k, &span) in spans.iter().enumerate() {
             let v = &self.views[span.shard as usize];
-            let stride = (span.hi - span.lo) / (SAMPLES_PER_BUDGET * self.budget.max(1));
-            if pushed.is_none() && stride > 1 && span.hi - span.lo > SCAN_LIMIT {
-                sampled_runs(v, span, offset, stride, &mut runs);
+            let stride = (span.hi - span.lo) / samples;
+            if stride > 1 && span.hi - span.lo > SCAN_LIMIT {
+                missed_bound += sampled_runs(v, span, offset, stride, &mut runs);
                 sampled_shards.push(k);
-                missed_bound += stride as u64 - 1;
             } else {
                 all_runs(v, span, offset, &mut runs);
             }
@@ -318,13 +331,13 @@ impl Expansion<'_, '_> {
             }
         }
         runs.sort_unstable_by_key(|r| (r.0, r.1.shard));
-        let mut new_tokens = Vec::new();
+        let mut all_pushed = pushed.to_vec();
         for group in runs.chunk_by(|a, b| a.0 == b.0) {
             let token = group[0].0;
-            new_tokens.push(token);
-            if pushed.is_some_and(|p| p.contains(&token)) {
+            if pushed.contains(&token) {
                 continue;
             }
+            all_pushed.push(token);
             let merged: Vec<Span> = group.iter().map(|r| r.1).collect();
             let count = merged.iter().map(Span::len).sum();
             self.heap.push(Candidate {
@@ -335,6 +348,7 @@ impl Expansion<'_, '_> {
                 pending: false,
                 spans: merged,
                 pushed: Vec::new(),
+                refine: 1,
             });
         }
         if missed_bound > 0 {
@@ -345,7 +359,8 @@ impl Expansion<'_, '_> {
                 token: 0,
                 pending: true,
                 spans: spans.to_vec(),
-                pushed: new_tokens,
+                pushed: all_pushed,
+                refine: refine.saturating_mul(REFINE_FACTOR),
             });
         }
     }
