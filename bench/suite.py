@@ -80,8 +80,10 @@ def generators(model, tokenizer, retriever, budget):
 def hf_prompt_lookup(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int):
     import torch
 
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    kwargs = dict(max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=10, pad_token_id=tokenizer.eos_token_id)
+    encoded = tokenizer(prompt, return_tensors="pt")
+    ids = encoded["input_ids"]
+    kwargs = dict(max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=10, pad_token_id=tokenizer.eos_token_id,
+                  attention_mask=encoded["attention_mask"])
     if temperature > 0:
         torch.manual_seed(seed)
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p)
