@@ -44,6 +44,7 @@ from typing import Union
 
 from decoder.config import DecodingConfig
 from decoder.draft_sources import DraftSource, draft_tree, open_draft_sources, served_outputs
+from decoder.draft_tree import count_trie
 from rest.retriever import RetrievalSession, Retriever
 from rest.types import SearchParams
 
@@ -80,19 +81,7 @@ class Tree:
     @classmethod
     def from_paths(cls, paths: Iterable[Sequence[int]]) -> Tree:
         """The trie of ``paths`` (every prefix of a path becomes a node, shared prefixes once)."""
-        tokens: list[int] = []
-        parents: list[int] = []
-        index: dict[tuple[int, int], int] = {}
-        for path in paths:
-            parent = -1
-            for token in path:
-                key = (parent, int(token))
-                node = index.get(key)
-                if node is None:
-                    node = index[key] = len(tokens)
-                    tokens.append(int(token))
-                    parents.append(parent)
-                parent = node
+        tokens, parents, _ = count_trie(paths)
         return cls(tuple(tokens), tuple(parents))
 
     def paths(self) -> list[tuple[int, ...]]:

@@ -69,19 +69,40 @@ def test_chat_streams_answers_using_the_chat_template(model_dir) -> None:
     assert result.stderr.count("tokens/s") == 1  # one answer; the blank line was skipped
 
 
-def test_generate_with_a_datastore(model_dir, tmp_path) -> None:
-    datastore = pytest.importorskip("rest.datastore", reason="the datastore engine is not built")
+def build_own_datastore(path) -> list[int]:
+    """A datastore holding the model's own greedy continuation of PROMPT; returns it."""
+    from rest.datastore import build_datastore
     from rest.tokenizer import tokenizer_fingerprint, tokenizer_name
 
     tokenizer = make_tokenizer()
     want = hf_greedy(make_model("llama"), IDS, 12)
-    datastore.build_datastore(
-        tmp_path / "ds", [IDS + want], vocab_size=len(tokenizer),
-        tokenizer_name=tokenizer_name(tokenizer),
+    build_datastore(
+        path, [IDS + want], vocab_size=len(tokenizer), tokenizer_name=tokenizer_name(tokenizer),
         tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
     )  # fmt: skip
+    return want
+
+
+def test_generate_with_a_datastore(model_dir, tmp_path) -> None:
+    want = build_own_datastore(tmp_path / "ds")
     result = run(generate, ["--model", model_dir, "--datastore", str(tmp_path / "ds"), "--prompt",
                             PROMPT, "--max-new-tokens", "12", "--budget", "8", "--json",
                             "--no-context-drafts"])  # fmt: skip
     out = json.loads(result.stdout)
     assert out["tokens"] == want and out["stats"]["steps"] < len(want) / 2
+
+
+def test_generate_with_a_remote_retriever(model_dir, tmp_path) -> None:
+    from tests.retriever_service.service_testing import ServerProcess
+
+    want = build_own_datastore(tmp_path / "ds")
+    server = ServerProcess("--datastore", str(tmp_path / "ds"))
+    try:
+        result = run(generate, ["--model", model_dir, "--retriever", server.address, "--prompt", PROMPT,
+                                "--max-new-tokens", "12", "--budget", "8", "--json",
+                                "--no-context-drafts"])  # fmt: skip
+    finally:
+        server.kill()
+    out = json.loads(result.stdout)
+    assert out["tokens"] == want and out["stats"]["steps"] < len(want) / 2
+    assert out["stats"]["retrieval_failures"] == 0
