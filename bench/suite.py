@@ -144,6 +144,64 @@ def run_suite(model_path, datastore, endpoints, workload, prompts_path, field, l
             "budget": budget, "results": results}
 
 
+def run_sweep(model_path: str, fractions: list[float], workload: str, prompts_path, field, limit: int,
+              max_new_tokens: int, budget, out: Path) -> list[dict]:
+    """M and speedup of the default (hybrid) drafting for standard-library datastores of
+    increasing size (the paper's Table 2 shape), greedy, against plain decoding in the same run."""
+    from decoder import DecodingConfig, RestGenerator, load_model
+    from rest.corpus import repo_cache_dir
+    from rest.demo import demo_datastore
+    from rest.retriever import LocalRetriever
+
+    model, tokenizer = load_model(model_path, dtype="auto")
+    prompts = load_prompts(workload, tokenizer, limit, prompts_path, field)
+    plain = RestGenerator(model, tokenizer)
+    plain.generate(prompts[0], 4, plain=True)  # warm-up
+    rows = []
+    for fraction in fractions:
+        retriever = LocalRetriever(str(demo_datastore(tokenizer, repo_cache_dir(), fraction)))
+        # A fresh generator per size: served outputs of one size must not help the next.
+        rest = RestGenerator(model, tokenizer, retriever, DecodingConfig(budget=budget))
+        if rest.config.adaptive:
+            rest.calibrate()
+        tokens = steps = 0
+        rest_s = plain_s = 0.0
+        identical = 0
+        for prompt in prompts:
+            p = plain.generate(prompt, max_new_tokens, plain=True)
+            r = rest.generate(prompt, max_new_tokens)
+            tokens += len(r.tokens)
+            steps += r.stats.steps
+            rest_s += r.stats.total_s
+            plain_s += p.stats.total_s
+            identical += r.tokens == p.tokens
+        rows.append({"fraction": fraction, "datastore_tokens": retriever.info().n_tokens, "M": tokens / steps,
+                     "speedup": plain_s / rest_s, "identical": identical, "prompts": len(prompts)})
+        click.echo(f"sweep {fraction:g}: {rows[-1]}", err=True)
+    (out / f"sweep-{workload}.json").write_text(json.dumps(rows, indent=2))
+    sweep_chart(rows, out / f"sweep-{workload}.png")
+    return rows
+
+
+def sweep_chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r["datastore_tokens"] / 1e6 for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(sizes, [r["M"] for r in rows], "o-", label="M (tokens per step)")
+    ax.plot(sizes, [r["speedup"] for r in rows], "s-", label="speedup over plain")
+    ax.set_xscale("log")
+    ax.set_xlabel("datastore size (M tokens)")
+    ax.legend()
+    ax.set_title("datastore-size sweep (greedy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def print_tables(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -196,12 +254,26 @@ def chart(report: dict, path: Path) -> None:
 @click.option("--methods", default=",".join(METHODS), show_default=True)
 @click.option("--budget", default="auto", show_default=True, help="Draft nodes per step, or 'auto'.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--sweep", default=None, metavar="FRACTIONS",
+              help="Instead: M and speedup for standard-library datastores of these sizes (e.g. 0.125,0.25,0.5,1).")
 @click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False))
 def bench_command(model_path, datastore, endpoints, workload, prompts_path, field, limit, max_new_tokens, settings,
-                  methods, budget, seed, out_dir):
+                  methods, budget, seed, sweep, out_dir):
     """Decode a workload with every drafting method and plain decoding, on the same model."""
     from rest.corpus import repo_cache_dir
 
+    budget = budget if budget == "auto" else int(budget)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if sweep:
+        from rest.demo_model import ensure_demo_model
+
+        rows = run_sweep(model_path or str(ensure_demo_model()), [float(f) for f in sweep.split(",")], workload,
+                         prompts_path, field, limit, max_new_tokens, budget, out)
+        for r in rows:
+            click.echo(f"{r['datastore_tokens']:>12,} tokens  M {r['M']:.2f}  speedup {r['speedup']:.2f}x  "
+                       f"identical {r['identical']}/{r['prompts']}")
+        return
     if model_path is None:
         from rest.demo import demo_datastore
         from rest.demo_model import ensure_demo_model
@@ -219,11 +291,8 @@ def bench_command(model_path, datastore, endpoints, workload, prompts_path, fiel
     if "plain" not in method_list:
         method_list.insert(0, "plain")
     report = run_suite(model_path, datastore, endpoints, workload, prompts_path, field, limit, max_new_tokens,
-                       [s.strip() for s in settings.split(",")], method_list,
-                       budget if budget == "auto" else int(budget), seed)
+                       [s.strip() for s in settings.split(",")], method_list, budget, seed)
     print_tables(report)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     (out / f"bench-{workload}.json").write_text(json.dumps(report, indent=2))
     chart(report, out / f"bench-{workload}.png")
     click.echo(f"saved {out}/bench-{workload}.json and .png", err=True)

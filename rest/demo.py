@@ -33,14 +33,16 @@ def step(message: str) -> None:
     console.print(f"[bold cyan]==>[/] {message}")
 
 
-def demo_datastore(tokenizer, cache_dir: Path) -> Path:
-    """The standard library tokenized with the model's tokenizer (built once per tokenizer)."""
-    from rest.corpus import stdlib_documents
+def demo_datastore(tokenizer, cache_dir: Path, fraction: float = 1.0) -> Path:
+    """The standard library tokenized with the model's tokenizer (built once per tokenizer).
+    ``fraction < 1`` takes that share of its files (in their sorted order), for size sweeps."""
+    from rest.corpus import stdlib_files
     from rest.datastore import Datastore, build_datastore
     from rest.tokenizer import tokenizer_fingerprint, tokenizer_name, vocab_size_of
 
     fingerprint = tokenizer_fingerprint(tokenizer)
-    path = cache_dir / f"datastore-stdlib-{fingerprint[:12]}"
+    suffix = "" if fraction >= 1 else f"-{fraction:g}"
+    path = cache_dir / f"datastore-stdlib-{fingerprint[:12]}{suffix}"
     if path.exists():
         Datastore.open(path)  # refuses a damaged cache loudly
         step(f"datastore: {path} (cached)")
@@ -52,7 +54,9 @@ def demo_datastore(tokenizer, cache_dir: Path) -> Path:
     hf_logging.set_verbosity_error()  # documents longer than the model's context are fine here
 
     def documents():
-        texts = list(stdlib_documents())
+        files = stdlib_files()
+        files = files[: max(1, round(len(files) * min(fraction, 1.0)))]
+        texts = [f.read_bytes().decode("utf-8", errors="replace") for f in files]
         for i in range(0, len(texts), 64):
             yield from tokenizer(texts[i : i + 64], add_special_tokens=False)["input_ids"]
 
