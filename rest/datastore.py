@@ -124,15 +124,8 @@ def build_datastore(
 
     Continuations never cross document boundaries. The directory appears only when complete.
     """
-    builder = _engine.DatastoreBuilder(
-        str(out_dir),
-        vocab_size,
-        tokenizer_name,
-        tokenizer_fingerprint,
-        shard_tokens or DEFAULT_SHARD_TOKENS,
-        parallel_shards,
-        overwrite,
-    )
+    builder = _new_builder(out_dir, vocab_size, tokenizer_name, tokenizer_fingerprint, shard_tokens,
+                           parallel_shards, overwrite)
     bar = _progress_bar(progress)
     start = time.perf_counter()
     added = 0
@@ -175,10 +168,8 @@ def build_datastore_from_array(
     import numpy as np
 
     flat = np.ascontiguousarray(tokens, dtype="<u4")
-    builder = _engine.DatastoreBuilder(
-        str(out_dir), vocab_size, tokenizer_name, tokenizer_fingerprint,
-        shard_tokens or DEFAULT_SHARD_TOKENS, parallel_shards, overwrite,
-    )
+    builder = _new_builder(out_dir, vocab_size, tokenizer_name, tokenizer_fingerprint, shard_tokens,
+                           parallel_shards, overwrite)
     try:
         builder.add_flat(flat.tobytes(), [int(n) for n in doc_lengths])
         builder.finish()
@@ -186,6 +177,12 @@ def build_datastore_from_array(
         builder.abort()
         raise
     return Datastore.open(out_dir).info()
+
+
+def _new_builder(out_dir, vocab_size, tokenizer_name, tokenizer_fingerprint, shard_tokens, parallel_shards,
+                 overwrite) -> _engine.DatastoreBuilder:
+    return _engine.DatastoreBuilder(str(out_dir), vocab_size, tokenizer_name, tokenizer_fingerprint,
+                                    shard_tokens or DEFAULT_SHARD_TOKENS, parallel_shards, overwrite)
 
 
 def _add(builder, batch, bar, added: int) -> int:

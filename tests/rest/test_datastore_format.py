@@ -186,3 +186,20 @@ def test_manifest_problems(store):
     (store / "shard-00000.rds").unlink()
     with pytest.raises(DatastoreError, match="shard-00000.rds"):
         Datastore.open(store)
+
+
+def test_building_from_one_flat_array_equals_building_from_documents(tmp_path):
+    import numpy as np
+
+    from rest.datastore import build_datastore_from_array
+
+    docs = [[1, 2, 3, 4], [1, 2, 5], [3, 4, 1, 2, 3]]
+    build_datastore_from_array(tmp_path / "flat", np.concatenate([np.array(d) for d in docs]), [len(d) for d in docs],
+                               vocab_size=10, tokenizer_name="tok", tokenizer_fingerprint="abc123")
+    flat, listed = Datastore.open(tmp_path / "flat"), build(tmp_path / "list", docs, 10)
+    assert flat.manifest()["shards"][0]["tokens_checksum"] == listed.manifest()["shards"][0]["tokens_checksum"]
+    assert flat.search([1, 2]) == listed.search([1, 2])
+    with pytest.raises(ValueError, match="doc_lengths must sum"):
+        build_datastore_from_array(tmp_path / "bad", np.array([1, 2, 3]), [2], vocab_size=10,
+                                   tokenizer_name="t", tokenizer_fingerprint="f")
+    assert not (tmp_path / "bad").exists()
