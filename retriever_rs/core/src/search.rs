@@ -334,7 +334,9 @@ impl Expansion<'_, '_> {
         let mut all_pushed = pushed.to_vec();
         for group in runs.chunk_by(|a, b| a.0 == b.0) {
             let token = group[0].0;
-            if pushed.contains(&token) {
+            // `pushed` is sorted (see below): a completion of a huge interval checks thousands
+            // of tokens against thousands of pushed ones.
+            if pushed.binary_search(&token).is_ok() {
                 continue;
             }
             all_pushed.push(token);
@@ -352,6 +354,7 @@ impl Expansion<'_, '_> {
             });
         }
         if missed_bound > 0 {
+            all_pushed.sort_unstable();
             self.heap.push(Candidate {
                 count: missed_bound,
                 depth: depth + 1,
