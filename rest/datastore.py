@@ -17,7 +17,7 @@ DatastoreError = _engine.DatastoreError
 FORMAT_VERSION = _engine.FORMAT_VERSION
 DEFAULT_SHARD_TOKENS = 1 << 28
 
-__all__ = ["Datastore", "DatastoreError", "build_datastore", "FORMAT_VERSION"]
+__all__ = ["Datastore", "DatastoreError", "SearchExecutor", "build_datastore", "FORMAT_VERSION"]
 
 
 def _result(raw: tuple, shard: str = "") -> SearchResult:
@@ -83,6 +83,34 @@ class Datastore:
         )
         return _result(raw, ",".join(shards) if shards else "")
 
+    def try_search(
+        self,
+        context: Sequence[int],
+        params: SearchParams,
+        shards: Sequence[str] | None,
+        time_limit_s: float,
+        *,
+        as_wire: bool = False,
+    ) -> SearchResult | bytes | None:
+        """``search``, or None when it did not finish within ``time_limit_s`` (always None for
+        the "rest" policy, which cannot stop early): a bounded try before handing the search
+        to another thread. ``as_wire``: the result as a serialized ``rest.retriever.v1``
+        ``SearchResponse`` (what the retrieval server sends), built without Python objects."""
+        raw = self._native.try_search(
+            context if isinstance(context, list) else list(context),
+            params.min_span,
+            params.max_span,
+            params.budget,
+            params.max_depth,
+            params.policy,
+            list(shards) if shards is not None else None,
+            max(0, int(time_limit_s * 1e6)),
+            as_wire,
+        )
+        if raw is None or as_wire:
+            return raw
+        return _result(raw, ",".join(shards) if shards else "")
+
     def search_batch(
         self,
         contexts: Sequence[Sequence[int]],
@@ -105,6 +133,64 @@ class Datastore:
     def verify(self) -> None:
         """The slow full check (checksums, suffix-array structure); raises DatastoreError."""
         self._native.verify()
+
+    def search_executor(self, workers: int, *, as_wire: bool = False) -> SearchExecutor:
+        """Searches on ``workers`` native threads, for callers that must not block (event loops).
+        ``as_wire``: results come as serialized ``SearchResponse`` messages (see ``try_search``)."""
+        return SearchExecutor(self, workers, as_wire=as_wire)
+
+
+class SearchExecutor:
+    """Searches of one datastore, queued and run on the engine's own threads.
+
+    Made for event loops: ``submit`` returns at once; when searches have finished, ``fileno()``
+    becomes readable and ``completed()`` returns them. No Python thread is involved, so a search
+    costs its caller no GIL hand-off (see retriever_rs/python/src/executor.rs).
+    """
+
+    def __init__(self, datastore: Datastore, workers: int, *, as_wire: bool = False) -> None:
+        self._native = _engine.SearchExecutor(datastore._native, workers, as_wire)
+        self._as_wire = as_wire
+
+    def submit(
+        self,
+        tag: int,
+        context: Sequence[int],
+        params: SearchParams,
+        shards: Sequence[str] | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        """Queues a search; ``completed`` returns its outcome under ``tag``. A search still
+        waiting for a worker after ``timeout_s`` seconds is not run (outcome ``TimeoutError``)."""
+        self._native.submit(
+            tag,
+            context if isinstance(context, list) else list(context),
+            params.min_span,
+            params.max_span,
+            params.budget,
+            params.max_depth,
+            params.policy,
+            list(shards) if shards is not None else None,
+            timeout_s,
+        )
+
+    def fileno(self) -> int:
+        return self._native.fileno()
+
+    def completed(self) -> list[tuple[int, SearchResult | bytes | BaseException]]:
+        """The searches finished since the last call: ``(tag, result)`` (bytes when ``as_wire``),
+        or ``(tag, exception)`` with the exception ``Datastore.search`` would have raised."""
+        done = self._native.completed()
+        if self._as_wire:
+            return done
+        return [
+            (tag, outcome if isinstance(outcome, BaseException) else _result(*outcome))
+            for tag, outcome in done
+        ]
+
+    def close(self) -> None:
+        """Refuses new searches; the queued ones still run and complete."""
+        self._native.close()
 
 
 def build_datastore(

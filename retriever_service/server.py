@@ -30,11 +30,10 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from retriever_service.auth import BearerTokenInterceptor
-from retriever_service.pool import WorkerPool
-from retriever_service.servicer import RetrieverServicer
+from retriever_service.searches import AsyncSearches
+from retriever_service.servicer import RetrieverServicer, add_to_server
 from retriever_service.telemetry import SearchTelemetry, providers_from_env
 from retriever_service.v1 import retriever_pb2 as pb
-from retriever_service.v1 import retriever_pb2_grpc as pb_grpc
 
 log = logging.getLogger("retriever_service.server")
 
@@ -53,6 +52,9 @@ class ServerConfig:
     max_concurrent_searches: int = 64  # in flight at once, running or waiting for a worker
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # search threads
     max_context_tokens: int = 4096
+    # With no other search in flight, a search first runs on the event loop for at most this long
+    # (exact policy only), then goes to a worker: a thread hand-off costs more than most searches.
+    inline_search_us: int = 200
     max_message_bytes: int = 4 * MiB
     keepalive_time_s: float = 30.0  # ping an idle client this often...
     keepalive_timeout_s: float = 10.0  # ...and drop it if the ping is not answered in time
@@ -67,6 +69,8 @@ class ServerConfig:
             raise ValueError("max_concurrent_searches and workers must be >= 1")
         if self.max_context_tokens < 1:
             raise ValueError("max_context_tokens must be >= 1")
+        if self.inline_search_us < 0:
+            raise ValueError("inline_search_us must be >= 0 (0: every search on a worker)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and its key (--tls-cert, --tls-key)")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -107,17 +111,19 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 class RetrieverServer:
     """A started server: its bound ``port``, its health service, and a graceful ``shutdown``."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, health: HealthServicer, pool):
+    def __init__(
+        self, server: grpc.aio.Server, port: int, health: HealthServicer, searches: AsyncSearches
+    ):
         self.server = server
         self.port = port
         self.health = health
-        self._pool = pool
+        self._searches = searches
 
     async def shutdown(self, grace_s: float) -> None:
         # NOT_SERVING first, so health watchers (load balancers) stop sending before refusals.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
-        self._pool.shutdown()
+        self._searches.close()
 
 
 async def start_server(
@@ -129,7 +135,7 @@ async def start_server(
     is not installed at all, so an untraced server pays nothing for it.
     """
     datastore = datastore if datastore is not None else open_datastore(config)
-    pool = WorkerPool(config.workers, name="search")
+    searches = AsyncSearches(datastore.search_executor(config.workers, as_wire=True))
     interceptors = []
     if tracer_provider is not None:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
@@ -143,12 +149,13 @@ async def start_server(
     telemetry = SearchTelemetry("server", tracer_provider, meter_provider) if traced else None
     servicer = RetrieverServicer(
         datastore,
-        pool,
+        searches,
         max_concurrent_searches=config.max_concurrent_searches,
         max_context_tokens=config.max_context_tokens,
+        inline_search_s=config.inline_search_us * 1e-6,
         telemetry=telemetry,
     )
-    pb_grpc.add_RetrieverServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health = HealthServicer()
     for name in ("", SERVICE_NAME):
         await health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -163,9 +170,9 @@ async def start_server(
         port = _bind(server, config)
         await server.start()
     except BaseException:
-        pool.shutdown()
+        searches.close()
         raise
-    return RetrieverServer(server, port, health, pool)
+    return RetrieverServer(server, port, health, searches)
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -267,6 +274,9 @@ class BackgroundServer:
               help="Threads running searches.")
 @click.option("--max-context-tokens", default=4096, show_default=True,
               help="Longer contexts get INVALID_ARGUMENT.")
+@click.option("--inline-search-us", default=200, show_default=True,
+              help="With no other search in flight, try a search on the event loop for this "
+                   "long before handing it to a worker (exact policy; 0: always a worker).")
 @click.option("--max-message-bytes", default=4 * MiB, show_default=True,
               help="Largest request or response; larger ones get RESOURCE_EXHAUSTED.")
 @click.option("--keepalive-time-s", default=30.0, show_default=True,

@@ -1,31 +1,29 @@
 """The ``rest.retriever.v1.Retriever`` service: validate, admit, search off the event loop, answer.
 
-A search runs on a worker thread because the engine's search is blocking native code that releases
-the GIL: the event loop keeps accepting and answering other calls while searches run on the
-workers. Admission is counted on the event loop (a plain integer, no lock: only the loop touches
+A search runs on the datastore's search executor (native worker threads; ``searches.py``): the
+event loop keeps accepting and answering other calls while searches run. Admission is counted on the event loop (a plain integer, no lock: only the loop touches
 it), and a search that would exceed the concurrency limit is refused at once with
 RESOURCE_EXHAUSTED instead of queueing without bound.
 """
 
 from __future__ import annotations
 
-import time
-
 import grpc
 
-from rest.types import SearchResult
 from retriever_service import wire
-from retriever_service.pool import WorkerPool
+from retriever_service.searches import AsyncSearches
 from retriever_service.telemetry import SearchTelemetry
 from retriever_service.v1 import retriever_pb2 as pb
 from retriever_service.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_service.validation import (
-    ParsedSearch,
     RequestError,
     RequestLimits,
     SearchRequestParser,
     engine_error,
 )
+
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Retriever"]
 
 
 def deadline_expired() -> RequestError:
@@ -40,16 +38,18 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     def __init__(
         self,
         datastore,
-        pool: WorkerPool,
+        searches: AsyncSearches,
         *,
         max_concurrent_searches: int,
         max_context_tokens: int,
+        inline_search_s: float = 0.0,
         telemetry: SearchTelemetry | None = None,
     ) -> None:
         self._datastore = datastore
-        self._pool = pool
+        self._searches = searches
         self._max_in_flight = max_concurrent_searches
         self._in_flight = 0
+        self._inline_search_s = inline_search_s
         info = datastore.info()
         self._info = wire.info_response(info)
         self._parser = SearchRequestParser(RequestLimits(
@@ -62,7 +62,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         return self._info
 
-    async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+    async def Search(self, request: pb.SearchRequest, context) -> bytes:
         return await self._answer(request, context, "Search")
 
     async def SearchStream(self, request_iterator, context):
@@ -71,22 +71,23 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         async for request in request_iterator:
             yield await self._answer(request, context, "SearchStream")
 
-    async def _answer(self, request: pb.SearchRequest, context, method: str) -> pb.SearchResponse:
+    async def _answer(self, request: pb.SearchRequest, context, method: str) -> bytes:
         try:
             if self._telemetry is None:
-                result = await self._search(request, context)
-            else:
-                with self._telemetry.search(method) as record:
-                    record.result = result = await self._search(request, context)
+                return await self._search(request, context)
+            with self._telemetry.search(method) as record:
+                response = await self._search(request, context)
+                record.result = wire.search_result(pb.SearchResponse.FromString(response))
+                return response
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
-        return wire.search_response(result)
 
-    async def _search(self, request: pb.SearchRequest, context) -> SearchResult:
+    async def _search(self, request: pb.SearchRequest, context) -> bytes:
+        """The serialized ``SearchResponse``: the engine encodes it (``as_wire``), which saves
+        building the message from Python objects on the event loop."""
         parsed = self._parser.parse(request)
         remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        if deadline is not None and remaining <= 0:
+        if remaining is not None and remaining <= 0:
             raise deadline_expired()
         if self._in_flight >= self._max_in_flight:
             raise RequestError(
@@ -94,17 +95,48 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 f"server busy: {self._in_flight} searches in flight (limit"
                 f" {self._max_in_flight}); retry later or on another replica",
             )
+        if self._inline_search_s > 0 and self._in_flight == 0:
+            # Waking a worker thread and the loop again costs more than most searches (about
+            # 60-110 us on a small host, bench/service_latency.py): with no other search in
+            # flight, try the search here for a short, bounded slice first.
+            response = self._datastore.try_search(
+                parsed.context, parsed.params, parsed.shards, self._inline_search_s, as_wire=True)
+            if response is not None:
+                return response
         self._in_flight += 1
         try:
-            return await self._pool.run(self._run, parsed, deadline)
+            return await self._searches.search(parsed.context, parsed.params, parsed.shards,
+                                               remaining)
+        except TimeoutError:  # still queued for a worker when the deadline passed
+            raise deadline_expired() from None
+        except (KeyError, ValueError) as exc:
+            raise engine_error(exc) from exc
         finally:
             self._in_flight -= 1
 
-    def _run(self, parsed: ParsedSearch, deadline: float | None) -> SearchResult:
-        """On a worker thread. The deadline is checked again here: the call may have waited."""
-        if deadline is not None and time.monotonic() >= deadline:
-            raise deadline_expired()
-        try:
-            return self._datastore.search(parsed.context, parsed.params, shards=parsed.shards)
-        except (KeyError, ValueError) as exc:
-            raise engine_error(exc) from exc
+
+def add_to_server(servicer: RetrieverServicer, server: grpc.aio.Server) -> None:
+    """The generated ``add_RetrieverServicer_to_server``, except that search responses reach gRPC
+    already serialized (``RetrieverServicer`` returns the engine's bytes), so none is serialized
+    again; Info's response is an ordinary message."""
+    already_serialized = None  # grpc passes bytes through when a method has no serializer
+    handlers = {
+        "Info": grpc.unary_unary_rpc_method_handler(
+            servicer.Info,
+            request_deserializer=pb.InfoRequest.FromString,
+            response_serializer=pb.InfoResponse.SerializeToString,
+        ),
+        "Search": grpc.unary_unary_rpc_method_handler(
+            servicer.Search,
+            request_deserializer=pb.SearchRequest.FromString,
+            response_serializer=already_serialized,
+        ),
+        "SearchStream": grpc.stream_stream_rpc_method_handler(
+            servicer.SearchStream,
+            request_deserializer=pb.SearchRequest.FromString,
+            response_serializer=already_serialized,
+        ),
+    }
+    assert set(handlers) == set(SERVICE.methods_by_name), "a Retriever method has no handler"
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)

@@ -9,6 +9,7 @@ deterministically (overload, deadlines).
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import socket
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rest.datastore import Datastore
+from retriever_service import wire
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 64
@@ -62,7 +64,9 @@ def random_contexts(documents, n: int, seed: int) -> list[list[int]]:
 class GatedDatastore:
     """The real datastore, whose searches wait at ``gate`` and are counted.
 
-    ``entered`` is released once per search that reached the engine call.
+    ``entered`` is released once per search that reached the engine call. Every search goes to
+    the executor (``try_search`` never finishes in time), which runs it on Python threads so that
+    it can wait at the gate: the server's path for a search that outlasts its inline slice.
     """
 
     def __init__(self, datastore: Datastore) -> None:
@@ -84,9 +88,67 @@ class GatedDatastore:
         assert self.gate.wait(20), "test gate never opened"
         return self._datastore.search(context, params, shards=shards)
 
+    def try_search(self, context, params, shards, time_limit_s, *, as_wire=False):
+        return None
+
+    def search_executor(self, workers: int, *, as_wire: bool = False) -> ThreadSearchExecutor:
+        return ThreadSearchExecutor(self, workers, as_wire)
+
     def wait_entered(self, n: int, timeout: float = 10.0) -> None:
         for _ in range(n):
             assert self.entered.acquire(timeout=timeout), "search did not reach the engine"
+
+
+class ThreadSearchExecutor:
+    """``rest.datastore.SearchExecutor``'s interface on Python threads, for ``GatedDatastore``."""
+
+    def __init__(self, datastore, workers: int, as_wire: bool) -> None:
+        self._datastore = datastore
+        self._as_wire = as_wire
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._done: list = []
+        self._lock = threading.Lock()
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        for _ in range(workers):
+            threading.Thread(target=self._work, daemon=True).start()
+
+    def submit(self, tag, context, params, shards=None, timeout_s=None) -> None:
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._jobs.put((tag, list(context), params, shards, deadline))
+
+    def fileno(self) -> int:
+        return self._wake_reader.fileno()
+
+    def completed(self) -> list:
+        try:
+            while self._wake_reader.recv(256):
+                pass
+        except BlockingIOError:
+            pass
+        with self._lock:
+            done, self._done = self._done, []
+        return done
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            tag, context, params, shards, deadline = job
+            if deadline is not None and time.monotonic() >= deadline:
+                outcome = TimeoutError("deadline passed before the search started; not searched")
+            else:
+                try:
+                    outcome = self._datastore.search(context, params, shards=shards)
+                    if self._as_wire:
+                        outcome = wire.search_response(outcome).SerializeToString()
+                except Exception as exc:  # noqa: BLE001 - handed back like the native executor
+                    outcome = exc
+            with self._lock:
+                self._done.append((tag, outcome))
+            self._wake_writer.send(b"\x01")
+        self._jobs.put(None)  # let the next worker stop too
 
 
 def free_port() -> int:

@@ -18,9 +18,12 @@ from retriever_service.v1 import retriever_pb2_grpc as pb_grpc
 from tests.retriever_service.service_testing import VOCAB, GatedDatastore, random_contexts
 
 
-@pytest.fixture(scope="module")
-def server(datastore, datastore_dir):
-    config = ServerConfig(datastore=str(datastore_dir), port=0, max_context_tokens=64)
+# The server tries a search on its event loop for a short slice before handing it to the native
+# executor; 0 sends every search to the executor. Both paths must give the engine's answers.
+@pytest.fixture(scope="module", params=[200, 0], ids=["inline-slice", "executor-only"])
+def server(request, datastore, datastore_dir):
+    config = ServerConfig(datastore=str(datastore_dir), port=0, max_context_tokens=64,
+                          inline_search_us=request.param)
     with BackgroundServer(config, datastore) as running:
         yield running
 

@@ -3,10 +3,11 @@
 use crate::error::{Error, Result};
 use crate::format::{Manifest, FORMAT_VERSION};
 use crate::rest_policy::rest_tree;
-use crate::search::{exact_tree, Limits, Tree};
+use crate::search::{exact_tree, exact_tree_until, Limits, Tree};
 use crate::shard::{Shard, ShardView};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// Which drafting policy builds the tree.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -151,14 +152,30 @@ impl Datastore {
 
     /// The continuation tree for `context` (see `search::exact_tree` and `rest_policy`).
     pub fn search(&self, context: &[i64], q: &Query, only: Option<&[String]>) -> Result<Tree> {
+        let tree = self.search_until(context, q, only, None)?;
+        Ok(tree.expect("a search without a time limit always finishes"))
+    }
+
+    /// `search`, given up (`Ok(None)`) when it is still running at `stop_at`. Only the exact
+    /// policy can stop early; a REST-policy search is given up at once when it has a time limit.
+    /// Lets a caller try a search in a short time slice before handing it to another thread.
+    pub fn search_until(
+        &self,
+        context: &[i64],
+        q: &Query,
+        only: Option<&[String]>,
+        stop_at: Option<Instant>,
+    ) -> Result<Option<Tree>> {
         let context = self.validate(context, q)?;
         let views = self.views(only)?;
         // Only the last `max_span` tokens can matter.
         let tail = &context[context.len().saturating_sub(q.max_span)..];
         let limits = Limits { min_span: q.min_span, max_span: q.max_span, budget: q.budget, max_depth: q.max_depth };
-        Ok(match q.policy {
-            Policy::Exact => exact_tree(&views, tail, &limits),
-            Policy::Rest => rest_tree(&views, tail, &limits),
+        Ok(match (q.policy, stop_at) {
+            (Policy::Exact, None) => Some(exact_tree(&views, tail, &limits)),
+            (Policy::Exact, Some(t)) => exact_tree_until(&views, tail, &limits, t),
+            (Policy::Rest, None) => Some(rest_tree(&views, tail, &limits)),
+            (Policy::Rest, Some(_)) => None,
         })
     }
 

@@ -12,6 +12,7 @@
 use crate::shard::ShardView;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
+use std::time::Instant;
 
 /// Intervals at or below this size are split by scanning every entry.
 const SCAN_LIMIT: u32 = 64;
@@ -83,7 +84,13 @@ fn compare_suffix(v: &ShardView, i: u32, pattern: &[u32]) -> Ordering {
 pub fn pattern_interval(v: &ShardView, shard: u32, pattern: &[u32]) -> Span {
     let n = v.sa.len() as u32;
     let lo = partition(0, n, |i| compare_suffix(v, i, pattern) == Ordering::Less);
-    let hi = partition(lo, n, |i| compare_suffix(v, i, pattern) != Ordering::Greater);
+    // Most probes of a longest-match search find nothing or a few occurrences: check the first
+    // candidate, then gallop to the end of the interval instead of a second binary search over
+    // the whole array.
+    if lo == n || compare_suffix(v, lo, pattern) != Ordering::Equal {
+        return Span { shard, lo, hi: lo };
+    }
+    let hi = gallop_end(lo, n, |i| compare_suffix(v, i, pattern) == Ordering::Equal);
     Span { shard, lo, hi }
 }
 
@@ -101,17 +108,24 @@ fn partition(mut lo: u32, mut hi: u32, is_before: impl Fn(u32) -> bool) -> u32 {
     lo
 }
 
-/// The end of the run of `token` that contains index `i` (galloping: O(log run length)).
+/// The end of the run of indexes from `i` (where `same` holds) on which `same` holds, below `hi`
+/// (galloping: O(log run length)). `same` must hold on a prefix of `[i, hi)` only.
 #[inline]
-fn run_end(v: &ShardView, i: u32, hi: u32, offset: usize, token: u32) -> u32 {
+fn gallop_end(i: u32, hi: u32, same: impl Fn(u32) -> bool) -> u32 {
     let mut step = 1u32;
-    let mut known = i; // token_at(known) == token
-    while known + step < hi && token_at(v, known + step, offset) == token {
+    let mut known = i; // same(known)
+    while known + step < hi && same(known + step) {
         known += step;
         step = step.saturating_mul(2);
     }
     let limit = (known + step).min(hi);
-    partition(known + 1, limit, |j| token_at(v, j, offset) == token)
+    partition(known + 1, limit, same)
+}
+
+/// The end of the run of `token` that contains index `i`.
+#[inline]
+fn run_end(v: &ShardView, i: u32, hi: u32, offset: usize, token: u32) -> u32 {
+    gallop_end(i, hi, |j| token_at(v, j, offset) == token)
 }
 
 /// The start of the run of `token` that contains index `i`.
@@ -261,16 +275,29 @@ pub fn longest_match(views: &[ShardView], context: &[u32], limits: &Limits) -> (
 
 /// The exact policy: the continuation tree grown best-first by occurrence count.
 pub fn exact_tree(views: &[ShardView], context: &[u32], limits: &Limits) -> Tree {
+    grow_exact_tree(views, context, limits, None).expect("no time limit")
+}
+
+/// `exact_tree`, given up (`None`) when it is still growing at `stop_at`. The clock is read once
+/// per expansion, and one expansion is bounded by the interval sampling, so the overrun is small.
+pub fn exact_tree_until(views: &[ShardView], context: &[u32], limits: &Limits, stop_at: Instant) -> Option<Tree> {
+    grow_exact_tree(views, context, limits, Some(stop_at))
+}
+
+fn grow_exact_tree(views: &[ShardView], context: &[u32], limits: &Limits, stop_at: Option<Instant>) -> Option<Tree> {
     let (match_length, root_spans) = longest_match(views, context, limits);
     let occurrences = root_spans.iter().map(Span::len).sum();
     let mut tree = Tree { match_length: match_length as u32, occurrences, ..Tree::default() };
     if match_length == 0 || limits.budget == 0 {
-        return tree;
+        return Some(tree);
     }
     let mut expansion =
         Expansion { views, match_length, budget: limits.budget as u32, heap: BinaryHeap::new() };
     expansion.expand(&root_spans, 0, -1, &[], 1);
     while tree.tokens.len() < limits.budget {
+        if stop_at.is_some_and(|t| Instant::now() >= t) {
+            return None;
+        }
         let Some(c) = expansion.heap.pop() else { break };
         if c.pending {
             expansion.expand(&c.spans, c.depth - 1, c.parent, &c.pushed, c.refine);
@@ -284,7 +311,7 @@ pub fn exact_tree(views: &[ShardView], context: &[u32], limits: &Limits) -> Tree
             expansion.expand(&c.spans, c.depth, index, &[], 1);
         }
     }
-    tree
+    Some(tree)
 }
 
 struct Expansion<'a, 'b> {
@@ -331,7 +358,8 @@ impl Expansion<'_, '_> {
             }
         }
         runs.sort_unstable_by_key(|r| (r.0, r.1.shard));
-        let mut all_pushed = pushed.to_vec();
+        // Only a pending entry needs the tokens already pushed under this node.
+        let mut all_pushed = if missed_bound > 0 { pushed.to_vec() } else { Vec::new() };
         for group in runs.chunk_by(|a, b| a.0 == b.0) {
             let token = group[0].0;
             // `pushed` is sorted (see below): a completion of a huge interval checks thousands
@@ -339,7 +367,9 @@ impl Expansion<'_, '_> {
             if pushed.binary_search(&token).is_ok() {
                 continue;
             }
-            all_pushed.push(token);
+            if missed_bound > 0 {
+                all_pushed.push(token);
+            }
             let merged: Vec<Span> = group.iter().map(|r| r.1).collect();
             let count = merged.iter().map(Span::len).sum();
             self.heap.push(Candidate {

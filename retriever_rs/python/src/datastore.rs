@@ -1,25 +1,36 @@
 //! Binding of `rest_retriever::datastore`.
 
 use crate::errors::to_py;
+use crate::wire::encode_search_response;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 use rest_retriever::{Policy, Query, Tree};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// (match_length, occurrences, tokens, parents, counts)
-type TreeTuple = (u32, u64, Vec<u32>, Vec<i32>, Vec<u64>);
+pub(crate) type TreeTuple = (u32, u64, Vec<u32>, Vec<i32>, Vec<u64>);
 
-fn to_tuple(t: Tree) -> TreeTuple {
+pub(crate) fn to_tuple(t: Tree) -> TreeTuple {
     (t.match_length, t.occurrences, t.tokens, t.parents, t.counts)
 }
 
 /// A memory-mapped datastore directory.
 #[pyclass(frozen, module = "rest._engine")]
 pub struct Datastore {
-    inner: rest_retriever::Datastore,
+    // Shared with the search executor's worker threads.
+    inner: Arc<rest_retriever::Datastore>,
+}
+
+impl Datastore {
+    pub(crate) fn shared(&self) -> Arc<rest_retriever::Datastore> {
+        self.inner.clone()
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
-fn query(min_span: usize, max_span: usize, budget: usize, max_depth: usize, policy: &str) -> PyResult<Query> {
+pub(crate) fn query(min_span: usize, max_span: usize, budget: usize, max_depth: usize, policy: &str) -> PyResult<Query> {
     let policy: Policy = policy.parse().map_err(to_py)?;
     Ok(Query { min_span, max_span, budget, max_depth, policy })
 }
@@ -33,7 +44,7 @@ impl Datastore {
         let inner = py
             .detach(|| rest_retriever::Datastore::open(&path, shards.as_deref()))
             .map_err(to_py)?;
-        Ok(Datastore { inner })
+        Ok(Datastore { inner: Arc::new(inner) })
     }
 
     #[getter]
@@ -95,6 +106,38 @@ impl Datastore {
         py.detach(|| self.inner.search(&context, &q, shards.as_deref()))
             .map(to_tuple)
             .map_err(to_py)
+    }
+
+    /// `search`, or None when it has not finished within `time_limit_us` microseconds (always
+    /// None for the REST policy, which cannot stop early). With `as_wire`, the result comes as a
+    /// serialized `rest.retriever.v1.SearchResponse` (bytes) instead of a tuple.
+    #[pyo3(signature = (context, min_span, max_span, budget, max_depth, policy, shards, time_limit_us, as_wire=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn try_search(
+        &self,
+        py: Python<'_>,
+        context: Vec<i64>,
+        min_span: usize,
+        max_span: usize,
+        budget: usize,
+        max_depth: usize,
+        policy: &str,
+        shards: Option<Vec<String>>,
+        time_limit_us: u64,
+        as_wire: bool,
+    ) -> PyResult<Option<Py<PyAny>>> {
+        let q = query(min_span, max_span, budget, max_depth, policy)?;
+        let stop_at = Instant::now() + Duration::from_micros(time_limit_us);
+        let tree = py
+            .detach(|| self.inner.search_until(&context, &q, shards.as_deref(), Some(stop_at)))
+            .map_err(to_py)?;
+        let Some(tree) = tree else { return Ok(None) };
+        Ok(Some(if as_wire {
+            let label = shards.map(|s| s.join(",")).unwrap_or_default();
+            PyBytes::new(py, &encode_search_response(tree, label)).into_any().unbind()
+        } else {
+            to_tuple(tree).into_pyobject(py)?.into_any().unbind()
+        }))
     }
 
     /// Many searches at once, in parallel, without the GIL.

@@ -5,6 +5,8 @@ use pyo3::prelude::*;
 mod build;
 mod datastore;
 mod errors;
+mod executor;
+mod wire;
 
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -13,5 +15,6 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_SHARD_TOKENS", rest_retriever::format::MAX_SHARD_TOKENS)?;
     m.add_class::<datastore::Datastore>()?;
     m.add_class::<build::DatastoreBuilder>()?;
+    m.add_class::<executor::SearchExecutor>()?;
     Ok(())
 }

@@ -1,0 +1,197 @@
+//! Searches on native worker threads, with completions announced on a file descriptor.
+//!
+//! The retrieval server runs on an asyncio event loop and must not block it with a search. Handing
+//! a search to a Python worker thread costs two GIL hand-offs per call (the worker takes the GIL
+//! to start the call and again to post the result back), which on a small host cost more than the
+//! search itself. Here the loop thread converts the request once and queues it; a native worker
+//! searches without ever touching the GIL, queues the result and writes one byte to a socket the
+//! event loop watches (`loop.add_reader`); the loop then collects every finished search at once.
+
+use crate::datastore::{query, to_tuple, Datastore};
+use crate::errors::to_py;
+use crate::wire::encode_search_response;
+use pyo3::exceptions::{PyRuntimeError, PyTimeoutError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use rest_retriever::{Error, Query, Tree};
+use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+struct Job {
+    tag: u64,
+    context: Vec<i64>,
+    query: Query,
+    shards: Option<Vec<String>>,
+    deadline: Option<Instant>,
+}
+
+enum Outcome {
+    /// The tree, and the searched shards' names joined by commas (empty: every shard).
+    Found(Tree, String),
+    /// The same, encoded on the worker as the service's `SearchResponse` message.
+    Encoded(Vec<u8>),
+    Failed(Error),
+    /// The deadline passed while the job waited for a worker: not searched.
+    Expired,
+}
+
+/// Finished jobs, and the wake-up socket that tells the event loop there are some.
+struct Completions {
+    done: Mutex<Vec<(u64, Outcome)>>,
+    /// A byte was written and not yet drained: later completions need not write another.
+    wake_pending: AtomicBool,
+    wake_writer: UnixStream,
+}
+
+impl Completions {
+    fn push(&self, tag: u64, outcome: Outcome) {
+        self.done.lock().unwrap_or_else(|e| e.into_inner()).push((tag, outcome));
+        if !self.wake_pending.swap(true, Ordering::AcqRel) {
+            // Non-blocking: a full socket buffer already holds a wake-up, which is all it takes.
+            let _ = (&self.wake_writer).write(&[1]);
+        }
+    }
+}
+
+/// Runs searches of one datastore on `workers` native threads.
+#[pyclass(frozen, module = "rest._engine")]
+pub struct SearchExecutor {
+    jobs: Mutex<Option<Sender<Job>>>,
+    completions: Arc<Completions>,
+    wake_reader: UnixStream,
+}
+
+#[pymethods]
+impl SearchExecutor {
+    /// `as_wire`: outcomes are serialized `rest.retriever.v1.SearchResponse` messages (bytes)
+    /// instead of result tuples.
+    #[new]
+    #[pyo3(signature = (datastore, workers, as_wire=false))]
+    fn new(datastore: &Datastore, workers: usize, as_wire: bool) -> PyResult<Self> {
+        if workers == 0 {
+            return Err(pyo3::exceptions::PyValueError::new_err("workers must be >= 1"));
+        }
+        let (wake_reader, wake_writer) = UnixStream::pair().map_err(os_error)?;
+        wake_reader.set_nonblocking(true).map_err(os_error)?;
+        wake_writer.set_nonblocking(true).map_err(os_error)?;
+        let completions = Arc::new(Completions {
+            done: Mutex::new(Vec::new()),
+            wake_pending: AtomicBool::new(false),
+            wake_writer,
+        });
+        let (sender, receiver) = channel::<Job>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        for i in 0..workers {
+            let (store, receiver, completions) =
+                (datastore.shared(), receiver.clone(), completions.clone());
+            thread::Builder::new()
+                .name(format!("search-{i}"))
+                .spawn(move || work(&store, &receiver, &completions, as_wire))
+                .map_err(os_error)?;
+        }
+        Ok(SearchExecutor { jobs: Mutex::new(Some(sender)), completions, wake_reader })
+    }
+
+    /// The file descriptor that becomes readable when searches have finished.
+    fn fileno(&self) -> i32 {
+        self.wake_reader.as_raw_fd()
+    }
+
+    /// Queues a search; its outcome comes back from `completed` under `tag`. A job still waiting
+    /// for a worker `timeout_s` seconds from now is not searched (`TimeoutError`).
+    #[pyo3(signature = (tag, context, min_span, max_span, budget, max_depth, policy, shards=None, timeout_s=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &self,
+        tag: u64,
+        context: Vec<i64>,
+        min_span: usize,
+        max_span: usize,
+        budget: usize,
+        max_depth: usize,
+        policy: &str,
+        shards: Option<Vec<String>>,
+        timeout_s: Option<f64>,
+    ) -> PyResult<()> {
+        let query = query(min_span, max_span, budget, max_depth, policy)?;
+        let deadline = match timeout_s {
+            Some(t) if t.is_finite() => Some(Instant::now() + Duration::from_secs_f64(t.max(0.0))),
+            _ => None,
+        };
+        let job = Job { tag, context, query, shards, deadline };
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        match jobs.as_ref() {
+            Some(sender) if sender.send(job).is_ok() => Ok(()),
+            _ => Err(PyRuntimeError::new_err("search executor is closed")),
+        }
+    }
+
+    /// Every search finished since the last call, as `(tag, outcome)`: the outcome is the tuple
+    /// `Datastore.search` returns paired with the shard label (or the encoded message, `as_wire`),
+    /// or the exception the search raised (`TimeoutError` for one
+    /// whose deadline passed before it started).
+    fn completed(&self, py: Python<'_>) -> Vec<(u64, Py<PyAny>)> {
+        // Drain the wake-up bytes before taking the list: a completion that lands after the take
+        // then writes a fresh byte, so none is ever left without a wake-up.
+        let mut buf = [0u8; 256];
+        while matches!((&self.wake_reader).read(&mut buf), Ok(n) if n > 0) {}
+        self.completions.wake_pending.store(false, Ordering::Release);
+        let done = std::mem::take(&mut *self.completions.done.lock().unwrap_or_else(|e| e.into_inner()));
+        done.into_iter()
+            .map(|(tag, outcome)| {
+                let value = match outcome {
+                    Outcome::Found(tree, label) => (to_tuple(tree), label).into_pyobject(py).map(|t| t.into_any().unbind()),
+                    Outcome::Encoded(bytes) => Ok(PyBytes::new(py, &bytes).into_any().unbind()),
+                    Outcome::Failed(err) => Ok(to_py(err).into_value(py).into_any()),
+                    Outcome::Expired => Ok(PyTimeoutError::new_err(
+                        "deadline passed before the search started; not searched",
+                    )
+                    .into_value(py)
+                    .into_any()),
+                };
+                (tag, value.expect("converting a search result cannot fail"))
+            })
+            .collect()
+    }
+
+    /// Refuses further jobs; the workers finish the queued ones and exit.
+    fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+}
+
+fn work(store: &rest_retriever::Datastore, receiver: &Mutex<Receiver<Job>>, completions: &Completions, as_wire: bool) {
+    loop {
+        // One worker waits on the channel while the others wait on the lock: a plain shared queue.
+        let job = match receiver.lock().unwrap_or_else(|e| e.into_inner()).recv() {
+            Ok(job) => job,
+            Err(_) => return, // closed and drained
+        };
+        let outcome = if job.deadline.is_some_and(|d| Instant::now() >= d) {
+            Outcome::Expired
+        } else {
+            match store.search(&job.context, &job.query, job.shards.as_deref()) {
+                Ok(tree) => {
+                    let label = job.shards.map(|s| s.join(",")).unwrap_or_default();
+                    if as_wire {
+                        Outcome::Encoded(encode_search_response(tree, label))
+                    } else {
+                        Outcome::Found(tree, label)
+                    }
+                }
+                Err(err) => Outcome::Failed(err),
+            }
+        };
+        completions.push(job.tag, outcome);
+    }
+}
+
+fn os_error(err: std::io::Error) -> PyErr {
+    PyRuntimeError::new_err(format!("search executor: {err}"))
+}

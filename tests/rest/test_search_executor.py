@@ -1,0 +1,109 @@
+"""Datastore.try_search and the native SearchExecutor against Datastore.search."""
+
+import random
+import select
+import time
+
+import pytest
+
+from rest.datastore import Datastore, build_datastore
+from rest.types import SearchParams
+
+PARAMS = [
+    SearchParams(min_span=1, budget=16),
+    SearchParams(min_span=1, max_span=4, budget=40, max_depth=6),
+    SearchParams(min_span=2, budget=0),
+    SearchParams(min_span=1, budget=16, policy="rest"),
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    rng = random.Random(7)
+    docs = [[rng.randrange(6) for _ in range(rng.randrange(20, 400))] for _ in range(30)]
+    path = tmp_path_factory.mktemp("executor") / "ds"
+    build_datastore(path, docs, vocab_size=8, tokenizer_name="t", tokenizer_fingerprint="f",
+                    shard_tokens=2000)
+    contexts = [[rng.randrange(8) for _ in range(rng.randrange(1, 12))] for _ in range(60)]
+    return Datastore.open(path), contexts
+
+
+def collect(executor, n: int, timeout: float = 20.0) -> dict:
+    """Waits on the executor's file descriptor, as an event loop would, until n outcomes came."""
+    outcomes: dict = {}
+    deadline = time.monotonic() + timeout
+    while len(outcomes) < n:
+        readable, _, _ = select.select([executor.fileno()], [], [], deadline - time.monotonic())
+        assert readable, f"only {len(outcomes)} of {n} searches completed"
+        for tag, outcome in executor.completed():
+            assert tag not in outcomes
+            outcomes[tag] = outcome
+    return outcomes
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=repr)
+def test_try_search_with_time_is_search(corpus, params):
+    ds, contexts = corpus
+    shards = [None, ["shard-00001"]]
+    for i, context in enumerate(contexts):
+        only = shards[i % 2]
+        result = ds.try_search(context, params, only, time_limit_s=10.0)
+        if params.policy == "rest":
+            assert result is None  # the REST policy cannot stop early, so it is never tried
+        else:
+            assert result == ds.search(context, params, shards=only)
+
+
+def test_try_search_out_of_time_gives_up(corpus):
+    ds, _ = corpus
+    params = SearchParams(min_span=1, max_span=2, budget=200, max_depth=8)
+    assert ds.search([1, 2], params).tokens  # there is a tree to grow...
+    assert ds.try_search([1, 2], params, None, time_limit_s=0.0) is None  # ...but no time
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=repr)
+def test_executor_results_equal_search(corpus, params):
+    ds, contexts = corpus
+    executor = ds.search_executor(workers=3)
+    try:
+        for tag, context in enumerate(contexts):
+            executor.submit(tag, context, params)
+        outcomes = collect(executor, len(contexts))
+        assert outcomes == {tag: ds.search(c, params) for tag, c in enumerate(contexts)}
+        assert executor.completed() == []
+    finally:
+        executor.close()
+
+
+def test_executor_reports_errors_and_expired_deadlines(corpus):
+    ds, _ = corpus
+    executor = ds.search_executor(workers=1)
+    try:
+        executor.submit(1, [1, 2], SearchParams(min_span=1), shards=["shard-00001"])
+        executor.submit(2, [1, 2], SearchParams(min_span=1), shards=["no-such-shard"])
+        executor.submit(3, [1, 99], SearchParams(min_span=1))
+        executor.submit(4, [1, 2], SearchParams(min_span=1), timeout_s=0.0)
+        outcomes = collect(executor, 4)
+        assert outcomes[1] == ds.search([1, 2], SearchParams(min_span=1), shards=["shard-00001"])
+        assert outcomes[1].shard == "shard-00001"
+        assert isinstance(outcomes[2], KeyError) and "no-such-shard" in str(outcomes[2])
+        assert isinstance(outcomes[3], ValueError) and "99" in str(outcomes[3])
+        assert isinstance(outcomes[4], TimeoutError)
+    finally:
+        executor.close()
+
+
+def test_a_closed_executor_refuses_work_but_finishes_what_it_queued(corpus):
+    ds, contexts = corpus
+    executor = ds.search_executor(workers=2)
+    for tag, context in enumerate(contexts):
+        executor.submit(tag, context, PARAMS[0])
+    executor.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        executor.submit(999, [1], PARAMS[0])
+    assert len(collect(executor, len(contexts))) == len(contexts)
+
+
+def test_zero_workers_is_refused(corpus):
+    with pytest.raises(ValueError, match="workers"):
+        corpus[0].search_executor(workers=0)

@@ -1,0 +1,56 @@
+"""The engine encodes the server's SearchResponse itself (retriever_rs/python/src/wire.rs): its
+bytes must be exactly what the generated Python message serializes to, for every kind of tree."""
+
+import select
+import time
+
+import pytest
+
+from rest.types import SearchParams
+from retriever_service import wire
+from retriever_service.v1 import retriever_pb2 as pb
+from tests.retriever_service.service_testing import random_contexts
+
+PARAMS = [
+    SearchParams(),
+    SearchParams(min_span=1, max_span=4, budget=200, max_depth=20),  # deep trees, large counts
+    SearchParams(budget=0),  # a match and no tree
+    SearchParams(min_span=1, budget=16, policy="rest"),
+]
+
+
+def python_encoding(result) -> bytes:
+    return wire.search_response(result).SerializeToString()
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=repr)
+def test_try_search_bytes_are_the_python_message(datastore, documents, params):
+    for i, context in enumerate(random_contexts(documents, 60, seed=11)):
+        shards = [datastore.shard_names[i % 3]] if i % 2 else None
+        encoded = datastore.try_search(context, params, shards, 10.0, as_wire=True)
+        if params.policy == "rest":
+            assert encoded is None
+            continue
+        expected = datastore.search(context, params, shards=shards)
+        assert encoded == python_encoding(expected), context
+        assert wire.search_result(pb.SearchResponse.FromString(encoded)) == expected
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=repr)
+def test_executor_bytes_are_the_python_message(datastore, documents, params):
+    contexts = random_contexts(documents, 60, seed=12)
+    executor = datastore.search_executor(2, as_wire=True)
+    try:
+        for tag, context in enumerate(contexts):
+            executor.submit(tag, context, params, shards=["shard-00001"] if tag % 2 else None)
+        outcomes = {}
+        deadline = time.monotonic() + 20
+        while len(outcomes) < len(contexts):
+            assert select.select([executor.fileno()], [], [], deadline - time.monotonic())[0]
+            outcomes.update(executor.completed())
+        for tag, context in enumerate(contexts):
+            expected = datastore.search(context, params,
+                                        shards=["shard-00001"] if tag % 2 else None)
+            assert outcomes[tag] == python_encoding(expected), context
+    finally:
+        executor.close()
