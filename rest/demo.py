@@ -101,7 +101,8 @@ def humaneval_prompts(n: int) -> list[tuple[str, str]]:
     return [(task_id, problems[task_id]["prompt"]) for task_id in list(problems)[:n]]
 
 
-def run_demo(model: str | None, problems: int, max_new_tokens: int, budget: str, levels: int, out_dir: Path) -> dict:
+def run_demo(model: str | None, problems: int, max_new_tokens: int, budget: str, levels: int, out_dir: Path,
+             device: str = "cpu") -> dict:
     import torch
 
     from decoder import DecodingConfig, RestGenerator, load_model
@@ -113,8 +114,8 @@ def run_demo(model: str | None, problems: int, max_new_tokens: int, budget: str,
     if model is None:
         step("getting the demo model (trained on first run: a few minutes on 2 cores, then cached)")
         model = str(ensure_demo_model())
-    step(f"loading {model}")
-    lm, tokenizer = load_model(model, dtype="float32")
+    step(f"loading {model} on {device}")
+    lm, tokenizer = load_model(model, dtype="float32", device=device)
     datastore = demo_datastore(tokenizer, repo_cache_dir())
     prompts = humaneval_prompts(problems)
     rows = []
@@ -149,6 +150,7 @@ def run_demo(model: str | None, problems: int, max_new_tokens: int, budget: str,
     summary["datastore"] = str(datastore)
     summary["budget"] = budget
     summary["retrieval_levels"] = levels
+    summary["device"] = torch.cuda.get_device_name(lm.device) if lm.device.type == "cuda" else "cpu"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "demo.json").write_text(json.dumps({"summary": summary, "rows": rows}, indent=2))
     chart(rows, summary, out_dir / "demo.png")
@@ -214,12 +216,13 @@ def chart(rows: list[dict], summary: dict, path: Path) -> None:
 @click.option("--budget", default="16", show_default=True, help="Draft nodes per step, or 'auto' (adaptive).")
 @click.option("--retrieval-levels", "levels", default=1, show_default=True,
               help="Datastore searches per step (back-off levels); each is a gRPC round trip.")
+@click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:1...")
 @click.option("--out", "out_dir", default="results/demo", show_default=True, type=click.Path(file_okay=False))
-def demo_command(model, problems, max_new_tokens, budget, levels, out_dir):
+def demo_command(model, problems, max_new_tokens, budget, levels, device, out_dir):
     """The whole system offline: demo model, datastore, retriever-server, REST vs plain decoding."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     start = time.perf_counter()
-    summary = run_demo(model, problems, max_new_tokens, budget, levels, Path(out_dir))
+    summary = run_demo(model, problems, max_new_tokens, budget, levels, Path(out_dir), device)
     print_table(summary)
     step(f"results: {out_dir}/demo.json and {out_dir}/demo.png ({time.perf_counter() - start:.0f}s in all)")
     if summary["identical"] != summary["prompts"]:

@@ -1,9 +1,12 @@
 """The ``rest.retriever.v1.Retriever`` service: validate, admit, search off the event loop, answer.
 
 A search runs on the datastore's search executor (native worker threads; ``searches.py``): the
-event loop keeps accepting and answering other calls while searches run. Admission is counted on the event loop (a plain integer, no lock: only the loop touches
-it), and a search that would exceed the concurrency limit is refused at once with
-RESOURCE_EXHAUSTED instead of queueing without bound.
+event loop keeps accepting and answering other calls while searches run. The one exception is
+cheap: when no other search is in flight, a search first gets a short, bounded slice on the loop
+(``inline_search_s``), because waking a worker and then the loop costs more than most searches.
+Admission is counted on the event loop (a plain integer, no lock: only the loop touches it), and
+a search that would exceed the concurrency limit is refused at once with RESOURCE_EXHAUSTED
+instead of queueing without bound. Responses are serialized by the engine (``add_to_server``).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from retriever_service.validation import (
     SearchRequestParser,
     engine_error,
 )
-
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Retriever"]
 
