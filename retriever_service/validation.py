@@ -82,7 +82,7 @@ def parse_context(context, limits: RequestLimits) -> list[int]:
             f"context: {n} tokens is more than this server's limit of {limits.max_context_tokens};"
             " send only the last max_span tokens",
         )
-    tokens = list(context)
+    tokens = context[:]  # a list, made in C (several times faster than list(context))
     if max(tokens) >= limits.vocab_size:  # uint32 on the wire: no negative ids to check
         position, token = next((i, t) for i, t in enumerate(tokens) if t >= limits.vocab_size)
         raise RequestError(

@@ -52,12 +52,13 @@ def search_response(result: SearchResult) -> pb.SearchResponse:
 
 
 def search_result(response: pb.SearchResponse) -> SearchResult:
+    # A slice of a repeated field is a list made in C: tuple(field) iterates in Python, 3x slower.
     return SearchResult(
         match_length=response.match_length,
         occurrences=response.occurrences,
-        tokens=tuple(response.tokens),
-        parents=tuple(response.parents),
-        counts=tuple(response.counts),
+        tokens=tuple(response.tokens[:]),
+        parents=tuple(response.parents[:]),
+        counts=tuple(response.counts[:]),
         shard=response.shard,
     )
 
