@@ -64,3 +64,23 @@ fn truncated_shard_is_refused() {
     assert!(matches!(err, Error::Truncated { .. }), "{err}");
     assert!(err.to_string().contains("shard-00000.rds"));
 }
+
+#[test]
+fn a_time_limited_search_finishes_like_search_or_gives_up() {
+    use std::time::{Duration, Instant};
+    let tmp = tempfile::tempdir().unwrap();
+    let docs: Vec<Vec<i64>> = (0..40).map(|d| (0..300).map(|i| (i * 7 + d) % 5).collect()).collect();
+    let ds = build(&tmp.path().join("ds"), &docs, 8, 1 << 20);
+    let q = Query { min_span: 1, budget: 48, ..Query::default() };
+    let later = Instant::now() + Duration::from_secs(60);
+    for context in [vec![1i64, 3], vec![4, 1, 3, 0], vec![7]] {
+        let full = ds.search(&context, &q, None).unwrap();
+        assert_eq!(ds.search_until(&context, &q, None, Some(later)).unwrap(), Some(full.clone()));
+        let given_up = ds.search_until(&context, &q, None, Some(Instant::now())).unwrap();
+        // Nothing to grow (no match) finishes at once; a tree to grow is given up.
+        assert_eq!(given_up.is_none(), !full.tokens.is_empty(), "{context:?}");
+    }
+    let rest = Query { policy: Policy::Rest, ..q };
+    assert_eq!(ds.search_until(&[1, 3], &rest, None, Some(later)).unwrap(), None);
+    assert_eq!(ds.search_until(&[1, 3], &rest, None, None).unwrap(), Some(ds.search(&[1, 3], &rest, None).unwrap()));
+}
