@@ -213,7 +213,9 @@ def chart(rows: list[dict], summary: dict, path: Path) -> None:
 @click.option("--model", default=None, help="Model directory or hub id (default: the demo model, trained on first run).")
 @click.option("--problems", default=20, show_default=True, help="HumanEval prompts to decode.")
 @click.option("--max-new-tokens", default=128, show_default=True)
-@click.option("--budget", default="16", show_default=True, help="Draft nodes per step, or 'auto' (adaptive).")
+@click.option("--budget", default="auto", show_default=True,
+              help="Draft nodes per step, or 'auto': chosen every step from the calibrated cost of a "
+                   "verification pass and the drafts' scores (the decoder's default).")
 @click.option("--retrieval-levels", "levels", default=1, show_default=True,
               help="Datastore searches per step (back-off levels); each is a gRPC round trip.")
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:1...")
