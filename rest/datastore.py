@@ -20,6 +20,16 @@ DEFAULT_SHARD_TOKENS = 1 << 28
 __all__ = ["Datastore", "DatastoreError", "SearchExecutor", "build_datastore", "FORMAT_VERSION"]
 
 
+def _engine_query(params: SearchParams, shards: Sequence[str] | None) -> tuple:
+    """A search's parameters and shards as the engine's positional arguments."""
+    return (params.min_span, params.max_span, params.budget, params.max_depth, params.policy,
+            list(shards) if shards is not None else None)
+
+
+def _as_list(tokens: Sequence[int]) -> list[int]:
+    return tokens if isinstance(tokens, list) else list(tokens)
+
+
 def _result(raw: tuple, shard: str = "") -> SearchResult:
     match_length, occurrences, tokens, parents, counts = raw
     return SearchResult(match_length, occurrences, tuple(tokens), tuple(parents), tuple(counts), shard)
@@ -73,13 +83,8 @@ class Datastore:
         """The continuation tree of ``context``. ValueError for an empty context or an id outside
         the vocabulary; KeyError for an unknown shard."""
         raw = self._native.search(
-            list(context),
-            params.min_span,
-            params.max_span,
-            params.budget,
-            params.max_depth,
-            params.policy,
-            list(shards) if shards is not None else None,
+            _as_list(context),
+            *_engine_query(params, shards),
         )
         return _result(raw, ",".join(shards) if shards else "")
 
@@ -97,13 +102,8 @@ class Datastore:
         to another thread. ``as_wire``: the result as a serialized ``rest.retriever.v1``
         ``SearchResponse`` (what the retrieval server sends), built without Python objects."""
         raw = self._native.try_search(
-            context if isinstance(context, list) else list(context),
-            params.min_span,
-            params.max_span,
-            params.budget,
-            params.max_depth,
-            params.policy,
-            list(shards) if shards is not None else None,
+            _as_list(context),
+            *_engine_query(params, shards),
             max(0, int(time_limit_s * 1e6)),
             as_wire,
         )
@@ -119,13 +119,8 @@ class Datastore:
     ) -> list[SearchResult]:
         """Many searches at once, in parallel across the machine's cores."""
         raws = self._native.search_batch(
-            [list(c) for c in contexts],
-            params.min_span,
-            params.max_span,
-            params.budget,
-            params.max_depth,
-            params.policy,
-            list(shards) if shards is not None else None,
+            [_as_list(c) for c in contexts],
+            *_engine_query(params, shards),
         )
         label = ",".join(shards) if shards else ""
         return [_result(r, label) for r in raws]
@@ -164,13 +159,8 @@ class SearchExecutor:
         waiting for a worker after ``timeout_s`` seconds is not run (outcome ``TimeoutError``)."""
         self._native.submit(
             tag,
-            context if isinstance(context, list) else list(context),
-            params.min_span,
-            params.max_span,
-            params.budget,
-            params.max_depth,
-            params.policy,
-            list(shards) if shards is not None else None,
+            _as_list(context),
+            *_engine_query(params, shards),
             timeout_s,
         )
 
