@@ -6,6 +6,7 @@ policy enum value means ``"rest"``.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from rest.types import DatastoreInfo, SearchParams, SearchResult
@@ -19,7 +20,9 @@ POLICY_FROM_WIRE = {
 PARAM_FIELDS = ("min_span", "max_span", "budget", "max_depth")
 
 
+@functools.lru_cache(maxsize=256)  # a session sends the same parameters on every step
 def params_to_wire(params: SearchParams) -> pb.SearchParams:
+    """The wire form of ``params`` (cached: do not modify it; messages that take it copy it)."""
     return pb.SearchParams(
         min_span=params.min_span,
         max_span=params.max_span,

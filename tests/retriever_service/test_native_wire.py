@@ -54,3 +54,13 @@ def test_executor_bytes_are_the_python_message(datastore, documents, params):
             assert outcomes[tag] == python_encoding(expected), context
     finally:
         executor.close()
+
+
+def test_cached_wire_params_are_copied_into_requests():
+    """wire.params_to_wire caches one message per SearchParams; protobuf copies a submessage
+    given to a constructor, so a request changed later leaves the cached message alone."""
+    params = SearchParams(budget=7)
+    request = wire.search_request([1, 2, 3], params)
+    request.params.budget = 99
+    assert wire.params_to_wire(params).budget == 7
+    assert wire.search_request([1, 2, 3], params).params.budget == 7
