@@ -107,3 +107,17 @@ def test_a_closed_executor_refuses_work_but_finishes_what_it_queued(corpus):
 def test_zero_workers_is_refused(corpus):
     with pytest.raises(ValueError, match="workers"):
         corpus[0].search_executor(workers=0)
+
+
+def test_limits_too_large_for_the_clock_mean_no_limit(corpus):
+    ds, contexts = corpus
+    params = PARAMS[0]
+    assert ds.try_search(contexts[0], params, None, time_limit_s=1e12) == ds.search(contexts[0], params)
+    executor = ds.search_executor(workers=1)
+    try:
+        executor.submit(1, contexts[0], params, timeout_s=1e30)
+        executor.submit(2, contexts[0], params, timeout_s=float("inf"))
+        outcomes = collect(executor, 2)
+        assert outcomes[1] == outcomes[2] == ds.search(contexts[0], params)
+    finally:
+        executor.close()

@@ -127,7 +127,8 @@ impl Datastore {
         as_wire: bool,
     ) -> PyResult<Option<Py<PyAny>>> {
         let q = query(min_span, max_span, budget, max_depth, policy)?;
-        let stop_at = Instant::now() + Duration::from_micros(time_limit_us);
+        // Capped at a day: a longer limit means none, and must not overflow the clock.
+        let stop_at = Instant::now() + Duration::from_micros(time_limit_us.min(86_400_000_000));
         let tree = py
             .detach(|| self.inner.search_until(&context, &q, shards.as_deref(), Some(stop_at)))
             .map_err(to_py)?;

@@ -120,10 +120,10 @@ impl SearchExecutor {
         timeout_s: Option<f64>,
     ) -> PyResult<()> {
         let query = query(min_span, max_span, budget, max_depth, policy)?;
-        let deadline = match timeout_s {
-            Some(t) if t.is_finite() => Some(Instant::now() + Duration::from_secs_f64(t.max(0.0))),
-            _ => None,
-        };
+        // No deadline for one too far away to represent; NaN counts as 0.
+        let deadline = timeout_s
+            .and_then(|t| Duration::try_from_secs_f64(t.max(0.0)).ok())
+            .and_then(|d| Instant::now().checked_add(d));
         let job = Job { tag, context, query, shards, deadline };
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         match jobs.as_ref() {
