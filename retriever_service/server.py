@@ -31,13 +31,12 @@ from grpc_reflection.v1alpha import reflection
 
 from retriever_service.auth import BearerTokenInterceptor
 from retriever_service.searches import AsyncSearches
-from retriever_service.servicer import RetrieverServicer, add_to_server
+from retriever_service.servicer import SERVICE, RetrieverServicer, add_to_server
 from retriever_service.telemetry import SearchTelemetry, providers_from_env
-from retriever_service.v1 import retriever_pb2 as pb
 
 log = logging.getLogger("retriever_service.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retriever"].full_name
+SERVICE_NAME = SERVICE.full_name
 MiB = 1 << 20
 
 

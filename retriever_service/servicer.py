@@ -97,24 +97,26 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 f"server busy: {self._in_flight} searches in flight (limit"
                 f" {self._max_in_flight}); retry later or on another replica",
             )
-        if self._inline_search_s > 0 and self._in_flight == 0:
-            # Waking a worker thread and the loop again costs more than most searches (about
-            # 60-110 us on a small host, bench/service_latency.py): with no other search in
-            # flight, try the search here for a short, bounded slice first.
-            response = self._datastore.try_search(
-                parsed.context, parsed.params, parsed.shards, self._inline_search_s, as_wire=True)
-            if response is not None:
-                return response
-        self._in_flight += 1
         try:
-            return await self._searches.search(parsed.context, parsed.params, parsed.shards,
-                                               remaining)
+            if self._inline_search_s > 0 and self._in_flight == 0:
+                # Waking a worker thread and the loop again costs more than most searches (about
+                # 60-110 us on a small host, docs/BENCHMARKS.md): with no other search in flight,
+                # try the search here for a short, bounded slice first.
+                response = self._datastore.try_search(
+                    parsed.context, parsed.params, parsed.shards, self._inline_search_s,
+                    as_wire=True)
+                if response is not None:
+                    return response
+            self._in_flight += 1
+            try:
+                return await self._searches.search(
+                    parsed.context, parsed.params, parsed.shards, remaining)
+            finally:
+                self._in_flight -= 1
         except TimeoutError:  # still queued for a worker when the deadline passed
             raise deadline_expired() from None
         except (KeyError, ValueError) as exc:
             raise engine_error(exc) from exc
-        finally:
-            self._in_flight -= 1
 
 
 def add_to_server(servicer: RetrieverServicer, server: grpc.aio.Server) -> None:
