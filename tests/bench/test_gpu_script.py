@@ -1,4 +1,4 @@
-"""bench/gpu.py, checked on the CPU with a toy model (the real run needs a lent GPU)."""
+"""bench/gpu.py, checked on the CPU with a toy model (the real run needs a GPU)."""
 
 import json
 
