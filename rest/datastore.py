@@ -21,9 +21,9 @@ __all__ = ["Datastore", "DatastoreError", "SearchExecutor", "build_datastore", "
 
 
 def _engine_query(params: SearchParams, shards: Sequence[str] | None) -> tuple:
-    """A search's parameters and shards as the engine's positional arguments."""
-    return (params.min_span, params.max_span, params.budget, params.max_depth, params.policy,
-            list(shards) if shards is not None else None)
+    """A search's parameters and shards as the engine's ``query, shards`` arguments."""
+    query = (params.min_span, params.max_span, params.budget, params.max_depth, params.policy)
+    return query, list(shards) if shards is not None else None
 
 
 def _as_list(tokens: Sequence[int]) -> list[int]:
@@ -107,9 +107,7 @@ class Datastore:
             max(0, int(time_limit_s * 1e6)),
             as_wire,
         )
-        if raw is None or as_wire:
-            return raw
-        return _result(raw, ",".join(shards) if shards else "")
+        return raw if raw is None or as_wire else _result(*raw)
 
     def search_batch(
         self,

@@ -66,9 +66,9 @@ def test_empty_context_and_bad_parameters_are_refused(store):
     with pytest.raises(ValueError, match="context is empty"):
         ds.search([])
     with pytest.raises(ValueError, match="min_span"):
-        ds._native.search([1, 2], 3, 2, 64, 10, "exact", None)
+        ds._native.search([1, 2], (3, 2, 64, 10, "exact"), None)
     with pytest.raises(ValueError, match="policy"):
-        ds._native.search([1, 2], 2, 16, 64, 10, "fastest", None)
+        ds._native.search([1, 2], (2, 16, 64, 10, "fastest"), None)
 
 
 def test_empty_datastore_is_refused(tmp_path):

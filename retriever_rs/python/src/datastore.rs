@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 /// (match_length, occurrences, tokens, parents, counts)
 pub(crate) type TreeTuple = (u32, u64, Vec<u32>, Vec<i32>, Vec<u64>);
 
-pub(crate) fn to_tuple(t: Tree) -> TreeTuple {
+fn to_tuple(t: Tree) -> TreeTuple {
     (t.match_length, t.occurrences, t.tokens, t.parents, t.counts)
 }
 
@@ -29,10 +29,42 @@ impl Datastore {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn query(min_span: usize, max_span: usize, budget: usize, max_depth: usize, policy: &str) -> PyResult<Query> {
-    let policy: Policy = policy.parse().map_err(to_py)?;
-    Ok(Query { min_span, max_span, budget, max_depth, policy })
+/// A search's parameters as Python passes them: `(min_span, max_span, budget, max_depth, policy)`.
+#[derive(FromPyObject)]
+pub(crate) struct QueryArgs(usize, usize, usize, usize, String);
+
+impl QueryArgs {
+    pub(crate) fn to_query(&self) -> PyResult<Query> {
+        let QueryArgs(min_span, max_span, budget, max_depth, policy) = self;
+        let policy: Policy = policy.parse().map_err(to_py)?;
+        Ok(Query { min_span: *min_span, max_span: *max_span, budget: *budget, max_depth: *max_depth, policy })
+    }
+}
+
+/// A finished search in the form its caller asked for, made without the GIL.
+pub(crate) enum Answer {
+    /// The tree, and the searched shards' names joined by commas (empty: every shard).
+    Tuple(TreeTuple, String),
+    /// The retrieval service's `SearchResponse`, serialized.
+    Wire(Vec<u8>),
+}
+
+impl Answer {
+    pub(crate) fn new(tree: Tree, shards: Option<&[String]>, as_wire: bool) -> Self {
+        let label = shards.map(|s| s.join(",")).unwrap_or_default();
+        if as_wire {
+            Answer::Wire(encode_search_response(tree, label))
+        } else {
+            Answer::Tuple(to_tuple(tree), label)
+        }
+    }
+
+    pub(crate) fn into_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(match self {
+            Answer::Tuple(tuple, label) => (tuple, label).into_pyobject(py)?.into_any().unbind(),
+            Answer::Wire(bytes) => PyBytes::new(py, &bytes).into_any().unbind(),
+        })
+    }
 }
 
 #[pymethods]
@@ -89,73 +121,55 @@ impl Datastore {
     }
 
     /// The continuation tree of `context` as (match_length, occurrences, tokens, parents, counts).
-    #[pyo3(signature = (context, min_span=2, max_span=16, budget=64, max_depth=10, policy="exact", shards=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (context, query, shards=None))]
     fn search(
         &self,
         py: Python<'_>,
         context: Vec<i64>,
-        min_span: usize,
-        max_span: usize,
-        budget: usize,
-        max_depth: usize,
-        policy: &str,
+        query: QueryArgs,
         shards: Option<Vec<String>>,
     ) -> PyResult<TreeTuple> {
-        let q = query(min_span, max_span, budget, max_depth, policy)?;
+        let q = query.to_query()?;
         py.detach(|| self.inner.search(&context, &q, shards.as_deref()))
             .map(to_tuple)
             .map_err(to_py)
     }
 
-    /// `search`, or None when it has not finished within `time_limit_us` microseconds (always
-    /// None for the REST policy, which cannot stop early). With `as_wire`, the result comes as a
-    /// serialized `rest.retriever.v1.SearchResponse` (bytes) instead of a tuple.
-    #[pyo3(signature = (context, min_span, max_span, budget, max_depth, policy, shards, time_limit_us, as_wire=false))]
-    #[allow(clippy::too_many_arguments)]
+    /// `search` as `(tree tuple, shard label)`, or the serialized `SearchResponse` with
+    /// `as_wire`; None when it has not finished within `time_limit_us` microseconds (always None
+    /// for the REST policy, which cannot stop early).
+    #[pyo3(signature = (context, query, shards, time_limit_us, as_wire=false))]
     fn try_search(
         &self,
         py: Python<'_>,
         context: Vec<i64>,
-        min_span: usize,
-        max_span: usize,
-        budget: usize,
-        max_depth: usize,
-        policy: &str,
+        query: QueryArgs,
         shards: Option<Vec<String>>,
         time_limit_us: u64,
         as_wire: bool,
     ) -> PyResult<Option<Py<PyAny>>> {
-        let q = query(min_span, max_span, budget, max_depth, policy)?;
+        let q = query.to_query()?;
         // Capped at a day: a longer limit means none, and must not overflow the clock.
         let stop_at = Instant::now() + Duration::from_micros(time_limit_us.min(86_400_000_000));
-        let tree = py
-            .detach(|| self.inner.search_until(&context, &q, shards.as_deref(), Some(stop_at)))
+        let answer = py
+            .detach(|| {
+                let tree = self.inner.search_until(&context, &q, shards.as_deref(), Some(stop_at))?;
+                Ok(tree.map(|tree| Answer::new(tree, shards.as_deref(), as_wire)))
+            })
             .map_err(to_py)?;
-        let Some(tree) = tree else { return Ok(None) };
-        Ok(Some(if as_wire {
-            let label = shards.map(|s| s.join(",")).unwrap_or_default();
-            PyBytes::new(py, &encode_search_response(tree, label)).into_any().unbind()
-        } else {
-            to_tuple(tree).into_pyobject(py)?.into_any().unbind()
-        }))
+        answer.map(|a| a.into_py(py)).transpose()
     }
 
     /// Many searches at once, in parallel, without the GIL.
-    #[pyo3(signature = (contexts, min_span=2, max_span=16, budget=64, max_depth=10, policy="exact", shards=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (contexts, query, shards=None))]
     fn search_batch(
         &self,
         py: Python<'_>,
         contexts: Vec<Vec<i64>>,
-        min_span: usize,
-        max_span: usize,
-        budget: usize,
-        max_depth: usize,
-        policy: &str,
+        query: QueryArgs,
         shards: Option<Vec<String>>,
     ) -> PyResult<Vec<TreeTuple>> {
-        let q = query(min_span, max_span, budget, max_depth, policy)?;
+        let q = query.to_query()?;
         py.detach(|| self.inner.search_batch(&contexts, &q, shards.as_deref()))
             .map(|trees| trees.into_iter().map(to_tuple).collect())
             .map_err(to_py)

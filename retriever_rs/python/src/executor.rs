@@ -7,13 +7,11 @@
 //! searches without ever touching the GIL, queues the result and writes one byte to a socket the
 //! event loop watches (`loop.add_reader`); the loop then collects every finished search at once.
 
-use crate::datastore::{query, to_tuple, Datastore};
+use crate::datastore::{Answer, Datastore, QueryArgs};
 use crate::errors::to_py;
-use crate::wire::encode_search_response;
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError};
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
-use rest_retriever::{Error, Query, Tree};
+use rest_retriever::{Error, Query};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -32,10 +30,8 @@ struct Job {
 }
 
 enum Outcome {
-    /// The tree, and the searched shards' names joined by commas (empty: every shard).
-    Found(Tree, String),
-    /// The same, encoded on the worker as the service's `SearchResponse` message.
-    Encoded(Vec<u8>),
+    /// Made on the worker, the encoding (`as_wire`) included.
+    Found(Answer),
     Failed(Error),
     /// The deadline passed while the job waited for a worker: not searched.
     Expired,
@@ -105,21 +101,16 @@ impl SearchExecutor {
 
     /// Queues a search; its outcome comes back from `completed` under `tag`. A job still waiting
     /// for a worker `timeout_s` seconds from now is not searched (`TimeoutError`).
-    #[pyo3(signature = (tag, context, min_span, max_span, budget, max_depth, policy, shards=None, timeout_s=None))]
-    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (tag, context, query, shards=None, timeout_s=None))]
     fn submit(
         &self,
         tag: u64,
         context: Vec<i64>,
-        min_span: usize,
-        max_span: usize,
-        budget: usize,
-        max_depth: usize,
-        policy: &str,
+        query: QueryArgs,
         shards: Option<Vec<String>>,
         timeout_s: Option<f64>,
     ) -> PyResult<()> {
-        let query = query(min_span, max_span, budget, max_depth, policy)?;
+        let query = query.to_query()?;
         // No deadline for one too far away to represent; NaN counts as 0.
         let deadline = timeout_s
             .and_then(|t| Duration::try_from_secs_f64(t.max(0.0)).ok())
@@ -133,9 +124,9 @@ impl SearchExecutor {
     }
 
     /// Every search finished since the last call, as `(tag, outcome)`: the outcome is the tuple
-    /// `Datastore.search` returns paired with the shard label (or the encoded message, `as_wire`),
-    /// or the exception the search raised (`TimeoutError` for one
-    /// whose deadline passed before it started).
+    /// `Datastore.search` returns paired with the shard label (the encoded message with
+    /// `as_wire`), or the exception the search raised (`TimeoutError` for one whose deadline
+    /// passed before it started).
     fn completed(&self, py: Python<'_>) -> Vec<(u64, Py<PyAny>)> {
         // Drain the wake-up bytes before taking the list: a completion that lands after the take
         // then writes a fresh byte, so none is ever left without a wake-up.
@@ -146,8 +137,7 @@ impl SearchExecutor {
         done.into_iter()
             .map(|(tag, outcome)| {
                 let value = match outcome {
-                    Outcome::Found(tree, label) => (to_tuple(tree), label).into_pyobject(py).map(|t| t.into_any().unbind()),
-                    Outcome::Encoded(bytes) => Ok(PyBytes::new(py, &bytes).into_any().unbind()),
+                    Outcome::Found(answer) => answer.into_py(py),
                     Outcome::Failed(err) => Ok(to_py(err).into_value(py).into_any()),
                     Outcome::Expired => Ok(PyTimeoutError::new_err(
                         "deadline passed before the search started; not searched",
@@ -177,14 +167,7 @@ fn work(store: &rest_retriever::Datastore, receiver: &Mutex<Receiver<Job>>, comp
             Outcome::Expired
         } else {
             match store.search(&job.context, &job.query, job.shards.as_deref()) {
-                Ok(tree) => {
-                    let label = job.shards.map(|s| s.join(",")).unwrap_or_default();
-                    if as_wire {
-                        Outcome::Encoded(encode_search_response(tree, label))
-                    } else {
-                        Outcome::Found(tree, label)
-                    }
-                }
+                Ok(tree) => Outcome::Found(Answer::new(tree, job.shards.as_deref(), as_wire)),
                 Err(err) => Outcome::Failed(err),
             }
         };
