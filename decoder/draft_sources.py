@@ -181,42 +181,31 @@ class RetrieverDraftSource(DraftSource):
     matching suffix (``params``), each next one for the longest suffix shorter than the last
     match (``max_span`` = last match length - 1), each answer a level believed with ``trust``.
 
-    The searches depend on each other, so they run one after the other: for a remote retriever,
-    one round trip each.
+    All levels come from one ``RetrievalSession.search_levels`` call.
     """
 
     def __init__(
         self, session: RetrievalSession, params: SearchParams, levels: int = 1, trust: float = 0.0
     ) -> None:
         self.session = session
+        self.params = params
         self.levels = levels
         self.trust = trust
-        # One SearchParams per max_span, made once: a step must not pay for their validation.
-        self._params = {span: replace(params, max_span=span)
-                        for span in range(params.min_span, params.max_span + 1)}  # fmt: skip
-        self._max_span = params.max_span
 
     def propose(self, context: Sequence[int]) -> list[Level]:
-        levels: list[Level] = []
-        span = self._max_span
-        params = self._params
-        for _ in range(self.levels):
-            if span not in params:  # the last match was min_span long: nothing shorter to ask
-                break
-            # Only the last max_span tokens can be matched: the rest need not travel.
-            result = self.session.search(list(context[-span:]), params[span])
-            if result is None:
-                self.failures += 1
-                break
-            if result.match_length <= 0:
-                break
-            if result.tokens and result.occurrences > 0:
-                levels.append(Level.from_trie(
-                    result.match_length, result.occurrences, result.tokens, result.parents,
-                    result.counts, self.trust,
-                ))  # fmt: skip
-            span = result.match_length - 1
-        return levels
+        # Only the last max_span tokens can be matched: the rest need not travel.
+        results = self.session.search_levels(
+            list(context[-self.params.max_span :]), self.params, self.levels
+        )
+        if results is None:
+            self.failures += 1
+            return []
+        return [
+            Level.from_trie(r.match_length, r.occurrences, r.tokens, r.parents, r.counts,
+                            self.trust)
+            for r in results
+            if r.tokens and r.occurrences > 0
+        ]  # fmt: skip
 
     def close(self) -> None:
         self.session.close()

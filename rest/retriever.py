@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from dataclasses import replace
 
 from rest.types import DatastoreInfo, SearchParams, SearchResult
 
@@ -22,6 +23,31 @@ class RetrievalSession(abc.ABC):
     @abc.abstractmethod
     def search(self, context: Sequence[int], params: SearchParams) -> SearchResult | None:
         """The continuation tree for ``context``, or ``None`` when retrieval failed or timed out."""
+
+    def search_levels(
+        self, context: Sequence[int], params: SearchParams, levels: int
+    ) -> list[SearchResult] | None:
+        """Back-off levels: the continuation tree of the longest matching suffix (as ``search``),
+        then of the suffixes one token shorter each, down to ``params.min_span``: at most
+        ``levels`` results, longest match first; ``[]`` when not even ``min_span`` tokens match.
+        ``None`` when retrieval failed or timed out.
+
+        A suffix of a suffix that occurs occurs too, so level ``k`` has match length
+        ``m - k + 1`` for the longest match ``m``. This default asks one search per level;
+        implementations answer all levels in one call (one engine call in-process, one round
+        trip remotely).
+        """
+        results: list[SearchResult] = []
+        span = params.max_span
+        while len(results) < levels and span >= params.min_span:
+            result = self.search(list(context[-span:]), replace(params, max_span=span))
+            if result is None:
+                return None
+            if result.match_length <= 0:
+                break
+            results.append(result)
+            span = result.match_length - 1
+        return results
 
     def close(self) -> None:
         """Release the session's resources (a stream, for example)."""

@@ -175,10 +175,11 @@ def test_retriever_levels_stop_at_min_span_and_at_the_level_count() -> None:
     assert len(source.propose(list(range(8)))) == 1 and len(session.asked) == 1
 
 
-def test_a_failed_search_counts_and_keeps_the_levels_found_before_it() -> None:
+def test_a_failed_search_counts_and_gives_no_levels() -> None:
+    # The levels arrive in one answer (one engine call, one round trip): a failure loses them all.
     session = Session(result(3, 2, (5,), (-1,), (2,)), None)
     source = RetrieverDraftSource(session, SearchParams(min_span=1), levels=3)
-    assert [level.match_length for level in source.propose([1, 2, 3])] == [3]
+    assert source.propose([1, 2, 3]) == []
     assert source.failures == 1
     nothing = RetrieverDraftSource(Session(SearchResult(0, 0)), SearchParams(), levels=3)
     assert nothing.propose([1, 2, 3]) == [] and nothing.failures == 0  # no match: no failure
