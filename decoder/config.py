@@ -68,6 +68,9 @@ class DecodingConfig:
 
     ``allow_tokenizer_mismatch``: use a datastore built with another tokenizer anyway (the output
     stays correct, only the drafts are useless).
+
+    ``require_retriever``: fail when the retriever cannot be reached, instead of decoding with
+    plain steps (one warning) and using it once it answers.
     """
 
     budget: int | str = AUTO
@@ -84,6 +87,7 @@ class DecodingConfig:
     score_correction_decay: float = 0.9
     retrieval_deadline_s: float | None = 0.1
     allow_tokenizer_mismatch: bool = False
+    require_retriever: bool = False
     calibration_prefix: int = 32
     calibration_repeats: int = 3
 

@@ -15,6 +15,11 @@ from dataclasses import replace
 from rest.types import DatastoreInfo, SearchParams, SearchResult
 
 
+class RetrieverUnavailable(RuntimeError):
+    """The retriever did not answer (yet): decoding goes on without its drafts, unless the caller
+    asked for a retriever to be required."""
+
+
 class RetrievalSession(abc.ABC):
     """One generation's channel to a retriever."""
 
@@ -64,7 +69,8 @@ class Retriever(abc.ABC):
 
     @abc.abstractmethod
     def info(self) -> DatastoreInfo:
-        """Metadata of the datastore (tokenizer fingerprint, vocabulary size, shards...)."""
+        """Metadata of the datastore (tokenizer fingerprint, vocabulary size, shards...).
+        Raises ``RetrieverUnavailable`` when the retriever cannot be reached."""
 
     @abc.abstractmethod
     def session(self) -> RetrievalSession:

@@ -33,7 +33,7 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
-from rest.retriever import RetrievalSession, Retriever
+from rest.retriever import RetrievalSession, Retriever, RetrieverUnavailable
 from rest.types import DatastoreInfo, SearchParams, SearchResult
 from retriever_service import wire
 from retriever_service.merge import merge_results
@@ -45,10 +45,6 @@ log = logging.getLogger("retriever_service.client")
 
 STREAM_METHOD = "/rest.retriever.v1.Retriever/SearchStream"
 MiB = 1 << 20
-
-
-class RetrieverUnavailable(RuntimeError):
-    """An endpoint did not answer ``Info``."""
 
 
 class IncompatibleEndpoints(ValueError):
