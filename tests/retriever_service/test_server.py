@@ -235,7 +235,7 @@ def test_ipv6_hosts_get_brackets_in_addresses():
 
 def test_a_port_in_use_is_an_error_that_says_so(server, datastore, datastore_dir):
     config = ServerConfig(datastore=str(datastore_dir), port=server.port)
-    with pytest.raises(OSError, match="could not bind"):
+    with pytest.raises(OSError, match=f"--port {server.port} is in use"):
         BackgroundServer(config, datastore)
 
 
