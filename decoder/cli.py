@@ -33,14 +33,45 @@ def parse_budget(ctx: click.Context, param: click.Parameter, value: str) -> int 
     return budget
 
 
+RETRIEVER_ENV = "REST_RETRIEVER"
+RETRIEVER_TOKEN_ENV = "REST_RETRIEVER_TOKEN"
+RETRIEVER_OPTION_NAMES = ("datastore", "endpoints", "token", "tls_ca", "tls_cert", "tls_key",
+                          "tls_server_name")  # fmt: skip
+
+
+def retriever_options(command: Callable) -> Callable:
+    """Where drafts come from, the same in every command that decodes (``rest generate``,
+    ``rest chat``, ``rest bench``, ``decoder-server``): ``--datastore DIR`` in-process, or
+    ``--retriever HOST:PORT,...`` (default ``$REST_RETRIEVER``) with the service's bearer token
+    (default ``$REST_RETRIEVER_TOKEN``) and TLS files. ``open_retriever(**options)`` takes the
+    parameters it adds (``RETRIEVER_OPTION_NAMES``)."""
+    file = click.Path(exists=True, dir_okay=False)
+    options = [
+        click.option("--datastore", type=click.Path(exists=True, file_okay=False),
+                     help="Datastore directory, searched in-process."),
+        click.option("--retriever", "endpoints", metavar="HOST:PORT[,HOST:PORT]",
+                     envvar=RETRIEVER_ENV, show_envvar=True,
+                     help="Retrieval service endpoints (retriever-server)."),
+        click.option("--token", envvar=RETRIEVER_TOKEN_ENV, show_envvar=True,
+                     help="Bearer token the retrieval service requires."),
+        click.option("--tls-ca", type=file,
+                     help="CA certificate that signed the retrieval service's (turns TLS on)."),
+        click.option("--tls-cert", type=file, help="Client certificate, for mutual TLS."),
+        click.option("--tls-key", type=file, help="Client private key, for mutual TLS."),
+        click.option("--tls-server-name",
+                     help="Name to check the service's certificate against, when it differs "
+                          "from the endpoint's host."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def common_options(command: Callable) -> Callable:
     """The options ``generate`` and ``chat`` share: model, draft sources, sampling."""
     options = [
         click.option("--model", "model_path", required=True, help="Model directory or hub id."),
-        click.option("--datastore", type=click.Path(exists=True, file_okay=False),
-                     help="Datastore directory, searched in-process."),
-        click.option("--retriever", "endpoints", metavar="HOST:PORT[,HOST:PORT]",
-                     help="Retrieval service endpoints (retriever-server)."),
+        retriever_options,
         click.option("--max-new-tokens", default=128, show_default=True,
                      type=click.IntRange(min=1)),
         click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
@@ -82,9 +113,27 @@ def reports_errors(command: Callable) -> Callable:
     return wrapper
 
 
-def open_retriever(datastore: str | None, endpoints: str | None) -> Any:
+def open_retriever(
+    datastore: str | None = None,
+    endpoints: str | None = None,
+    token: str | None = None,
+    tls_ca: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_server_name: str | None = None,
+) -> Any:
+    """The retriever ``retriever_options`` describe, or None when they name none. An explicit
+    ``--datastore`` wins over an endpoint list that came from ``$REST_RETRIEVER``."""
     if datastore and endpoints:
-        raise click.UsageError("use --datastore or --retriever, not both")
+        ctx = click.get_current_context(silent=True)
+        from_env = ctx is not None and ctx.get_parameter_source("endpoints") in (
+            click.core.ParameterSource.ENVIRONMENT, click.core.ParameterSource.DEFAULT_MAP
+        )
+        if not from_env:
+            raise click.UsageError("use --datastore or --retriever, not both")
+        endpoints = None
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("mutual TLS needs both --tls-cert and --tls-key")
     try:
         if datastore:
             from rest.retriever import LocalRetriever
@@ -93,7 +142,13 @@ def open_retriever(datastore: str | None, endpoints: str | None) -> Any:
         if endpoints:
             from retriever_service.client import RemoteRetriever
 
-            return RemoteRetriever([e.strip() for e in endpoints.split(",") if e.strip()])
+            # A server name to check only means something under TLS (with the system's roots
+            # when no --tls-ca is given).
+            return RemoteRetriever(
+                [e.strip() for e in endpoints.split(",") if e.strip()], token=token,
+                tls=bool(tls_server_name), tls_ca_file=tls_ca, tls_cert_file=tls_cert,
+                tls_key_file=tls_key, tls_server_name=tls_server_name,
+            )  # fmt: skip
     except ImportError as exc:
         raise click.ClickException(
             f"retrieval is not available in this installation ({exc}); "
@@ -113,7 +168,7 @@ def build_generator(options: dict[str, Any]) -> RestGenerator:
     )
     retriever = None
     if not options["plain"]:
-        retriever = open_retriever(options["datastore"], options["endpoints"])
+        retriever = open_retriever(**{name: options[name] for name in RETRIEVER_OPTION_NAMES})
     return RestGenerator(model, tokenizer, retriever, config)
 
 

@@ -106,3 +106,38 @@ def test_generate_with_a_remote_retriever(model_dir, tmp_path) -> None:
     out = json.loads(result.stdout)
     assert out["tokens"] == want and out["stats"]["steps"] < len(want) / 2
     assert out["stats"]["retrieval_failures"] == 0
+
+
+def test_the_retriever_and_its_token_come_from_the_environment(model_dir, tmp_path) -> None:
+    from tests.retriever_service.service_testing import ServerProcess
+
+    want = build_own_datastore(tmp_path / "ds")
+    server = ServerProcess("--datastore", str(tmp_path / "ds"), env={"REST_RETRIEVER_TOKEN": "s3"})
+    args = ["--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", "12", "--budget", "8",
+            "--json", "--no-context-drafts"]  # fmt: skip
+    try:
+        result = CliRunner().invoke(generate, args, catch_exceptions=False, env={
+            "REST_RETRIEVER": server.address, "REST_RETRIEVER_TOKEN": "s3"})  # fmt: skip
+        refused = CliRunner().invoke(generate, args, env={
+            "REST_RETRIEVER": server.address, "REST_RETRIEVER_TOKEN": "wrong"})  # fmt: skip
+    finally:
+        server.kill()
+    out = json.loads(result.stdout)
+    assert out["tokens"] == want and out["stats"]["steps"] < len(want) / 2
+    assert out["stats"]["retrieval_failures"] == 0
+    assert refused.exit_code != 0 and "UNAUTHENTICATED" in str(refused.exception)
+
+
+def test_an_explicit_datastore_wins_over_the_environment_retriever(model_dir, tmp_path) -> None:
+    want = build_own_datastore(tmp_path / "ds")
+    args = ["--model", model_dir, "--datastore", str(tmp_path / "ds"), "--prompt", PROMPT,
+            "--max-new-tokens", "12", "--budget", "8", "--json", "--no-context-drafts"]
+    result = CliRunner().invoke(generate, args, env={"REST_RETRIEVER": "127.0.0.1:1"},
+                                catch_exceptions=False)  # fmt: skip
+    assert json.loads(result.stdout)["tokens"] == want
+
+
+def test_mutual_tls_needs_both_files(model_dir) -> None:
+    base = ["--model", model_dir, "--prompt", PROMPT, "--retriever", "127.0.0.1:1"]
+    result = CliRunner().invoke(generate, base + ["--tls-cert", model_dir + "/config.json"])
+    assert result.exit_code == 2 and "--tls-cert and --tls-key" in result.stderr
