@@ -74,6 +74,7 @@ from rest.retriever import RetrievalSession, Retriever, RetrieverUnavailable
 from rest.types import DatastoreInfo, SearchParams, SearchResult
 from retriever_service import wire
 from retriever_service.answers import InvalidAnswer, check_result
+from retriever_service.auth import bearer_metadata
 from retriever_service.discovery import (
     Address,
     Discovery,
@@ -166,9 +167,7 @@ class RemoteRetriever(Retriever):
         self.policy = policy or ReplicaPolicy()
         self._now = now
         self._rng = rng or random.Random()
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
+        self._metadata = bearer_metadata(token)  # an empty token is an error, not "no token"
         self._credentials = _channel_credentials(
             tls or bool(tls_ca_file or tls_cert_file or tls_key_file),
             tls_ca_file, tls_cert_file, tls_key_file,
