@@ -36,6 +36,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from rest.retriever import RetrievalSession, Retriever, RetrieverUnavailable
 from rest.types import DatastoreInfo, SearchParams, SearchResult
 from retriever_service import wire
+from retriever_service.auth import bearer_metadata
 from retriever_service.merge import merge_results
 from retriever_service.telemetry import INSTRUMENTATION_NAME, SearchTelemetry
 from retriever_service.v1 import retriever_pb2 as pb
@@ -89,9 +90,7 @@ class RemoteRetriever(Retriever):
             raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
         self.deadline_s = deadline_s
         self.info_timeout_s = info_timeout_s
-        self._metadata: tuple[tuple[str, str], ...] = (
-            (("authorization", f"Bearer {token}"),) if token else ()
-        )
+        self._metadata = bearer_metadata(token)  # an empty token is an error, not "no token"
         credentials = _channel_credentials(
             tls or bool(tls_ca_file or tls_cert_file or tls_key_file),
             tls_ca_file, tls_cert_file, tls_key_file,
