@@ -79,6 +79,9 @@ class ServerConfig:
     shards: tuple[str, ...] = ()  # empty: every shard of the datastore
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
+    # A second, plaintext port that serves only the health service (None: none), for probes that
+    # cannot speak TLS (the kubelet's gRPC probes) when the main port uses it.
+    health_port: int | None = None
     max_concurrent_searches: int = 64  # in flight at once, running or waiting for a worker
     workers: int = field(default_factory=default_workers)  # search threads
     max_context_tokens: int = 4096
@@ -103,6 +106,14 @@ class ServerConfig:
                 raise ValueError(f"{option_name(name)} must be in {lowest}..{highest}, got {value}")
         if not self.host:
             raise ValueError("--host must not be empty (0.0.0.0 for every interface)")
+        if self.health_port is not None:
+            lowest, highest = OPTION_RANGES["port"]
+            if isinstance(self.health_port, bool) or not isinstance(self.health_port, int) or not (
+                lowest <= self.health_port <= highest
+            ):
+                raise ValueError(f"--health-port must be in {lowest}..{highest}, got {self.health_port}")
+            if self.health_port == self.port != 0:
+                raise ValueError(f"--health-port must differ from --port (both {self.port})")
         for shard in self.shards:
             if not shard:
                 raise ValueError("--shard must not be empty")
@@ -194,21 +205,48 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 class RetrieverServer:
-    """A started server: its bound ``port``, its health service, and a graceful ``shutdown``."""
+    """A started server: its bound ``port``, its health service (also on ``health_port`` when
+    configured), and a graceful ``shutdown``."""
 
     def __init__(
-        self, server: grpc.aio.Server, port: int, health: HealthServicer, searches: AsyncSearches
+        self, server: grpc.aio.Server, port: int, health: HealthServicer, searches: AsyncSearches,
+        health_server: tuple[grpc.aio.Server, int] | None = None,
     ):
         self.server = server
         self.port = port
         self.health = health
         self._searches = searches
+        self._health_server = health_server[0] if health_server else None
+        self.health_port = health_server[1] if health_server else None
 
     async def shutdown(self, grace_s: float) -> None:
         # NOT_SERVING first, so health watchers (load balancers) stop sending before refusals.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self._health_server is not None:  # probes see NOT_SERVING until the very end
+            await self._health_server.stop(0)
         self._searches.close()
+
+
+async def start_health_server(
+    config: ServerConfig, health: HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """The plaintext server on ``config.health_port`` that answers only ``grpc.health.v1``
+    (no Retriever, no reflection: it reveals nothing but SERVING or NOT_SERVING), sharing the
+    main server's health statuses."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{host_for_address(config.host)}:{config.health_port}"
+    problem = why_bind_fails(config.host, config.health_port)
+    try:
+        port = server.add_insecure_port(address) if problem is None else 0
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        problem = (problem or "gRPC could not bind it").replace("--port", "--health-port")
+        raise OSError(f"could not listen on {address}: {problem}")
+    await server.start()
+    return server, port
 
 
 async def start_server(
@@ -253,11 +291,14 @@ async def start_server(
 
     try:
         port = _bind(server, config)
+        health_server = None
+        if config.health_port is not None:
+            health_server = await start_health_server(config, health)
         await server.start()
     except BaseException:
         searches.close()
         raise
-    return RetrieverServer(server, port, health, searches)
+    return RetrieverServer(server, port, health, searches, health_server)
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -327,6 +368,9 @@ async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None
     # Tests and scripts read the port from this line; keep its shape.
     address = f"{host_for_address(config.host)}:{running.port}"
     print(f"retriever-server listening on {address}", file=out, flush=True)
+    if running.health_port is not None:
+        log.info("health service alone, in plaintext, on %s:%d", host_for_address(config.host),
+                 running.health_port)
     log.info("serving %s (%s) on %s", config.datastore, scheme, address)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, up to %.1f s for calls in flight", config.grace_s)
@@ -353,6 +397,7 @@ class BackgroundServer:
             raise
         self.port = self._running.port
         self.health = self._running.health
+        self.health_port = self._running.health_port
 
     def _call(self, coroutine, timeout: float = 30.0):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
@@ -402,6 +447,9 @@ def option_range(field_name: str) -> click.ParamType:
               help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=50051, show_default=True, type=option_range("port"),
               help="0 picks a free port.")
+@click.option("--health-port", type=option_range("port"), default=None,
+              help="Also serve the gRPC health service alone, in plaintext, on this port: for "
+                   "probes that cannot use TLS (the kubelet's). Default: no such port.")
 @click.option("--max-concurrent-searches", default=64, show_default=True,
               type=option_range("max_concurrent_searches"),
               help="Searches in flight at once; more get RESOURCE_EXHAUSTED.")
