@@ -182,7 +182,8 @@ async def main():
     grown = rss_mib() - before
     # With all of them open, a new search is answered.
     answer = await stub.Search(pb.SearchRequest(context=[1, 2]), timeout=10)
-    print(json.dumps({"before": before, "grown": grown, "answer": answer.SerializeToString().hex()}))
+    answer = answer.SerializeToString().hex()
+    print(json.dumps({"before": before, "grown": grown, "answer": answer}))
     for call in calls:
         call.cancel()
     await asyncio.sleep(0.5)
