@@ -232,8 +232,13 @@ async def start_server(
     interceptors = []
     if tracer_provider is not None:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
+        from opentelemetry.instrumentation.grpc.filters import health_check, negate
 
-        interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider))
+        # The interceptor iterates a server-streaming handler's result, but the asyncio health
+        # servicer's Watch writes through its context and returns nothing: traced, every Watch
+        # failed at once, and clients that follow health (gRPC A17) saw no server as serving.
+        interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider,
+                                                   filter_=negate(health_check())))
     if config.token is not None:
         on_reject = telemetry.rejected if telemetry is not None else None
         interceptors.append(BearerTokenInterceptor(config.token, on_reject))
