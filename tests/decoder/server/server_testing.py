@@ -92,6 +92,8 @@ class FakeDecoder:
         StopChecker(request.max_new_tokens, (EOS,), request.stop, self.tokenizer)
 
     def add(self, request: SequenceRequest) -> None:
+        if request.prompt_ids == [4, 4, 4]:
+            raise ValueError("refused when added")
         self.added.append(request)
         self._waiting.append(request)
 
