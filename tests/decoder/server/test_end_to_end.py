@@ -20,6 +20,7 @@ from tests.decoder.helpers import VOCAB, hf_greedy, make_model
 from tests.decoder.server.server_testing import (
     ServerProcess,
     metric_value,
+    openai_client,
     tokenizer_with_template,
     wait_until,
 )
@@ -100,7 +101,7 @@ def test_greedy_equals_hugging_face_and_rest_generate(server, model_dir, datasto
         "--model", str(model_dir), "--datastore", str(datastore_dir), "--prompt", PROMPT,
         "--max-new-tokens", str(NEW_TOKENS), "--json"], catch_exceptions=False)  # fmt: skip
     assert json.loads(cli.stdout)["tokens"] == want
-    client = server.client()
+    client = openai_client(server.url)
     out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=NEW_TOKENS,
                                     temperature=0)  # fmt: skip
     assert out.choices[0].text == text_of(want)
@@ -114,7 +115,7 @@ def test_chat_equals_hugging_face_greedy_on_the_templated_prompt(server) -> None
     messages = [{"role": "user", "content": "w5 w6 w7"}]
     ids = tokenizer_with_template().apply_chat_template(messages, add_generation_prompt=True)
     want = hf_greedy(make_model("llama"), ids, 12)
-    client = server.client()
+    client = openai_client(server.url)
     out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12)
     assert out.choices[0].message.content == text_of(want)
     chunks = list(client.chat.completions.create(model="tiny", messages=messages,
@@ -123,7 +124,7 @@ def test_chat_equals_hugging_face_greedy_on_the_templated_prompt(server) -> None
 
 
 def test_drafting_is_used_and_can_be_switched_off_per_request(server) -> None:
-    client = server.client()
+    client = openai_client(server.url)
     before = metrics(server)
     out = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=NEW_TOKENS)
     middle = metrics(server)
@@ -145,7 +146,7 @@ def test_drafting_is_used_and_can_be_switched_off_per_request(server) -> None:
 
 
 def test_concurrent_requests_each_equal_their_single_request_output(server) -> None:
-    client = server.client()
+    client = openai_client(server.url)
     prompts = word_prompts(8)
     kinds = [(i % 2 == 0, i % 3 != 0) for i in range(len(prompts))]  # (stream, drafting)
 
@@ -170,7 +171,7 @@ def test_concurrent_requests_each_equal_their_single_request_output(server) -> N
 
 
 def test_a_client_that_disconnects_mid_stream_leaves_the_batch(server) -> None:
-    client = server.client()
+    client = openai_client(server.url)
     others = word_prompts(3, seed=7)
     want = [text_of(reference(p)) for p in others]
     aborted = metric_value(metrics(server), "rest_decoder_requests_total", 'finish_reason="abort"')
@@ -202,7 +203,7 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_batch(server) -> None:
 
 
 def test_bad_requests_get_4xx_with_an_openai_error_body(server) -> None:
-    client = server.client()
+    client = openai_client(server.url)
     with pytest.raises(openai.NotFoundError) as caught:
         client.completions.create(model="gpt-4o", prompt=PROMPT)
     assert caught.value.body["code"] == "model_not_found"
@@ -226,7 +227,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_0(model_dir, tmp_path) -> N
     try:
         n = 160
         want = text_of(reference(PROMPT, n))
-        stream = server.client().completions.create(
+        stream = openai_client(server.url).completions.create(
             model="tiny", prompt=PROMPT, max_tokens=n, stream=True,
             extra_body={"drafting": False})  # fmt: skip
         chunks = iter(stream)
