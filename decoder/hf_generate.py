@@ -39,7 +39,6 @@ from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengt
 
 from decoder.config import DecodingConfig
 from decoder.generator import GenerationResult, RestGenerator
-from decoder.stopping import eos_token_ids
 
 # The processors and stopping rules the REST loop applies itself, exactly as transformers does.
 REPRODUCED_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
@@ -122,6 +121,12 @@ def prompt_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
                 raise ValueError("RestDecoding takes a left-padded prompt only (holes in attention_mask)")
             ids = ids[first:]
     return [int(i) for i in ids]
+
+
+def eos_token_ids(model: torch.nn.Module) -> frozenset[int]:
+    """The EOS ids of the model's own generation config (``generate``'s; None there is none)."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    return frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
 
 
 def check_settings(
