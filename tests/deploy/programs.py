@@ -19,13 +19,18 @@ def console_scripts() -> dict[str, str]:
 
 def command_of(script: str) -> click.Command:
     """The click command behind a console script: the entry point itself when it is a click
-    command, else the one click command its module defines at top level."""
+    command, else the one click group or command its module defines at top level."""
     module_name, attribute = console_scripts()[script].split(":")
     module = importlib.import_module(module_name)
     entry = getattr(module, attribute)
     if isinstance(entry, click.Command):
         return entry
     commands = {id(v): v for v in vars(module).values() if isinstance(v, click.Command)}
+    groups = [v for v in commands.values() if isinstance(v, click.Group)]
+    below = {id(sub) for group in groups for sub in group.commands.values()}
+    top = {key: v for key, v in commands.items() if isinstance(v, click.Group) and key not in below}
+    if len(top) == 1:  # a group, its subgroups and subcommands: the top group is the program
+        commands = top
     if len(commands) != 1:
         raise AssertionError(f"{script}: cannot tell which click command {module_name} runs")
     return next(iter(commands.values()))
@@ -65,9 +70,11 @@ def parse(command: click.Command, args: list[str]) -> dict:
 
 
 def environment_variables(command: click.Command) -> set[str]:
+    """The variables the command's options read: click's ``envvar``, or the one a callback says
+    it reads (``callback.envvar``: a callback that reads a variable click would mishandle)."""
     names: set[str] = set()
     for param in command.params:
-        envvar = getattr(param, "envvar", None)
+        envvar = getattr(param, "envvar", None) or getattr(param.callback, "envvar", None)
         if isinstance(envvar, str):
             names.add(envvar)
         elif envvar:

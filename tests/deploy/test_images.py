@@ -79,8 +79,8 @@ with BackgroundServer(ServerConfig(datastore=out, port=0)) as server:
         with retriever.session() as session:
             result = session.search([1, 2, 3], SearchParams(min_span=1))
 assert result is not None and result.match_length == 3, result
-from rest.cli import main
-assert CliRunner().invoke(main, ["datastore", "info", out]).exit_code == 0
+from rest.cli import cli
+assert CliRunner().invoke(cli, ["datastore", "info", out]).exit_code == 0
 print("served without torch")
 """
 
