@@ -87,11 +87,19 @@ class Retriever(abc.ABC):
 
 
 class _LocalSession(RetrievalSession):
+    """One engine search session per retrieval session: each step's search narrows what the
+    last step's found (``rest.datastore.SearchSession``), with the same answers."""
+
     def __init__(self, datastore) -> None:
-        self._datastore = datastore
+        self._session = datastore.session()
 
     def search(self, context: Sequence[int], params: SearchParams) -> SearchResult | None:
-        return self._datastore.search(context, params)
+        return self._session.search(context, params)
+
+    def search_levels(
+        self, context: Sequence[int], params: SearchParams, levels: int
+    ) -> list[SearchResult] | None:
+        return self._session.search_levels(context, params, levels)
 
 
 class LocalRetriever(Retriever):

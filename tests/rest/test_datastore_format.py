@@ -1,5 +1,6 @@
 """Datastore format v1: round trips, document boundaries, and refusal of every kind of bad file."""
 
+from dataclasses import replace
 import json
 import os
 import struct
@@ -108,7 +109,9 @@ def test_many_shards_search_as_one(tmp_path):
     many = build(tmp_path / "many", docs, 10, shard_tokens=5)
     assert len(many.shard_names) == 4
     for context in ([1, 2], [5, 1, 2], [2, 3]):
-        assert one.search(context) == many.search(context)
+        # The same tree; each names the shards it covered.
+        assert one.search(context) == replace(many.search(context), searched_shards=("shard-00000",))
+        assert many.search(context).searched_shards == tuple(many.shard_names)
 
 
 def test_missing_directory_and_manifest(tmp_path):

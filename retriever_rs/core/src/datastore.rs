@@ -3,7 +3,7 @@
 use crate::error::{Error, Result};
 use crate::format::{Manifest, FORMAT_VERSION};
 use crate::rest_policy::rest_tree;
-use crate::search::{exact_tree, exact_tree_until, Limits, Tree};
+use crate::search::{with_scratch, Limits, Searcher, Tree};
 use crate::shard::{Shard, ShardView};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
@@ -108,17 +108,14 @@ impl Datastore {
         self.shards.iter().map(|s| s.header.n_docs).sum()
     }
 
-    fn views(&self, only: Option<&[String]>) -> Result<Vec<ShardView<'_>>> {
+    /// The shards a search of `only` (all when `None`) covers, in search order.
+    fn selected(&self, only: Option<&[String]>) -> Result<Vec<&Shard>> {
         if let Some(names) = only {
             if let Some(bad) = names.iter().find(|n| !self.shards.iter().any(|s| &&s.name == n)) {
                 return Err(Error::UnknownShard(bad.clone()));
             }
         }
-        self.shards
-            .iter()
-            .filter(|s| only.is_none_or(|names| names.contains(&s.name)))
-            .map(Shard::view)
-            .collect()
+        Ok(self.shards.iter().filter(|s| only.is_none_or(|names| names.contains(&s.name))).collect())
     }
 
     fn validate(&self, context: &[i64], q: &Query) -> Result<Vec<u32>> {
@@ -166,17 +163,65 @@ impl Datastore {
         only: Option<&[String]>,
         stop_at: Option<Instant>,
     ) -> Result<Option<Tree>> {
+        let levels = self.search_levels_until(context, q, 1, only, stop_at)?;
+        Ok(levels.map(|mut trees| trees.swap_remove(0)))
+    }
+
+    /// The back-off levels of `context`: the tree of the longest matching suffix (as `search`),
+    /// then the trees of the suffixes one token shorter each, while they are at least
+    /// `min_span` tokens long; at most `levels` trees, and always the first (which has
+    /// `match_length` 0 when nothing matched). Level `k` is `search` with `max_span` set to its
+    /// match length, `m - k + 1` for the longest match `m`.
+    pub fn search_levels(&self, context: &[i64], q: &Query, levels: usize, only: Option<&[String]>) -> Result<Vec<Tree>> {
+        let trees = self.search_levels_until(context, q, levels, only, None)?;
+        Ok(trees.expect("a search without a time limit always finishes"))
+    }
+
+    /// `search_levels`, given up (`Ok(None)`) when it is still running at `stop_at` (at once for
+    /// the REST policy, as `search_until`).
+    pub fn search_levels_until(
+        &self,
+        context: &[i64],
+        q: &Query,
+        levels: usize,
+        only: Option<&[String]>,
+        stop_at: Option<Instant>,
+    ) -> Result<Option<Vec<Tree>>> {
+        with_scratch(|searcher| self.search_with(searcher, context, q, levels, only, stop_at))
+    }
+
+    /// The searches of `search_levels_until`, on `searcher` (a session's, which remembers; see
+    /// `crate::session`).
+    pub(crate) fn search_with(
+        &self,
+        searcher: &mut Searcher,
+        context: &[i64],
+        q: &Query,
+        levels: usize,
+        only: Option<&[String]>,
+        stop_at: Option<Instant>,
+    ) -> Result<Option<Vec<Tree>>> {
         let context = self.validate(context, q)?;
-        let views = self.views(only)?;
+        let shards = self.selected(only)?;
+        let views = shards.iter().map(|s| s.view()).collect::<Result<Vec<_>>>()?;
+        // What a session's searcher remembers holds for these mappings of these contents only.
+        searcher.bind(shards.iter().zip(&views).map(|(s, v)| {
+            [v.sa.as_ptr() as u64, v.sa.len() as u64, s.header.tokens_checksum, s.header.sa_checksum]
+        }));
         // Only the last `max_span` tokens can matter.
         let tail = &context[context.len().saturating_sub(q.max_span)..];
         let limits = Limits { min_span: q.min_span, max_span: q.max_span, budget: q.budget, max_depth: q.max_depth };
         Ok(match (q.policy, stop_at) {
-            (Policy::Exact, None) => Some(exact_tree(&views, tail, &limits)),
-            (Policy::Exact, Some(t)) => exact_tree_until(&views, tail, &limits, t),
-            (Policy::Rest, None) => Some(rest_tree(&views, tail, &limits)),
+            (Policy::Exact, None) => searcher.exact_levels(&views, tail, &limits, levels, &mut || false),
+            (Policy::Exact, Some(t)) => searcher.exact_levels(&views, tail, &limits, levels, &mut || Instant::now() >= t),
+            (Policy::Rest, None) => Some(rest_levels(&views, tail, &limits, levels)),
             (Policy::Rest, Some(_)) => None,
         })
+    }
+
+    /// The names of the shards a search of `only` covers, in search order.
+    pub fn searched_shards(&self, only: Option<&[String]>) -> Result<Vec<String>> {
+        Ok(self.selected(only)?.into_iter().map(|s| s.name.clone()).collect())
     }
 
     /// Many searches in parallel (rayon).
@@ -188,4 +233,19 @@ impl Datastore {
     pub fn verify(&self) -> Result<()> {
         self.shards.par_iter().map(Shard::verify).collect()
     }
+}
+
+/// The REST policy's back-off levels: each level searched again with `max_span` one shorter than
+/// the last match (the REST policy has no cheaper way).
+fn rest_levels(views: &[ShardView], context: &[u32], limits: &Limits, levels: usize) -> Vec<Tree> {
+    let mut trees = vec![rest_tree(views, context, limits)];
+    while trees.len() < levels {
+        let span = trees[trees.len() - 1].match_length as usize;
+        if span <= limits.min_span {
+            break;
+        }
+        let level = Limits { max_span: span - 1, ..*limits };
+        trees.push(rest_tree(views, &context[context.len() - (span - 1)..], &level));
+    }
+    trees
 }

@@ -1,7 +1,8 @@
 //! rest-retriever: the suffix-array datastore of retrieval-based speculative decoding.
 //!
 //! Given a context, which continuations follow its longest matching suffix, and how often?
-//! `build` writes datastores, `Datastore::open` maps them, `Datastore::search` answers.
+//! `build` writes datastores, `Datastore::open` maps them, `Datastore::search` answers;
+//! `SearchSession` answers the searches of one decoding session, whose contexts extend each other.
 
 pub mod build;
 pub mod datastore;
@@ -10,9 +11,11 @@ pub mod format;
 mod mmap;
 pub mod rest_policy;
 pub mod search;
+pub mod session;
 pub mod shard;
 
 pub use build::{BuildOptions, Builder};
 pub use datastore::{Datastore, Policy, Query};
 pub use error::{Error, Result};
 pub use search::Tree;
+pub use session::SearchSession;

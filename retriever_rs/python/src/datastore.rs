@@ -2,18 +2,32 @@
 
 use crate::errors::to_py;
 use crate::wire::encode_search_response;
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyList, PyTuple};
 use rest_retriever::{Policy, Query, Tree};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// (match_length, occurrences, tokens, parents, counts)
-pub(crate) type TreeTuple = (u32, u64, Vec<u32>, Vec<i32>, Vec<u64>);
+/// A tree as Python sees it: `(match_length, occurrences, tokens, parents, counts, cut_count)`,
+/// the node arrays as tuples (what `rest.types.SearchResult` holds, so none is copied again).
+pub(crate) fn tree_to_py<'py>(py: Python<'py>, t: Tree) -> PyResult<Bound<'py, PyTuple>> {
+    (
+        t.match_length,
+        t.occurrences,
+        PyTuple::new(py, t.tokens)?,
+        PyTuple::new(py, t.parents)?,
+        PyTuple::new(py, t.counts)?,
+        t.cut_count,
+    )
+        .into_pyobject(py)
+}
 
-fn to_tuple(t: Tree) -> TreeTuple {
-    (t.match_length, t.occurrences, t.tokens, t.parents, t.counts)
+/// Back-off levels as a list of `tree_to_py` tuples.
+pub(crate) fn levels_to_py<'py>(py: Python<'py>, trees: Vec<Tree>) -> PyResult<Bound<'py, PyList>> {
+    let items = trees.into_iter().map(|t| tree_to_py(py, t)).collect::<PyResult<Vec<_>>>()?;
+    PyList::new(py, items)
 }
 
 /// A memory-mapped datastore directory.
@@ -43,27 +57,42 @@ impl QueryArgs {
 
 /// A finished search in the form its caller asked for, made without the GIL.
 pub(crate) enum Answer {
-    /// The tree, and the searched shards' names joined by commas (empty: every shard).
-    Tuple(TreeTuple, String),
+    /// The back-off levels, the searched shards' names joined by commas (empty: every shard),
+    /// and the names of the shards the answer covers.
+    Levels(Vec<Tree>, String, Vec<String>),
     /// The retrieval service's `SearchResponse`, serialized.
     Wire(Vec<u8>),
 }
 
 impl Answer {
-    pub(crate) fn new(tree: Tree, shards: Option<&[String]>, as_wire: bool) -> Self {
+    pub(crate) fn new(trees: Vec<Tree>, shards: Option<&[String]>, searched: Vec<String>, as_wire: bool) -> Self {
         let label = shards.map(|s| s.join(",")).unwrap_or_default();
         if as_wire {
-            Answer::Wire(encode_search_response(tree, label))
+            Answer::Wire(encode_search_response(trees, label, searched))
         } else {
-            Answer::Tuple(to_tuple(tree), label)
+            Answer::Levels(trees, label, searched)
         }
     }
 
+    /// `(levels, label, searched shards)` (see `Datastore.search_levels`), or the bytes.
     pub(crate) fn into_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         Ok(match self {
-            Answer::Tuple(tuple, label) => (tuple, label).into_pyobject(py)?.into_any().unbind(),
+            Answer::Levels(trees, label, searched) => {
+                (levels_to_py(py, trees)?, label, PyTuple::new(py, searched)?).into_pyobject(py)?.into_any().unbind()
+            }
             Answer::Wire(bytes) => PyBytes::new(py, &bytes).into_any().unbind(),
         })
+    }
+}
+
+/// The most back-off levels one search may ask for (the retrieval service's cap, too).
+pub(crate) const MAX_LEVELS: usize = 16;
+
+pub(crate) fn check_levels(levels: usize) -> PyResult<usize> {
+    if (1..=MAX_LEVELS).contains(&levels) {
+        Ok(levels)
+    } else {
+        Err(PyValueError::new_err(format!("levels must be in 1..{MAX_LEVELS}, got {levels}")))
     }
 }
 
@@ -120,25 +149,49 @@ impl Datastore {
         self.inner.manifest.to_json()
     }
 
-    /// The continuation tree of `context` as (match_length, occurrences, tokens, parents, counts).
+    /// The continuation tree of `context` as a `tree_to_py` tuple.
     #[pyo3(signature = (context, query, shards=None))]
-    fn search(
+    fn search<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         context: Vec<i64>,
         query: QueryArgs,
         shards: Option<Vec<String>>,
-    ) -> PyResult<TreeTuple> {
+    ) -> PyResult<Bound<'py, PyTuple>> {
         let q = query.to_query()?;
-        py.detach(|| self.inner.search(&context, &q, shards.as_deref()))
-            .map(to_tuple)
-            .map_err(to_py)
+        let tree = py.detach(|| self.inner.search(&context, &q, shards.as_deref())).map_err(to_py)?;
+        tree_to_py(py, tree)
     }
 
-    /// `search` as `(tree tuple, shard label)`, or the serialized `SearchResponse` with
-    /// `as_wire`; None when it has not finished within `time_limit_us` microseconds (always None
-    /// for the REST policy, which cannot stop early).
-    #[pyo3(signature = (context, query, shards, time_limit_us, as_wire=false))]
+    /// The back-off levels of `context` (`rest_retriever::Datastore::search_levels`: at least
+    /// one, the first with match length 0 when nothing matched) as `tree_to_py` tuples.
+    #[pyo3(signature = (context, query, levels, shards=None))]
+    fn search_levels<'py>(
+        &self,
+        py: Python<'py>,
+        context: Vec<i64>,
+        query: QueryArgs,
+        levels: usize,
+        shards: Option<Vec<String>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let q = query.to_query()?;
+        let levels = check_levels(levels)?;
+        let trees = py.detach(|| self.inner.search_levels(&context, &q, levels, shards.as_deref())).map_err(to_py)?;
+        levels_to_py(py, trees)
+    }
+
+    /// The names of the shards a search of `shards` (None: all) covers, in search order.
+    #[pyo3(signature = (shards=None))]
+    fn searched_shards(&self, shards: Option<Vec<String>>) -> PyResult<Vec<String>> {
+        self.inner.searched_shards(shards.as_deref()).map_err(to_py)
+    }
+
+    /// `search_levels` as `(levels, shard label, searched shards)`, or the serialized
+    /// `SearchResponse` with `as_wire`; None when it has not finished within `time_limit_us`
+    /// microseconds (always None for the REST policy, which cannot stop early). With `session`,
+    /// searched with what that session remembers.
+    #[pyo3(signature = (context, query, shards, time_limit_us, levels=1, as_wire=false, session=None))]
+    #[allow(clippy::too_many_arguments)]
     fn try_search(
         &self,
         py: Python<'_>,
@@ -146,37 +199,97 @@ impl Datastore {
         query: QueryArgs,
         shards: Option<Vec<String>>,
         time_limit_us: u64,
+        levels: usize,
         as_wire: bool,
+        session: Option<&SearchSession>,
     ) -> PyResult<Option<Py<PyAny>>> {
         let q = query.to_query()?;
+        let levels = check_levels(levels)?;
         // Capped at a day: a longer limit means none, and must not overflow the clock.
         let stop_at = Instant::now() + Duration::from_micros(time_limit_us.min(86_400_000_000));
         let answer = py
             .detach(|| {
-                let tree = self.inner.search_until(&context, &q, shards.as_deref(), Some(stop_at))?;
-                Ok(tree.map(|tree| Answer::new(tree, shards.as_deref(), as_wire)))
+                let only = shards.as_deref();
+                let trees = match session {
+                    Some(s) => s.lock().search_levels_until(&self.inner, &context, &q, levels, only, Some(stop_at)),
+                    None => self.inner.search_levels_until(&context, &q, levels, only, Some(stop_at)),
+                }?;
+                let Some(trees) = trees else { return Ok(None) };
+                Ok(Some(Answer::new(trees, only, self.inner.searched_shards(only)?, as_wire)))
             })
             .map_err(to_py)?;
         answer.map(|a| a.into_py(py)).transpose()
     }
 
+    /// A search session: searches whose contexts extend each other (a decoding session's),
+    /// answered with what the last search of the session found (see `SearchSession`).
+    fn session(&self) -> SearchSession {
+        SearchSession { datastore: self.inner.clone(), inner: Arc::new(Mutex::new(rest_retriever::SearchSession::new())) }
+    }
+
     /// Many searches at once, in parallel, without the GIL.
     #[pyo3(signature = (contexts, query, shards=None))]
-    fn search_batch(
+    fn search_batch<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         contexts: Vec<Vec<i64>>,
         query: QueryArgs,
         shards: Option<Vec<String>>,
-    ) -> PyResult<Vec<TreeTuple>> {
+    ) -> PyResult<Bound<'py, PyList>> {
         let q = query.to_query()?;
-        py.detach(|| self.inner.search_batch(&contexts, &q, shards.as_deref()))
-            .map(|trees| trees.into_iter().map(to_tuple).collect())
-            .map_err(to_py)
+        let trees = py.detach(|| self.inner.search_batch(&contexts, &q, shards.as_deref())).map_err(to_py)?;
+        levels_to_py(py, trees)
     }
 
     /// The slow full check: checksums and suffix-array structure of every open shard.
     fn verify(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| self.inner.verify()).map_err(to_py)
+    }
+}
+
+/// The searches of one decoding session (`rest_retriever::SearchSession`): each context usually
+/// extends the last by the tokens a step accepted, and the session narrows what the last search
+/// found instead of searching afresh. Answers equal `Datastore.search_levels`'. One session per
+/// decoding session; calls on one session are serialized.
+#[pyclass(frozen, module = "rest._engine")]
+pub struct SearchSession {
+    datastore: Arc<rest_retriever::Datastore>,
+    // Shared with the search executor's worker threads, which may run a session's searches.
+    inner: Arc<Mutex<rest_retriever::SearchSession>>,
+}
+
+impl SearchSession {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, rest_retriever::SearchSession> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn shared(&self) -> Arc<Mutex<rest_retriever::SearchSession>> {
+        self.inner.clone()
+    }
+}
+
+#[pymethods]
+impl SearchSession {
+    /// `Datastore.search_levels` of the session's datastore, with what the session remembers.
+    #[pyo3(signature = (context, query, levels, shards=None))]
+    fn search_levels<'py>(
+        &self,
+        py: Python<'py>,
+        context: Vec<i64>,
+        query: QueryArgs,
+        levels: usize,
+        shards: Option<Vec<String>>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let q = query.to_query()?;
+        let levels = check_levels(levels)?;
+        let trees = py
+            .detach(|| self.lock().search_levels(&self.datastore, &context, &q, levels, shards.as_deref()))
+            .map_err(to_py)?;
+        levels_to_py(py, trees)
+    }
+
+    /// Forgets what the session remembers.
+    fn forget(&self) {
+        self.lock().forget();
     }
 }

@@ -7,11 +7,11 @@
 //! searches without ever touching the GIL, queues the result and writes one byte to a socket the
 //! event loop watches (`loop.add_reader`); the loop then collects every finished search at once.
 
-use crate::datastore::{Answer, Datastore, QueryArgs};
+use crate::datastore::{check_levels, Answer, Datastore, QueryArgs, SearchSession};
 use crate::errors::to_py;
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError};
 use pyo3::prelude::*;
-use rest_retriever::{Error, Query};
+use rest_retriever::{Error, Query, SearchSession as CoreSession};
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -27,6 +27,8 @@ struct Job {
     query: Query,
     shards: Option<Vec<String>>,
     deadline: Option<Instant>,
+    levels: usize,
+    session: Option<Arc<Mutex<CoreSession>>>,
 }
 
 enum Outcome {
@@ -99,9 +101,12 @@ impl SearchExecutor {
         self.wake_reader.as_raw_fd()
     }
 
-    /// Queues a search; its outcome comes back from `completed` under `tag`. A job still waiting
-    /// for a worker `timeout_s` seconds from now is not searched (`TimeoutError`).
-    #[pyo3(signature = (tag, context, query, shards=None, timeout_s=None))]
+    /// Queues a search of `levels` back-off levels (`Datastore.search_levels`), with what
+    /// `session` remembers when one is given; its outcome comes back from `completed` under
+    /// `tag`. A job still waiting for a worker `timeout_s` seconds from now is not searched
+    /// (`TimeoutError`).
+    #[pyo3(signature = (tag, context, query, shards=None, timeout_s=None, levels=1, session=None))]
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         tag: u64,
@@ -109,13 +114,17 @@ impl SearchExecutor {
         query: QueryArgs,
         shards: Option<Vec<String>>,
         timeout_s: Option<f64>,
+        levels: usize,
+        session: Option<&SearchSession>,
     ) -> PyResult<()> {
         let query = query.to_query()?;
+        let levels = check_levels(levels)?;
+        let session = session.map(SearchSession::shared);
         // No deadline for one too far away to represent; NaN counts as 0.
         let deadline = timeout_s
             .and_then(|t| Duration::try_from_secs_f64(t.max(0.0)).ok())
             .and_then(|d| Instant::now().checked_add(d));
-        let job = Job { tag, context, query, shards, deadline };
+        let job = Job { tag, context, query, shards, deadline, levels, session };
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         match jobs.as_ref() {
             Some(sender) if sender.send(job).is_ok() => Ok(()),
@@ -123,10 +132,10 @@ impl SearchExecutor {
         }
     }
 
-    /// Every search finished since the last call, as `(tag, outcome)`: the outcome is the tuple
-    /// `Datastore.search` returns paired with the shard label (the encoded message with
-    /// `as_wire`), or the exception the search raised (`TimeoutError` for one whose deadline
-    /// passed before it started).
+    /// Every search finished since the last call, as `(tag, outcome)`: the outcome is
+    /// `(levels, shard label, searched shards)` as `Datastore.try_search` gives it (the encoded
+    /// message with `as_wire`), or the exception the search raised (`TimeoutError` for one whose
+    /// deadline passed before it started).
     fn completed(&self, py: Python<'_>) -> Vec<(u64, Py<PyAny>)> {
         // Drain the wake-up bytes before taking the list: a completion that lands after the take
         // then writes a fresh byte, so none is ever left without a wake-up.
@@ -166,8 +175,15 @@ fn work(store: &rest_retriever::Datastore, receiver: &Mutex<Receiver<Job>>, comp
         let outcome = if job.deadline.is_some_and(|d| Instant::now() >= d) {
             Outcome::Expired
         } else {
-            match store.search(&job.context, &job.query, job.shards.as_deref()) {
-                Ok(tree) => Outcome::Found(Answer::new(tree, job.shards.as_deref(), as_wire)),
+            let only = job.shards.as_deref();
+            let trees = match &job.session {
+                Some(session) => session.lock().unwrap_or_else(|e| e.into_inner()).search_levels(
+                    store, &job.context, &job.query, job.levels, only,
+                ),
+                None => store.search_levels(&job.context, &job.query, job.levels, only),
+            };
+            match trees.and_then(|trees| Ok(Answer::new(trees, only, store.searched_shards(only)?, as_wire))) {
+                Ok(answer) => Outcome::Found(answer),
                 Err(err) => Outcome::Failed(err),
             }
         };
