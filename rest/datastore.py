@@ -9,18 +9,32 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from rest import _engine
 from rest.types import DatastoreInfo, SearchParams, SearchResult
 
 DatastoreError = _engine.DatastoreError
+ShardUnavailableError = _engine.ShardUnavailableError
 FORMAT_VERSION = _engine.FORMAT_VERSION
 # The most back-off levels one search may ask for (also the retrieval service's cap).
 MAX_LEVELS = _engine.MAX_LEVELS
 DEFAULT_SHARD_TOKENS = 1 << 28
 
-__all__ = ["Datastore", "DatastoreError", "SearchExecutor", "SearchSession", "build_datastore", "FORMAT_VERSION",
-           "MAX_LEVELS"]
+__all__ = [
+    "Datastore", "DatastoreError", "ShardUnavailableError", "ShardChange", "SearchExecutor",
+    "SearchSession", "build_datastore", "FORMAT_VERSION", "MAX_LEVELS",
+]
+
+
+class ShardChange(NamedTuple):
+    """A shard that went out of service (``serving`` False) and why, e.g. "the file was truncated
+    or resized from 20319128 to 1000 bytes by another process"."""
+
+    shard: str
+    path: Path
+    serving: bool
+    reason: str
 
 
 def _engine_query(params: SearchParams, shards: Sequence[str] | None) -> tuple:
@@ -41,29 +55,43 @@ def _levels(raws: list, shard: str, searched: tuple[str, ...]) -> list[SearchRes
     return [SearchResult.from_engine(raw, shard, searched) for raw in raws]
 
 
+def _label(shards: Sequence[str] | None) -> str:
+    return ",".join(shards) if shards else ""
+
+
 class Datastore:
-    """An open datastore directory (all its shards, or the ones named)."""
+    """An open datastore directory (all its shards, or the ones named).
+
+    Shards are in service until their file changes under the mapping (truncated, overwritten,
+    opened for writing by another process): then they are out of service, with the reason, and
+    stay so until the datastore is opened again (docs/DATASTORE_FORMAT.md, "Files changed under a
+    running process"). A search that names such a shard raises ``ShardUnavailableError``; one over
+    every shard covers those in service.
+    """
 
     def __init__(self, native: _engine.Datastore) -> None:
         self._native = native
-        # The shards a search covers, by the selection it names (None: all): every result
-        # carries them (SearchResult.searched_shards).
-        self._searched: dict[tuple[str, ...] | None, tuple[str, ...]] = {}
-
-    def _label(self, shards: Sequence[str] | None) -> tuple[str, tuple[str, ...]]:
-        """``(shard label, searched shards)`` of a search of ``shards``."""
-        key = tuple(shards) if shards is not None else None
-        searched = self._searched.get(key)
-        if searched is None:
-            searched = self._searched[key] = tuple(self._native.searched_shards(
-                list(shards) if shards is not None else None))
-        return (",".join(shards) if shards else ""), searched
 
     @classmethod
-    def open(cls, path: str | Path, shards: Sequence[str] | None = None) -> Datastore:
+    def open(
+        cls,
+        path: str | Path,
+        shards: Sequence[str] | None = None,
+        *,
+        leases: bool = True,
+        inotify: bool = True,
+        tolerate_bad_shards: bool = False,
+    ) -> Datastore:
         """Maps the datastore at ``path``. Raises DatastoreError for a missing, truncated,
-        corrupt or foreign file (naming the file and the problem), KeyError for an unknown shard."""
-        return cls(_engine.Datastore.open(str(path), list(shards) if shards is not None else None))
+        corrupt or foreign file (naming the file and the problem), KeyError for an unknown shard.
+
+        ``leases`` and ``inotify`` choose how shard files are watched for changes (both by
+        default; a lease needs the file's owner or CAP_LEASE and is skipped where it cannot be
+        had). ``tolerate_bad_shards``: a shard that cannot be opened is kept out of service with
+        the reason instead of failing the open (which still fails when no shard opens)."""
+        return cls(_engine.Datastore.open(
+            str(path), list(shards) if shards is not None else None, leases, inotify,
+            tolerate_bad_shards))
 
     @property
     def path(self) -> Path:
@@ -92,6 +120,30 @@ class Datastore:
     def manifest(self) -> dict:
         return json.loads(self._native.manifest_json())
 
+    def shard_states(self) -> dict[str, str | None]:
+        """Every shard, in manifest order: None while it serves, else why it is out of service."""
+        return dict(self._native.shard_states())
+
+    def shard_leases(self) -> dict[str, bool]:
+        """Whether each opened shard holds a read lease (a writer then waits until the shard is
+        out of service; without one, the change is heard of just after it happens)."""
+        return self._native.shard_leases()
+
+    def events_fileno(self) -> int:
+        """A file descriptor that becomes readable when ``shard_changes`` has changes (for
+        ``loop.add_reader``)."""
+        return self._native.events_fileno()
+
+    def shard_changes(self) -> list[ShardChange]:
+        """The shards that went out of service since the last call, oldest first (the first call
+        also returns the shards refused at open)."""
+        return [ShardChange(name, Path(path), serving, reason)
+                for name, path, serving, reason in self._native.shard_changes()]
+
+    def take_out_of_service(self, shard: str, reason: str) -> None:
+        """Stops serving ``shard`` (until the datastore is opened again); KeyError if unknown."""
+        self._native.take_out_of_service(shard, reason)
+
     def search(
         self,
         context: Sequence[int],
@@ -100,8 +152,8 @@ class Datastore:
     ) -> SearchResult:
         """The continuation tree of ``context``. ValueError for an empty context or an id outside
         the vocabulary; KeyError for an unknown shard."""
-        raw = self._native.search(_as_list(context), *_engine_query(params, shards))
-        return SearchResult.from_engine(raw, *self._label(shards))
+        raw, searched = self._native.search(_as_list(context), *_engine_query(params, shards))
+        return SearchResult.from_engine(raw, _label(shards), searched)
 
     def search_levels(
         self,
@@ -115,12 +167,12 @@ class Datastore:
         shorter each while at least ``params.min_span`` long, at most ``levels`` (1 to
         ``MAX_LEVELS``) results; ``[]`` when nothing matched."""
         query, only = _engine_query(params, shards)
-        raws = self._native.search_levels(_as_list(context), query, levels, only)
-        return _levels(raws, *self._label(shards))
+        raws, searched = self._native.search_levels(_as_list(context), query, levels, only)
+        return _levels(raws, _label(shards), searched)
 
     def session(self) -> SearchSession:
         """A search session for searches whose contexts extend each other (one decoding
-        session's): same answers, found faster (see ``SearchSession``)."""
+        session's): the same answers, found faster (see ``SearchSession``)."""
         return SearchSession(self)
 
     def try_search(
@@ -134,11 +186,10 @@ class Datastore:
         as_wire: bool = False,
         session: SearchSession | None = None,
     ) -> list[SearchResult] | bytes | None:
-        """``search_levels``, or None when it did not finish within ``time_limit_s`` (always None
-        for the "rest" policy, which cannot stop early): a bounded try before handing the search
-        to another thread. ``as_wire``: the result as a serialized ``rest.retriever.v1``
-        ``SearchResponse`` (what the retrieval server sends), built without Python objects.
-        ``session``: searched with what that session remembers."""
+        """``search_levels``, or None when it did not finish within ``time_limit_s``: a bounded
+        try before handing the search to another thread. ``as_wire``: the result as a
+        serialized ``rest.retriever.v1`` ``SearchResponse`` (what the retrieval server sends),
+        built without Python objects. ``session``: searched with what that session remembers."""
         raw = self._native.try_search(
             _as_list(context),
             *_engine_query(params, shards),
@@ -160,12 +211,16 @@ class Datastore:
             [_as_list(c) for c in contexts],
             *_engine_query(params, shards),
         )
-        label, searched = self._label(shards)
-        return [SearchResult.from_engine(r, label, searched) for r in raws]
+        label = _label(shards)
+        return [SearchResult.from_engine(r, label, ()) for r in raws]
 
     def verify(self) -> None:
         """The slow full check (checksums, suffix-array structure); raises DatastoreError."""
         self._native.verify()
+
+    def verify_each(self) -> dict[str, str]:
+        """``verify`` shard by shard: ``{shard: what is wrong}`` for the shards that fail."""
+        return dict(self._native.verify_each())
 
     def search_executor(self, workers: int, *, as_wire: bool = False) -> SearchExecutor:
         """Searches on ``workers`` native threads, for callers that must not block (event loops).
@@ -184,7 +239,6 @@ class SearchSession:
     """
 
     def __init__(self, datastore: Datastore) -> None:
-        self._datastore = datastore
         self._native = datastore._native.session()
 
     def search(
@@ -195,8 +249,8 @@ class SearchSession:
     ) -> SearchResult:
         """``Datastore.search``."""
         query, only = _engine_query(params, shards)
-        (raw,) = self._native.search_levels(_as_list(context), query, 1, only)
-        return SearchResult.from_engine(raw, *self._datastore._label(shards))
+        (raw,), searched = self._native.search_levels(_as_list(context), query, 1, only)
+        return SearchResult.from_engine(raw, _label(shards), searched)
 
     def search_levels(
         self,
@@ -207,8 +261,8 @@ class SearchSession:
     ) -> list[SearchResult]:
         """``Datastore.search_levels``."""
         query, only = _engine_query(params, shards)
-        raws = self._native.search_levels(_as_list(context), query, levels, only)
-        return _levels(raws, *self._datastore._label(shards))
+        raws, searched = self._native.search_levels(_as_list(context), query, levels, only)
+        return _levels(raws, _label(shards), searched)
 
     def forget(self) -> None:
         """Drop what the session remembers (the next search starts afresh)."""
@@ -240,8 +294,8 @@ class SearchExecutor:
     ) -> None:
         """Queues a search of ``levels`` back-off levels (``Datastore.search_levels``), with what
         ``session`` remembers when given; ``completed`` returns its outcome under ``tag``. A
-        search still waiting for a worker after ``timeout_s`` seconds is not run (outcome
-        ``TimeoutError``)."""
+        search still waiting for a worker after ``timeout_s`` seconds is not run, and one still
+        running then is given up (outcome ``TimeoutError`` in both cases)."""
         self._native.submit(
             tag,
             _as_list(context),
@@ -253,6 +307,12 @@ class SearchExecutor:
 
     def fileno(self) -> int:
         return self._native.fileno()
+
+    def cancel(self, tag: int) -> None:
+        """Gives up the search queued under ``tag`` (its caller went away): a queued one is not
+        run, a running one stops at its next check; its outcome (``TimeoutError``) still comes
+        back from ``completed``."""
+        self._native.cancel(tag)
 
     def completed(self) -> list[tuple[int, list[SearchResult] | bytes | BaseException]]:
         """The searches finished since the last call: ``(tag, levels)`` as ``search_levels``

@@ -94,12 +94,24 @@ class _LocalSession(RetrievalSession):
         self._session = datastore.session()
 
     def search(self, context: Sequence[int], params: SearchParams) -> SearchResult | None:
-        return self._session.search(context, params)
+        from rest.datastore import DatastoreError
+
+        try:
+            return self._session.search(context, params)
+        except DatastoreError:  # a shard out of service (its file changed): no draft this step
+            self.failures += 1
+            return None
 
     def search_levels(
         self, context: Sequence[int], params: SearchParams, levels: int
     ) -> list[SearchResult] | None:
-        return self._session.search_levels(context, params, levels)
+        from rest.datastore import DatastoreError
+
+        try:
+            return self._session.search_levels(context, params, levels)
+        except DatastoreError:  # as in ``search``
+            self.failures += 1
+            return None
 
 
 class LocalRetriever(Retriever):

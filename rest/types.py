@@ -55,7 +55,9 @@ class SearchResult:
     tree itself); 0 when nothing was left out, and always 0 for the "rest" policy. No node within
     ``max_depth`` missing from the tree has a larger count. ``shard``: the shards a search was
     restricted to, joined by commas (empty: all of them); ``searched_shards``: the shards the
-    answer covers, when the retrieval service says (empty when not reported).
+    answer covers, when the retrieval service says (empty when not reported). Two results are
+    equal when their trees are: which shards reported is where an answer came from, not what it
+    says, so ``searched_shards`` takes no part in comparisons.
     """
 
     match_length: int
@@ -65,7 +67,7 @@ class SearchResult:
     counts: tuple[int, ...] = ()
     shard: str = ""
     cut_count: int = 0
-    searched_shards: tuple[str, ...] = ()
+    searched_shards: tuple[str, ...] = field(default=(), compare=False)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -106,3 +106,96 @@ def test_generate_with_a_remote_retriever(model_dir, tmp_path) -> None:
     out = json.loads(result.stdout)
     assert out["tokens"] == want and out["stats"]["steps"] < len(want) / 2
     assert out["stats"]["retrieval_failures"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The retriever options (shared by generate, chat, bench and decoder-server)
+
+from tests.retriever_service.conftest import certs  # noqa: E402,F401 - the fixture
+
+TOKEN = "cli-s3cret"
+
+
+@pytest.fixture(scope="module")
+def own_datastore(tmp_path_factory):
+    path = tmp_path_factory.mktemp("own") / "ds"
+    return path, build_own_datastore(path)
+
+
+def generate_json(args, env=None):
+    result = CliRunner(env=env).invoke(generate, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def drafted_from_the_server(out, want) -> bool:
+    return (out["tokens"] == want and out["stats"]["retrieval_failures"] == 0
+            and out["stats"]["steps"] < len(want) / 2)
+
+
+BASE = ["--prompt", PROMPT, "--max-new-tokens", "12", "--budget", "8", "--json", "--no-context-drafts"]
+
+
+def test_retriever_and_token_from_the_environment(model_dir, own_datastore) -> None:
+    from tests.retriever_service.service_testing import ServerProcess
+
+    ds, want = own_datastore
+    server = ServerProcess("--datastore", str(ds), env={"REST_RETRIEVER_TOKEN": TOKEN})
+    try:
+        out = generate_json(["--model", model_dir, *BASE],
+                            env={"REST_RETRIEVER": server.address, "REST_RETRIEVER_TOKEN": TOKEN})
+        assert drafted_from_the_server(out, want)
+        # The same with the options, and an explicit --datastore beats $REST_RETRIEVER.
+        out = generate_json(["--model", model_dir, "--retriever", server.address, "--token", TOKEN, *BASE])
+        assert drafted_from_the_server(out, want)
+        out = generate_json(["--model", model_dir, "--datastore", str(ds), *BASE],
+                            env={"REST_RETRIEVER": "127.0.0.1:1"})
+        assert out["tokens"] == want and out["stats"]["retrieval_failures"] == 0
+    finally:
+        server.kill()
+
+
+def test_mutual_tls_with_a_token_and_a_server_name(model_dir, own_datastore, certs) -> None:  # noqa: F811
+    from tests.retriever_service.service_testing import ServerProcess
+
+    ds, want = own_datastore
+    server = ServerProcess("--datastore", str(ds), "--tls-cert", str(certs / "server.pem"),
+                           "--tls-key", str(certs / "server.key"), "--tls-client-ca", str(certs / "ca.pem"),
+                           env={"REST_RETRIEVER_TOKEN": TOKEN})  # fmt: skip
+    try:
+        tls = ["--tls-ca", str(certs / "ca.pem"), "--tls-cert", str(certs / "client.pem"),
+               "--tls-key", str(certs / "client.key")]  # fmt: skip
+        out = generate_json(["--model", model_dir, "--retriever", f"localhost:{server.port}", *tls, *BASE],
+                            env={"REST_RETRIEVER_TOKEN": TOKEN})
+        assert drafted_from_the_server(out, want)
+        out = generate_json(["--model", model_dir, "--retriever", server.address, *tls,
+                             "--tls-server-name", "localhost", "--token", TOKEN, *BASE])
+        assert drafted_from_the_server(out, want)
+    finally:
+        server.kill()
+
+
+@pytest.mark.parametrize("args, env, message", [
+    (["--retriever", "h:1", "--token", ""], {}, "--token is empty"),
+    (["--retriever", "h:1"], {"REST_RETRIEVER_TOKEN": " "}, "$REST_RETRIEVER_TOKEN is set but empty"),
+    (["--retriever", "h:1", "--tls-cert", "{ca}"], {}, "--tls-cert and --tls-key go together"),
+    (["--datastore", "{model}", "--tls-ca", "{ca}"], {}, "--tls-ca: only for --retriever"),
+    (["--datastore", "{model}", "--token", "x"], {}, "--token: only for --retriever"),
+    (["--retriever", "no-port"], {}, "expected HOST:PORT"),
+    (["--retriever", "h:99999"], {}, "expected HOST:PORT"),
+    (["--retriever", "h:1", "--tls-ca", "/no/such/ca.pem"], {}, "does not exist"),
+])  # fmt: skip
+def test_retriever_options_are_checked(model_dir, certs, args, env, message) -> None:  # noqa: F811
+    args = [a.replace("{ca}", str(certs / "ca.pem")).replace("{model}", model_dir) for a in args]
+    result = CliRunner(env=env).invoke(generate, ["--model", model_dir, "--prompt", PROMPT, *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+
+
+def test_a_tls_file_that_is_not_pem_is_named(model_dir, tmp_path) -> None:
+    bogus = tmp_path / "ca.pem"
+    bogus.write_text("not a certificate\n")
+    result = CliRunner().invoke(generate, ["--model", model_dir, "--prompt", PROMPT, "--retriever", "h:1",
+                                           "--tls-ca", str(bogus)])  # fmt: skip
+    assert result.exit_code == 1
+    assert f"--tls-ca {bogus} is not a PEM file" in result.stderr

@@ -53,15 +53,13 @@ def test_try_search_with_time_is_search(corpus, params):
         result = ds.try_search(context, params, only, time_limit_s=10.0, levels=levels)
         in_session = ds.try_search(context, params, only, time_limit_s=10.0, levels=levels,
                                    session=session)
-        if params.policy == "rest":
-            assert result is None is in_session  # the REST policy cannot stop early: never tried
-        else:
-            assert result == in_session == ds.search_levels(context, params, levels, shards=only)
+        assert result == in_session == ds.search_levels(context, params, levels, shards=only)
 
 
-def test_try_search_out_of_time_gives_up(corpus):
+@pytest.mark.parametrize("policy", ["exact", "rest"])
+def test_try_search_out_of_time_gives_up(corpus, policy):
     ds, _ = corpus
-    params = SearchParams(min_span=1, max_span=2, budget=200, max_depth=8)
+    params = SearchParams(min_span=1, max_span=2, budget=200, max_depth=8, policy=policy)
     assert ds.search([1, 2], params).tokens  # there is a tree to grow...
     assert ds.try_search([1, 2], params, None, time_limit_s=0.0) is None  # ...but no time
 

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import shutil
-import subprocess
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,88 +13,15 @@ from retriever_service import wire
 from retriever_service.client import RemoteRetriever, RetrieverUnavailable
 from retriever_service.v1 import retriever_pb2 as pb
 from retriever_service.v1 import retriever_pb2_grpc as pb_grpc
+from tests.retriever_service.service_testing import write_certs_with_openssl
 
 TOKEN = "s3cret-token"
-
-
-def _write_certs_with_cryptography(out: Path) -> None:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def save(stem: str, key, cert) -> None:
-        (out / f"{stem}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        (out / f"{stem}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(cn, key, issuer_name, issuer_key, *, ca=False, san=None, usage=None):
-        builder = (x509.CertificateBuilder().subject_name(name(cn)).issuer_name(issuer_name)
-                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                   .not_valid_before(now - datetime.timedelta(minutes=5))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if san:
-            builder = builder.add_extension(x509.SubjectAlternativeName(san), critical=False)
-        if usage:
-            builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-        return builder.sign(issuer_key, hashes.SHA256())
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = issue("test-ca", ca_key, name("test-ca"), ca_key, ca=True)
-    save("ca", ca_key, ca)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    save("server", server_key, issue(
-        "localhost", server_key, ca.subject, ca_key, usage=ExtendedKeyUsageOID.SERVER_AUTH,
-        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]))
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    save("client", client_key, issue(
-        "test-client", client_key, ca.subject, ca_key, usage=ExtendedKeyUsageOID.CLIENT_AUTH))
-
-
-def _write_certs_with_openssl(out: Path) -> None:
-    def run(*args: str) -> None:
-        subprocess.run(["openssl", *args], cwd=out, check=True, capture_output=True, timeout=60)
-
-    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=test-ca")
-    for stem, cn, ext in [
-        ("server", "localhost",
-         "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
-        ("client", "test-client", "extendedKeyUsage=clientAuth\n"),
-    ]:
-        (out / f"{stem}.ext").write_text(ext)
-        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN={cn}")
-        run("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", f"{stem}.pem", "-days", "1", "-extfile", f"{stem}.ext")
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory) -> Path:
-    """A test CA, a server certificate for 127.0.0.1, and a client certificate."""
-    out = tmp_path_factory.mktemp("certs")
-    try:
-        import cryptography  # noqa: F401
-    except ImportError:
-        if shutil.which("openssl") is None:
-            pytest.skip("needs the cryptography package or the openssl command")
-        _write_certs_with_openssl(out)
-    else:
-        _write_certs_with_cryptography(out)
-    return out
 
 
 def test_openssl_fallback_makes_usable_certificates(tmp_path, datastore_dir, server_process):
     if shutil.which("openssl") is None:
         pytest.skip("no openssl command")
-    _write_certs_with_openssl(tmp_path)
+    write_certs_with_openssl(tmp_path)
     server = server_process("--datastore", str(datastore_dir),
                             "--tls-cert", str(tmp_path / "server.pem"),
                             "--tls-key", str(tmp_path / "server.key"))
@@ -169,3 +92,17 @@ def test_token_is_required_except_for_health(datastore_dir, datastore, server_pr
         with retriever.session() as session:
             assert session.search([1, 2, 3], SearchParams()) is None
             assert session.failures == 1
+
+
+@pytest.mark.parametrize("token", ["", "  ", "tok\n", "two words"])
+def test_clients_refuse_an_empty_or_unsendable_token(token):
+    with pytest.raises(ValueError, match="token"):
+        RemoteRetriever("127.0.0.1:1", token=token)
+
+
+def test_the_server_refuses_an_empty_token_in_code_too(datastore_dir):
+    from retriever_service.server import ServerConfig
+
+    for token in ("", " "):
+        with pytest.raises(ValueError, match="--token is empty"):
+            ServerConfig(datastore=str(datastore_dir), token=token)

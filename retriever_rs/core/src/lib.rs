@@ -5,6 +5,7 @@
 //! `SearchSession` answers the searches of one decoding session, whose contexts extend each other.
 
 pub mod build;
+pub mod cancel;
 pub mod datastore;
 pub mod error;
 pub mod format;
@@ -13,9 +14,12 @@ pub mod rest_policy;
 pub mod search;
 pub mod session;
 pub mod shard;
+pub mod watch;
 
 pub use build::{BuildOptions, Builder};
-pub use datastore::{Datastore, Policy, Query};
+pub use cancel::Cancel;
+pub use datastore::{Datastore, Found, FoundLevels, OpenOptions, Policy, Query};
 pub use error::{Error, Result};
 pub use search::Tree;
 pub use session::SearchSession;
+pub use watch::{ShardChange, Watching};

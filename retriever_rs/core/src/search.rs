@@ -23,11 +23,11 @@
 //! Corruption never panics: a suffix-array entry that points outside the token array reads as a
 //! separator, so a corrupt shard gives wrong (and `verify`-detectable) results, not a crash.
 
+use crate::cancel::Cancel;
 use crate::shard::ShardView;
 use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
-use std::time::Instant;
 
 /// Intervals at or below this size are split by scanning every entry.
 const SCAN_LIMIT: u32 = 64;
@@ -42,8 +42,9 @@ const DENSE_LIMIT: u64 = 64;
 /// How many remembered-prefix probes the longest-match search tries, longest first, before it
 /// falls back to a binary search over the remaining lengths.
 const REMEMBERED_PROBES: usize = 3;
-/// A search with a time limit reads the clock at its first step and every this many steps after.
-const CLOCK_EVERY: u32 = 8;
+/// A search that can be cancelled asks at its first step and every this many steps after (asking
+/// reads the clock when there is a deadline).
+const CHECK_EVERY: u32 = 8;
 /// Marks the end of a row (a document boundary or the end of the text); greater than every token.
 const ROW_END: u32 = u32::MAX;
 
@@ -276,10 +277,11 @@ pub fn exact_tree(views: &[ShardView], context: &[u32], limits: &Limits) -> Tree
     exact_levels(views, context, limits, 1).pop().expect("one level")
 }
 
-/// `exact_tree`, given up (`None`) when it is still growing at `stop_at`. The clock is read every
-/// few expansions, and one expansion is bounded by the interval sampling, so the overrun is small.
-pub fn exact_tree_until(views: &[ShardView], context: &[u32], limits: &Limits, stop_at: Instant) -> Option<Tree> {
-    exact_levels_until(views, context, limits, 1, stop_at).map(|mut t| t.pop().expect("one level"))
+/// `exact_tree`, given up (`None`) when `cancel` says so while it is still growing. It is asked
+/// every few expansions, and one expansion is bounded by the interval sampling, so the overrun
+/// is small.
+pub fn exact_tree_until(views: &[ShardView], context: &[u32], limits: &Limits, cancel: &Cancel) -> Option<Tree> {
+    exact_levels_until(views, context, limits, 1, cancel).map(|mut t| t.pop().expect("one level"))
 }
 
 /// The back-off levels of the exact policy: the tree of the longest match (length `m`), then the
@@ -287,18 +289,18 @@ pub fn exact_tree_until(views: &[ShardView], context: &[u32], limits: &Limits, s
 /// at most `levels` trees (and always the first, even when nothing matched). Level `k` equals
 /// `exact_tree` with `max_span = m - k + 1`.
 pub fn exact_levels(views: &[ShardView], context: &[u32], limits: &Limits, levels: usize) -> Vec<Tree> {
-    with_scratch(|s| s.exact_levels(views, context, limits, levels, &mut || false)).expect("no time limit")
+    exact_levels_until(views, context, limits, levels, &Cancel::never()).expect("never cancelled")
 }
 
-/// `exact_levels`, given up (`None`) when it is still running at `stop_at`.
+/// `exact_levels`, given up (`None`) when `cancel` says so before it finished.
 pub fn exact_levels_until(
     views: &[ShardView],
     context: &[u32],
     limits: &Limits,
     levels: usize,
-    stop_at: Instant,
+    cancel: &Cancel,
 ) -> Option<Vec<Tree>> {
-    with_scratch(|s| s.exact_levels(views, context, limits, levels, &mut || Instant::now() >= stop_at))
+    with_scratch(|s| s.exact_levels(views, context, limits, levels, cancel))
 }
 
 thread_local! {
@@ -547,7 +549,7 @@ impl Searcher {
         }
     }
 
-    /// `exact_levels` on this searcher; `None` when `stop` said so before the search finished
+    /// `exact_levels` on this searcher; `None` when `cancel` said so before the search finished
     /// (asked every few steps).
     pub fn exact_levels(
         &mut self,
@@ -555,13 +557,13 @@ impl Searcher {
         context: &[u32],
         limits: &Limits,
         levels: usize,
-        stop: &mut dyn FnMut() -> bool,
+        cancel: &Cancel,
     ) -> Option<Vec<Tree>> {
         if self.remember {
             std::mem::swap(&mut self.memory, &mut self.last);
             self.memory.clear();
         }
-        let result = self.levels(views, context, limits, levels, stop);
+        let result = self.levels(views, context, limits, levels, cancel);
         if result.is_none() {
             // A search given up halfway has probed only part of what the next one could use.
             self.memory.clear();
@@ -575,18 +577,18 @@ impl Searcher {
         context: &[u32],
         limits: &Limits,
         levels: usize,
-        stop: &mut dyn FnMut() -> bool,
+        cancel: &Cancel,
     ) -> Option<Vec<Tree>> {
         let first = self.longest_match(views, context, limits);
         let mut trees = Vec::with_capacity(levels.clamp(1, 16));
-        trees.push(self.grow(views, first, limits, stop)?);
+        trees.push(self.grow(views, first, limits, cancel)?);
         // A suffix of a suffix that occurs occurs too: level k matches exactly m - k + 1 tokens.
         let mut length = first;
         while trees.len() < levels && length > limits.min_span {
             length -= 1;
             let found = self.probe(views, &context[context.len() - length..]);
             debug_assert!(found, "a suffix of an occurring pattern occurs");
-            trees.push(self.grow(views, length, limits, stop)?);
+            trees.push(self.grow(views, length, limits, cancel)?);
         }
         Some(trees)
     }
@@ -684,7 +686,7 @@ impl Searcher {
         views: &[ShardView],
         match_length: usize,
         limits: &Limits,
-        stop: &mut dyn FnMut() -> bool,
+        cancel: &Cancel,
     ) -> Option<Tree> {
         let occurrences = self.spans.iter().map(Span::len).sum();
         let mut tree = Tree { match_length: match_length as u32, occurrences, ..Tree::default() };
@@ -710,7 +712,7 @@ impl Searcher {
         let mut steps = 0u32;
         while tree.tokens.len() < limits.budget {
             steps += 1;
-            if steps % CLOCK_EVERY == 1 && stop() {
+            if steps % CHECK_EVERY == 1 && cancel.is_cancelled() {
                 return None;
             }
             let Some(e) = g.s.heap.pop() else { break };
@@ -748,7 +750,7 @@ impl Searcher {
                     break;
                 }
                 steps += 1;
-                if steps % CLOCK_EVERY == 1 && stop() {
+                if steps % CHECK_EVERY == 1 && cancel.is_cancelled() {
                     return None;
                 }
                 g.s.heap.pop();

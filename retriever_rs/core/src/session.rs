@@ -11,10 +11,10 @@
 //! covers other shards (another selection, a shard gone out of service or reopened) starts
 //! afresh (`Searcher::bind`).
 
-use crate::datastore::{Datastore, Query};
+use crate::cancel::Cancel;
+use crate::datastore::{Datastore, FoundLevels, Query};
 use crate::error::Result;
 use crate::search::{Searcher, Tree};
-use std::time::Instant;
 
 /// The searches of one decoding session, on any datastore (a session searching another one
 /// starts afresh). Not for sharing between threads: one per session.
@@ -42,21 +42,21 @@ impl SearchSession {
         levels: usize,
         only: Option<&[String]>,
     ) -> Result<Vec<Tree>> {
-        let trees = self.search_levels_until(ds, context, q, levels, only, None)?;
-        Ok(trees.expect("a search without a time limit always finishes"))
+        let found = self.search_levels_cancellable(ds, context, q, levels, only, &Cancel::never())?;
+        Ok(found.expect("a search that cannot be cancelled always finishes").trees)
     }
 
-    /// `ds.search_levels_until(...)`, answered with what this session remembers.
-    pub fn search_levels_until(
+    /// `ds.search_levels_cancellable(...)`, answered with what this session remembers.
+    pub fn search_levels_cancellable(
         &mut self,
         ds: &Datastore,
         context: &[i64],
         q: &Query,
         levels: usize,
         only: Option<&[String]>,
-        stop_at: Option<Instant>,
-    ) -> Result<Option<Vec<Tree>>> {
-        let result = ds.search_with(&mut self.searcher, context, q, levels, only, stop_at);
+        cancel: &Cancel,
+    ) -> Result<Option<FoundLevels>> {
+        let result = ds.search_with(&mut self.searcher, context, q, levels, only, cancel);
         if result.is_err() {
             self.searcher.forget();
         }

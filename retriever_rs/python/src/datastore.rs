@@ -5,7 +5,7 @@ use crate::wire::encode_search_response;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyTuple};
-use rest_retriever::{Policy, Query, Tree};
+use rest_retriever::{Cancel, OpenOptions, Policy, Query, Tree, Watching};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -35,12 +35,42 @@ pub(crate) fn levels_to_py<'py>(py: Python<'py>, trees: Vec<Tree>) -> PyResult<B
 pub struct Datastore {
     // Shared with the search executor's worker threads.
     inner: Arc<rest_retriever::Datastore>,
+    searched_cache: NamesCache,
+}
+
+/// The names of searched shards as a tuple; the usual answer (every shard in service, again and
+/// again) comes from here, so that a search does not make its names again.
+#[derive(Default)]
+struct NamesCache(Mutex<Option<(Vec<usize>, Py<PyTuple>)>>);
+
+impl NamesCache {
+    fn names<'py>(
+        &self,
+        py: Python<'py>,
+        store: &rest_retriever::Datastore,
+        searched: &[usize],
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let mut cache = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((indexes, names)) = cache.as_ref() {
+            if indexes.as_slice() == searched {
+                return Ok(names.bind(py).clone());
+            }
+        }
+        let names = PyTuple::new(py, store.shard_names_of(searched))?;
+        *cache = Some((searched.to_vec(), names.clone().unbind()));
+        Ok(names)
+    }
 }
 
 impl Datastore {
     pub(crate) fn shared(&self) -> Arc<rest_retriever::Datastore> {
         self.inner.clone()
     }
+
+    fn searched_names<'py>(&self, py: Python<'py>, searched: &[usize]) -> PyResult<Bound<'py, PyTuple>> {
+        self.searched_cache.names(py, &self.inner, searched)
+    }
+
 }
 
 /// A search's parameters as Python passes them: `(min_span, max_span, budget, max_depth, policy)`.
@@ -57,8 +87,8 @@ impl QueryArgs {
 
 /// A finished search in the form its caller asked for, made without the GIL.
 pub(crate) enum Answer {
-    /// The back-off levels, the searched shards' names joined by commas (empty: every shard),
-    /// and the names of the shards the answer covers.
+    /// The back-off levels, the requested shards' names joined by commas (empty: every shard),
+    /// and the names of the shards the search covered (those in service).
     Levels(Vec<Tree>, String, Vec<String>),
     /// The retrieval service's `SearchResponse`, serialized.
     Wire(Vec<u8>),
@@ -99,13 +129,53 @@ pub(crate) fn check_levels(levels: usize) -> PyResult<usize> {
 #[pymethods]
 impl Datastore {
     /// Opens the datastore directory `path` (only the named shards when `shards` is given).
+    /// `leases`, `inotify`: how shard files are watched for changes (docs/DATASTORE_FORMAT.md);
+    /// `tolerate_bad_shards`: a shard that cannot be opened stays out of service instead of
+    /// failing the open.
     #[staticmethod]
-    #[pyo3(signature = (path, shards=None))]
-    fn open(py: Python<'_>, path: PathBuf, shards: Option<Vec<String>>) -> PyResult<Self> {
-        let inner = py
-            .detach(|| rest_retriever::Datastore::open(&path, shards.as_deref()))
-            .map_err(to_py)?;
-        Ok(Datastore { inner: Arc::new(inner) })
+    #[pyo3(signature = (path, shards=None, leases=true, inotify=true, tolerate_bad_shards=false))]
+    fn open(
+        py: Python<'_>,
+        path: PathBuf,
+        shards: Option<Vec<String>>,
+        leases: bool,
+        inotify: bool,
+        tolerate_bad_shards: bool,
+    ) -> PyResult<Self> {
+        let options = OpenOptions { only: shards, watching: Watching { leases, inotify }, tolerate_bad_shards };
+        let inner = py.detach(|| rest_retriever::Datastore::open_with(&path, &options)).map_err(to_py)?;
+        Ok(Datastore { inner: Arc::new(inner), searched_cache: NamesCache::default() })
+    }
+
+    /// Every shard, in manifest order, as `(name, reason)`: reason is None while it serves.
+    fn shard_states(&self) -> Vec<(String, Option<String>)> {
+        self.inner.shard_states()
+    }
+
+    /// Whether each opened shard holds a read lease, as `{name: bool}`.
+    fn shard_leases(&self) -> std::collections::HashMap<String, bool> {
+        self.inner.shards.iter().map(|s| (s.name.clone(), s.has_lease())).collect()
+    }
+
+    /// The file descriptor that becomes readable when `shard_changes` has changes.
+    fn events_fileno(&self) -> i32 {
+        self.inner.events().fileno()
+    }
+
+    /// The shards that went out of service since the last call, as `(name, path, serving,
+    /// reason)`, oldest first; the first call also returns the shards refused at open.
+    fn shard_changes(&self) -> Vec<(String, PathBuf, bool, String)> {
+        self.inner.events().take().into_iter().map(|c| (c.shard, c.path, c.serving, c.reason)).collect()
+    }
+
+    /// Takes the named shard out of service with `reason` (a failed check, for instance).
+    fn take_out_of_service(&self, name: &str, reason: String) -> PyResult<()> {
+        self.inner.take_out_of_service(name, reason).map_err(to_py)
+    }
+
+    /// `verify`, shard by shard: `[(name, message)]` for each shard that fails.
+    fn verify_each(&self, py: Python<'_>) -> Vec<(String, String)> {
+        py.detach(|| self.inner.verify_each()).into_iter().map(|(name, err)| (name, err.to_string())).collect()
     }
 
     #[getter]
@@ -149,7 +219,7 @@ impl Datastore {
         self.inner.manifest.to_json()
     }
 
-    /// The continuation tree of `context` as a `tree_to_py` tuple.
+    /// The continuation tree of `context` as `(tree_to_py tuple, searched shards)`.
     #[pyo3(signature = (context, query, shards=None))]
     fn search<'py>(
         &self,
@@ -159,12 +229,16 @@ impl Datastore {
         shards: Option<Vec<String>>,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let q = query.to_query()?;
-        let tree = py.detach(|| self.inner.search(&context, &q, shards.as_deref())).map_err(to_py)?;
-        tree_to_py(py, tree)
+        let found = py
+            .detach(|| self.inner.search_cancellable(&context, &q, shards.as_deref(), &Cancel::never()))
+            .map_err(to_py)?
+            .expect("a search that cannot be cancelled always finishes");
+        (tree_to_py(py, found.tree)?, self.searched_names(py, &found.searched)?).into_pyobject(py)
     }
 
     /// The back-off levels of `context` (`rest_retriever::Datastore::search_levels`: at least
-    /// one, the first with match length 0 when nothing matched) as `tree_to_py` tuples.
+    /// one, the first with match length 0 when nothing matched) as `(list of tree_to_py tuples,
+    /// searched shards)`.
     #[pyo3(signature = (context, query, levels, shards=None))]
     fn search_levels<'py>(
         &self,
@@ -173,23 +247,19 @@ impl Datastore {
         query: QueryArgs,
         levels: usize,
         shards: Option<Vec<String>>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyResult<Bound<'py, PyTuple>> {
         let q = query.to_query()?;
         let levels = check_levels(levels)?;
-        let trees = py.detach(|| self.inner.search_levels(&context, &q, levels, shards.as_deref())).map_err(to_py)?;
-        levels_to_py(py, trees)
-    }
-
-    /// The names of the shards a search of `shards` (None: all) covers, in search order.
-    #[pyo3(signature = (shards=None))]
-    fn searched_shards(&self, shards: Option<Vec<String>>) -> PyResult<Vec<String>> {
-        self.inner.searched_shards(shards.as_deref()).map_err(to_py)
+        let found = py
+            .detach(|| self.inner.search_levels_cancellable(&context, &q, levels, shards.as_deref(), &Cancel::never()))
+            .map_err(to_py)?
+            .expect("a search that cannot be cancelled always finishes");
+        (levels_to_py(py, found.trees)?, self.searched_names(py, &found.searched)?).into_pyobject(py)
     }
 
     /// `search_levels` as `(levels, shard label, searched shards)`, or the serialized
     /// `SearchResponse` with `as_wire`; None when it has not finished within `time_limit_us`
-    /// microseconds (always None for the REST policy, which cannot stop early). With `session`,
-    /// searched with what that session remembers.
+    /// microseconds. With `session`, searched with what that session remembers.
     #[pyo3(signature = (context, query, shards, time_limit_us, levels=1, as_wire=false, session=None))]
     #[allow(clippy::too_many_arguments)]
     fn try_search(
@@ -207,15 +277,18 @@ impl Datastore {
         let levels = check_levels(levels)?;
         // Capped at a day: a longer limit means none, and must not overflow the clock.
         let stop_at = Instant::now() + Duration::from_micros(time_limit_us.min(86_400_000_000));
+        let cancel = Cancel::at(Some(stop_at));
         let answer = py
             .detach(|| {
                 let only = shards.as_deref();
-                let trees = match session {
-                    Some(s) => s.lock().search_levels_until(&self.inner, &context, &q, levels, only, Some(stop_at)),
-                    None => self.inner.search_levels_until(&context, &q, levels, only, Some(stop_at)),
+                let found = match session {
+                    Some(s) => s.lock().search_levels_cancellable(&self.inner, &context, &q, levels, only, &cancel),
+                    None => self.inner.search_levels_cancellable(&context, &q, levels, only, &cancel),
                 }?;
-                let Some(trees) = trees else { return Ok(None) };
-                Ok(Some(Answer::new(trees, only, self.inner.searched_shards(only)?, as_wire)))
+                Ok(found.map(|found| {
+                    let searched = self.inner.shard_names_of(&found.searched);
+                    Answer::new(found.trees, only, searched, as_wire)
+                }))
             })
             .map_err(to_py)?;
         answer.map(|a| a.into_py(py)).transpose()
@@ -224,7 +297,11 @@ impl Datastore {
     /// A search session: searches whose contexts extend each other (a decoding session's),
     /// answered with what the last search of the session found (see `SearchSession`).
     fn session(&self) -> SearchSession {
-        SearchSession { datastore: self.inner.clone(), inner: Arc::new(Mutex::new(rest_retriever::SearchSession::new())) }
+        SearchSession {
+            datastore: self.inner.clone(),
+            inner: Arc::new(Mutex::new(rest_retriever::SearchSession::new())),
+            searched_cache: NamesCache::default(),
+        }
     }
 
     /// Many searches at once, in parallel, without the GIL.
@@ -256,6 +333,7 @@ pub struct SearchSession {
     datastore: Arc<rest_retriever::Datastore>,
     // Shared with the search executor's worker threads, which may run a session's searches.
     inner: Arc<Mutex<rest_retriever::SearchSession>>,
+    searched_cache: NamesCache,
 }
 
 impl SearchSession {
@@ -270,7 +348,8 @@ impl SearchSession {
 
 #[pymethods]
 impl SearchSession {
-    /// `Datastore.search_levels` of the session's datastore, with what the session remembers.
+    /// `Datastore.search_levels` of the session's datastore, with what the session remembers:
+    /// `(list of tree_to_py tuples, searched shards' names)`.
     #[pyo3(signature = (context, query, levels, shards=None))]
     fn search_levels<'py>(
         &self,
@@ -279,13 +358,17 @@ impl SearchSession {
         query: QueryArgs,
         levels: usize,
         shards: Option<Vec<String>>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyResult<Bound<'py, PyTuple>> {
         let q = query.to_query()?;
         let levels = check_levels(levels)?;
-        let trees = py
-            .detach(|| self.lock().search_levels(&self.datastore, &context, &q, levels, shards.as_deref()))
-            .map_err(to_py)?;
-        levels_to_py(py, trees)
+        let found = py
+            .detach(|| {
+                self.lock().search_levels_cancellable(&self.datastore, &context, &q, levels, shards.as_deref(), &Cancel::never())
+            })
+            .map_err(to_py)?
+            .expect("a search that cannot be cancelled always finishes");
+        let names = self.searched_cache.names(py, &self.datastore, &found.searched)?;
+        (levels_to_py(py, found.trees)?, names).into_pyobject(py)
     }
 
     /// Forgets what the session remembers.

@@ -11,7 +11,8 @@ use crate::datastore::{check_levels, Answer, Datastore, QueryArgs, SearchSession
 use crate::errors::to_py;
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError};
 use pyo3::prelude::*;
-use rest_retriever::{Error, Query, SearchSession as CoreSession};
+use rest_retriever::{Cancel, Error, Query, SearchSession as CoreSession};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -27,7 +28,10 @@ struct Job {
     query: Query,
     shards: Option<Vec<String>>,
     deadline: Option<Instant>,
+    /// Set by `SearchExecutor.cancel`: the search stops at its next check.
+    cancelled: Arc<AtomicBool>,
     levels: usize,
+    /// Searched with what this session remembers.
     session: Option<Arc<Mutex<CoreSession>>>,
 }
 
@@ -37,6 +41,8 @@ enum Outcome {
     Failed(Error),
     /// The deadline passed while the job waited for a worker: not searched.
     Expired,
+    /// The deadline passed during the search, or the caller cancelled it: given up.
+    GivenUp,
 }
 
 /// Finished jobs, and the wake-up socket that tells the event loop there are some.
@@ -63,6 +69,8 @@ pub struct SearchExecutor {
     jobs: Mutex<Option<Sender<Job>>>,
     completions: Arc<Completions>,
     wake_reader: UnixStream,
+    /// The cancel flags of the jobs not yet completed, by tag.
+    in_flight: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>>,
 }
 
 #[pymethods]
@@ -85,15 +93,16 @@ impl SearchExecutor {
         });
         let (sender, receiver) = channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
+        let in_flight = Arc::new(Mutex::new(HashMap::new()));
         for i in 0..workers {
-            let (store, receiver, completions) =
-                (datastore.shared(), receiver.clone(), completions.clone());
+            let (store, receiver, completions, in_flight) =
+                (datastore.shared(), receiver.clone(), completions.clone(), in_flight.clone());
             thread::Builder::new()
                 .name(format!("search-{i}"))
-                .spawn(move || work(&store, &receiver, &completions, as_wire))
+                .spawn(move || work(&store, &receiver, &completions, &in_flight, as_wire))
                 .map_err(os_error)?;
         }
-        Ok(SearchExecutor { jobs: Mutex::new(Some(sender)), completions, wake_reader })
+        Ok(SearchExecutor { jobs: Mutex::new(Some(sender)), completions, wake_reader, in_flight })
     }
 
     /// The file descriptor that becomes readable when searches have finished.
@@ -103,8 +112,8 @@ impl SearchExecutor {
 
     /// Queues a search of `levels` back-off levels (`Datastore.search_levels`), with what
     /// `session` remembers when one is given; its outcome comes back from `completed` under
-    /// `tag`. A job still waiting for a worker `timeout_s` seconds from now is not searched
-    /// (`TimeoutError`).
+    /// `tag`. A job still waiting for a worker `timeout_s` seconds from now is not searched, and
+    /// one still running then is given up (both `TimeoutError`).
     #[pyo3(signature = (tag, context, query, shards=None, timeout_s=None, levels=1, session=None))]
     #[allow(clippy::too_many_arguments)]
     fn submit(
@@ -124,18 +133,32 @@ impl SearchExecutor {
         let deadline = timeout_s
             .and_then(|t| Duration::try_from_secs_f64(t.max(0.0)).ok())
             .and_then(|d| Instant::now().checked_add(d));
-        let job = Job { tag, context, query, shards, deadline, levels, session };
+        let cancelled = Arc::new(AtomicBool::new(false));
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(tag, cancelled.clone());
+        let job = Job { tag, context, query, shards, deadline, cancelled, levels, session };
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         match jobs.as_ref() {
             Some(sender) if sender.send(job).is_ok() => Ok(()),
-            _ => Err(PyRuntimeError::new_err("search executor is closed")),
+            _ => {
+                self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&tag);
+                Err(PyRuntimeError::new_err("search executor is closed"))
+            }
+        }
+    }
+
+    /// Gives up the search queued under `tag` (its caller went away): a queued one is not run,
+    /// a running one stops at its next check. Its outcome still comes back from `completed`.
+    /// Unknown or finished tags are ignored.
+    fn cancel(&self, tag: u64) {
+        if let Some(flag) = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).get(&tag) {
+            flag.store(true, Ordering::Relaxed);
         }
     }
 
     /// Every search finished since the last call, as `(tag, outcome)`: the outcome is
     /// `(levels, shard label, searched shards)` as `Datastore.try_search` gives it (the encoded
     /// message with `as_wire`), or the exception the search raised (`TimeoutError` for one whose
-    /// deadline passed before it started).
+    /// deadline passed before it started, or that was given up).
     fn completed(&self, py: Python<'_>) -> Vec<(u64, Py<PyAny>)> {
         // Drain the wake-up bytes before taking the list: a completion that lands after the take
         // then writes a fresh byte, so none is ever left without a wake-up.
@@ -153,6 +176,11 @@ impl SearchExecutor {
                     )
                     .into_value(py)
                     .into_any()),
+                    Outcome::GivenUp => Ok(PyTimeoutError::new_err(
+                        "search given up: its deadline passed or its call was cancelled",
+                    )
+                    .into_value(py)
+                    .into_any()),
                 };
                 (tag, value.expect("converting a search result cannot fail"))
             })
@@ -165,7 +193,13 @@ impl SearchExecutor {
     }
 }
 
-fn work(store: &rest_retriever::Datastore, receiver: &Mutex<Receiver<Job>>, completions: &Completions, as_wire: bool) {
+fn work(
+    store: &rest_retriever::Datastore,
+    receiver: &Mutex<Receiver<Job>>,
+    completions: &Completions,
+    in_flight: &Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    as_wire: bool,
+) {
     loop {
         // One worker waits on the channel while the others wait on the lock: a plain shared queue.
         let job = match receiver.lock().unwrap_or_else(|e| e.into_inner()).recv() {
@@ -174,19 +208,27 @@ fn work(store: &rest_retriever::Datastore, receiver: &Mutex<Receiver<Job>>, comp
         };
         let outcome = if job.deadline.is_some_and(|d| Instant::now() >= d) {
             Outcome::Expired
+        } else if job.cancelled.load(Ordering::Relaxed) {
+            Outcome::GivenUp
         } else {
+            let cancel = Cancel::at(job.deadline).with_flag(job.cancelled.clone());
             let only = job.shards.as_deref();
-            let trees = match &job.session {
-                Some(session) => session.lock().unwrap_or_else(|e| e.into_inner()).search_levels(
-                    store, &job.context, &job.query, job.levels, only,
+            let found = match &job.session {
+                Some(session) => session.lock().unwrap_or_else(|e| e.into_inner()).search_levels_cancellable(
+                    store, &job.context, &job.query, job.levels, only, &cancel,
                 ),
-                None => store.search_levels(&job.context, &job.query, job.levels, only),
+                None => store.search_levels_cancellable(&job.context, &job.query, job.levels, only, &cancel),
             };
-            match trees.and_then(|trees| Ok(Answer::new(trees, only, store.searched_shards(only)?, as_wire))) {
-                Ok(answer) => Outcome::Found(answer),
+            match found {
+                Ok(Some(found)) => {
+                    let searched = store.shard_names_of(&found.searched);
+                    Outcome::Found(Answer::new(found.trees, only, searched, as_wire))
+                }
+                Ok(None) => Outcome::GivenUp,
                 Err(err) => Outcome::Failed(err),
             }
         };
+        in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&job.tag);
         completions.push(job.tag, outcome);
     }
 }
