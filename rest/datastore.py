@@ -150,8 +150,10 @@ class Datastore:
         params: SearchParams = SearchParams(),
         shards: Sequence[str] | None = None,
     ) -> SearchResult:
-        """The continuation tree of ``context``. ValueError for an empty context or an id outside
-        the vocabulary; KeyError for an unknown shard."""
+        """The continuation tree of ``context``, over the shards in service (named in the
+        result's ``searched_shards``). ValueError for an empty context or an id outside the
+        vocabulary; KeyError for an unknown shard; ShardUnavailableError when a named shard (or
+        every shard) is out of service."""
         raw, searched = self._native.search(_as_list(context), *_engine_query(params, shards))
         return SearchResult.from_engine(raw, _label(shards), searched)
 
@@ -207,12 +209,9 @@ class Datastore:
         shards: Sequence[str] | None = None,
     ) -> list[SearchResult]:
         """Many searches at once, in parallel across the machine's cores."""
-        raws = self._native.search_batch(
-            [_as_list(c) for c in contexts],
-            *_engine_query(params, shards),
-        )
+        raws = self._native.search_batch([_as_list(c) for c in contexts], *_engine_query(params, shards))
         label = _label(shards)
-        return [SearchResult.from_engine(r, label, ()) for r in raws]
+        return [SearchResult.from_engine(raw, label, searched) for raw, searched in raws]
 
     def verify(self) -> None:
         """The slow full check (checksums, suffix-array structure); raises DatastoreError."""

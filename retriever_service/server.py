@@ -38,7 +38,7 @@ from rest.cli_errors import one_line, run
 from retriever_service.auth import TOKEN_ENV, BearerTokenInterceptor, check_token, token_option
 from retriever_service.searches import AsyncSearches
 from retriever_service.servicer import SERVICE, RetrieverServicer, add_to_server
-from retriever_service.telemetry import SearchTelemetry, providers_from_env
+from retriever_service.telemetry import SearchTelemetry, providers_from_env, serve_prometheus
 
 log = logging.getLogger("retriever_service.server")
 
@@ -93,6 +93,8 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # also require client certificates signed by this CA
     token: str | None = None  # require "authorization: Bearer <token>"; never empty
+    metrics_port: int | None = None  # serve Prometheus text on http://metrics_host:port/metrics
+    metrics_host: str | None = None  # None: the same as host
 
     def __post_init__(self) -> None:
         for name, (lowest, highest) in OPTION_RANGES.items():
@@ -113,6 +115,10 @@ class ServerConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         check_token(self.token, "--token")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+        if self.metrics_host is not None and self.metrics_port is None:
+            raise ValueError("--metrics-host needs --metrics-port")
 
     def channel_options(self) -> list[tuple[str, int]]:
         return [
@@ -221,6 +227,8 @@ async def start_server(
     """
     datastore = datastore if datastore is not None else open_datastore(config)
     searches = AsyncSearches(datastore.search_executor(config.workers, as_wire=True))
+    traced = tracer_provider is not None or meter_provider is not None
+    telemetry = SearchTelemetry("server", tracer_provider, meter_provider) if traced else None
     interceptors = []
     if tracer_provider is not None:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
@@ -232,11 +240,9 @@ async def start_server(
         interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider,
                                                    filter_=negate(health_check())))
     if config.token is not None:
-        interceptors.append(BearerTokenInterceptor(config.token))
+        on_reject = telemetry.rejected if telemetry is not None else None
+        interceptors.append(BearerTokenInterceptor(config.token, on_reject))
     server = grpc.aio.server(interceptors=interceptors, options=config.channel_options())
-
-    traced = tracer_provider is not None or meter_provider is not None
-    telemetry = SearchTelemetry("server", tracer_provider, meter_provider) if traced else None
     servicer = RetrieverServicer(
         datastore,
         searches,
@@ -284,15 +290,16 @@ def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
     raise OSError(f"could not listen on {address}: {problem}")
 
 
-def why_bind_fails(host: str, port: int) -> str | None:
+def why_bind_fails(host: str, port: int, *, port_option: str = "--port",
+                   host_option: str = "--host") -> str | None:
     """What keeps ``host:port`` from being bound, found by binding it with a plain socket the way
     gRPC will; ``None`` when nothing does."""
     try:
         addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        return (f"--host {host} does not resolve ({exc.strerror}); give an address or a name of"
-                " this machine (127.0.0.1, 0.0.0.0 for every interface, ::)")
+        return (f"{host_option} {host} does not resolve ({exc.strerror}); give an address or a"
+                " name of this machine (127.0.0.1, 0.0.0.0 for every interface, ::)")
     for family, kind, proto, _, sockaddr in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
@@ -300,13 +307,14 @@ def why_bind_fails(host: str, port: int) -> str | None:
                 probe.bind(sockaddr)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    return (f"--port {port} is in use (another retriever-server?); choose another"
-                            " port, 0 for a free one, or stop the process that holds it")
+                    return (f"{port_option} {port} is in use (another retriever-server?); choose"
+                            " another port, 0 for a free one, or stop the process that holds it")
                 if exc.errno == errno.EADDRNOTAVAIL:
-                    return f"--host {host} is not an address of this machine"
+                    return f"{host_option} {host} is not an address of this machine"
                 if exc.errno == errno.EACCES:
-                    return f"--port {port}: permission denied (ports below 1024 need privileges)"
-                return f"{exc.strerror} (--host {host}, --port {port})"
+                    return (f"{port_option} {port}: permission denied (ports below 1024 need"
+                            " privileges)")
+                return f"{exc.strerror} ({host_option} {host}, {port_option} {port})"
     return None
 
 
@@ -317,13 +325,22 @@ def host_for_address(host: str) -> str:
 
 async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    providers = providers_from_env("rest-retriever")
-    running = await start_server(
-        config,
-        datastore,
-        tracer_provider=providers.tracer_provider,
-        meter_provider=providers.meter_provider,
-    )
+    providers = providers_from_env("rest-retriever", prometheus=config.metrics_port is not None)
+    metrics_http = None
+    try:
+        if config.metrics_port is not None:
+            metrics_http = _serve_metrics(config)
+        running = await start_server(
+            config,
+            datastore,
+            tracer_provider=providers.tracer_provider,
+            meter_provider=providers.meter_provider,
+        )
+    except BaseException:
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        providers.shutdown()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -332,12 +349,28 @@ async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None
     # Tests and scripts read the port from this line; keep its shape.
     address = f"{host_for_address(config.host)}:{running.port}"
     print(f"retriever-server listening on {address}", file=out, flush=True)
+    if metrics_http is not None:
+        host, port = metrics_http.server_address[:2]
+        print(f"retriever-server metrics on http://{host_for_address(host)}:{port}/metrics",
+              file=out, flush=True)
     log.info("serving %s (%s) on %s", config.datastore, scheme, address)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, up to %.1f s for calls in flight", config.grace_s)
     await running.shutdown(config.grace_s)
+    if metrics_http is not None:
+        metrics_http.shutdown()
     providers.shutdown()
     log.info("stopped")
+
+
+def _serve_metrics(config: ServerConfig):
+    host = config.metrics_host or config.host
+    problem = why_bind_fails(host, config.metrics_port, port_option="--metrics-port",
+                             host_option="--metrics-host" if config.metrics_host else "--host")
+    if problem is not None:
+        raise OSError(f"could not serve metrics on {host_for_address(host)}:"
+                      f"{config.metrics_port}: {problem}")
+    return serve_prometheus(host.strip("[]"), config.metrics_port)
 
 
 class BackgroundServer:
@@ -439,13 +472,18 @@ def option_range(field_name: str) -> click.ParamType:
               help=f"Require 'authorization: Bearer TOKEN'. Default: the {TOKEN_ENV} variable, "
                    "which is better: a command line is visible to other users. Never empty: "
                    "leave both out for no authentication.")
+@click.option("--metrics-port", type=option_range("port"),
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port, "
+                   "printed at start). Default: no metrics endpoint.")
+@click.option("--metrics-host", help="Address of the metrics endpoint. Default: --host.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def serve_command(log_level: str, shards: tuple[str, ...], **options) -> None:
     """Serve a REST datastore over gRPC (rest.retriever.v1).
 
-    Traces and metrics are exported as the standard OTEL_TRACES_EXPORTER and
-    OTEL_METRICS_EXPORTER variables say (otlp, console or none; default none).
+    Traces, metrics and logs are exported as the OpenTelemetry SDK's variables say
+    (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER, OTEL_LOGS_EXPORTER: otlp, console, prometheus,
+    none; OTEL_EXPORTER_OTLP_PROTOCOL grpc or http/protobuf; default none).
 
     Errors are one line (exit status 1; 2 for a bad option); --debug or REST_DEBUG=1 shows the
     traceback.
@@ -472,7 +510,9 @@ def serve_command(log_level: str, shards: tuple[str, ...], **options) -> None:
         ) from exc
     try:
         asyncio.run(serve(config, datastore))
-    except OSError as exc:  # the address cannot be bound
+    except OSError as exc:  # an address that cannot be bound
+        raise click.ClickException(str(exc)) from exc
+    except ValueError as exc:  # OTEL_* variables the OpenTelemetry SDK cannot satisfy
         raise click.ClickException(str(exc)) from exc
 
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod format;
 mod mmap;
 pub mod rest_policy;
+pub mod scrub;
 pub mod search;
 pub mod session;
 pub mod shard;

@@ -304,7 +304,7 @@ impl Datastore {
         }
     }
 
-    /// Many searches at once, in parallel, without the GIL.
+    /// Many searches at once, in parallel, without the GIL: `search`'s answer for each.
     #[pyo3(signature = (contexts, query, shards=None))]
     fn search_batch<'py>(
         &self,
@@ -312,10 +312,13 @@ impl Datastore {
         contexts: Vec<Vec<i64>>,
         query: QueryArgs,
         shards: Option<Vec<String>>,
-    ) -> PyResult<Bound<'py, PyList>> {
+    ) -> PyResult<Vec<Bound<'py, PyTuple>>> {
         let q = query.to_query()?;
-        let trees = py.detach(|| self.inner.search_batch(&contexts, &q, shards.as_deref())).map_err(to_py)?;
-        levels_to_py(py, trees)
+        let found = py.detach(|| self.inner.search_batch(&contexts, &q, shards.as_deref())).map_err(to_py)?;
+        found
+            .into_iter()
+            .map(|f| (tree_to_py(py, f.tree)?, self.searched_names(py, &f.searched)?).into_pyobject(py))
+            .collect()
     }
 
     /// The slow full check: checksums and suffix-array structure of every open shard.
