@@ -15,6 +15,8 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FORMAT_VERSION", rest_retriever::format::FORMAT_VERSION)?;
     m.add("MAX_SHARD_TOKENS", rest_retriever::format::MAX_SHARD_TOKENS)?;
     m.add_class::<datastore::Datastore>()?;
+    m.add_class::<datastore::SearchSession>()?;
+    m.add("MAX_LEVELS", datastore::MAX_LEVELS)?;
     m.add_class::<build::DatastoreBuilder>()?;
     m.add_class::<executor::SearchExecutor>()?;
     Ok(())
