@@ -5,6 +5,7 @@
 
 pub mod build;
 pub mod datastore;
+pub mod draft;
 pub mod error;
 pub mod format;
 mod mmap;
