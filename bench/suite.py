@@ -28,6 +28,8 @@ from pathlib import Path
 
 import click
 
+from decoder.cli import retriever_options
+
 METHODS = ("plain", "rest-policy", "exact", "prompt-lookup", "hybrid", "hf-prompt-lookup")
 SAMPLING = {"humaneval": (0.8, 0.95), "mt-bench": (0.7, 0.8), "jsonl": (0.7, 0.8)}
 DEFAULT_MT_BENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "mt_bench" / "question.jsonl"
@@ -108,9 +110,9 @@ def hf_prompt_lookup(model, tokenizer, prompt: str, max_new_tokens: int, tempera
     return tokens, elapsed
 
 
-def datastore_description(retriever, datastore, endpoints) -> dict:
+def datastore_description(retriever, retriever_options) -> dict:
     info = retriever.info()
-    return {"path": str(datastore) if datastore else None, "endpoints": endpoints, "n_tokens": info.n_tokens,
+    return {"path": retriever_options.datastore, "endpoints": list(retriever_options.endpoints), "n_tokens": info.n_tokens,
             "n_docs": info.n_docs, "shards": list(info.shards), "tokenizer": info.tokenizer_name,
             "tokenizer_fingerprint": info.tokenizer_fingerprint}
 
@@ -134,22 +136,16 @@ def summarise(rows: list[dict]) -> dict:
     }
 
 
-def run_suite(model_path, datastore, endpoints, workload, prompts_path, field, limit, max_new_tokens, settings,
+def run_suite(model_path, retriever_options, workload, prompts_path, field, limit, max_new_tokens, settings,
               methods, budget, seed) -> dict:
     """Every method decodes every prompt, method after method for each prompt (so that load on the
     machine hits them alike), once per setting. Each setting's pass starts with fresh generators.
     A greedy output counts as identical when its tokens equal plain decoding's, all of them."""
     from bench.environment import library_versions, machine
     from decoder import RestGenerator, load_model
-    from rest.retriever import LocalRetriever
 
     model, tokenizer = load_model(model_path, dtype="auto")
-    if endpoints:
-        from retriever_service.client import RemoteRetriever
-
-        retriever = RemoteRetriever(endpoints.split(","), deadline_s=0.5)
-    else:
-        retriever = LocalRetriever(datastore)
+    retriever = retriever_options.open(deadline_s=0.5)
     prompts = load_prompts(workload, tokenizer, limit, prompts_path, field)
     warm = RestGenerator(model, tokenizer)
     warm.generate(prompts[0], 4, plain=True)
@@ -193,7 +189,7 @@ def run_suite(model_path, datastore, endpoints, workload, prompts_path, field, l
                      "sampling": {s: SAMPLING[workload] for s in settings if s != "greedy"},
                      "dtype": str(model.dtype), "device": str(model.device),
                      "decoder_configs": {m: asdict(c) for m, (c, _) in method_configs(budget).items() if m in methods}},
-        "datastore": datastore_description(retriever, datastore, endpoints),
+        "datastore": datastore_description(retriever, retriever_options),
         "machine": machine(str(model.device)),
         "libraries": library_versions(),
         "results": results,
@@ -318,8 +314,7 @@ def chart(report: dict, path: Path) -> None:
 
 @click.command("bench")
 @click.option("--model", "model_path", default=None, help="Model directory or hub id (default: the demo model).")
-@click.option("--datastore", type=click.Path(exists=True, file_okay=False), help="Datastore directory (in-process).")
-@click.option("--retriever", "endpoints", help="HOST:PORT[,HOST:PORT] of retriever-server instead of --datastore.")
+@retriever_options
 @click.option("--workload", type=click.Choice(["humaneval", "mt-bench", "jsonl"]), default="humaneval", show_default=True)
 @click.option("--prompts", "prompts_path", type=click.Path(exists=True, dir_okay=False),
               help="JSON-lines prompts (mt-bench: question.jsonl; jsonl: any file).")
@@ -333,7 +328,7 @@ def chart(report: dict, path: Path) -> None:
 @click.option("--sweep", default=None, metavar="FRACTIONS",
               help="Instead: M and speedup for standard-library datastores of these sizes (e.g. 0.125,0.25,0.5,1).")
 @click.option("--out", "out_dir", default="results/bench", show_default=True, type=click.Path(file_okay=False))
-def bench_command(model_path, datastore, endpoints, workload, prompts_path, field, limit, max_new_tokens, settings,
+def bench_command(model_path, retriever_options, workload, prompts_path, field, limit, max_new_tokens, settings,
                   methods, budget, seed, sweep, out_dir):
     """Decode a workload with every drafting method and plain decoding, on the same model."""
     from rest.corpus import repo_cache_dir
@@ -356,9 +351,10 @@ def bench_command(model_path, datastore, endpoints, workload, prompts_path, fiel
         from rest.tokenizer import load_tokenizer
 
         model_path = str(ensure_demo_model())
-        if not datastore and not endpoints:
-            datastore = str(demo_datastore(load_tokenizer(model_path), repo_cache_dir()))
-    if not datastore and not endpoints:
+        if not retriever_options.datastore and not retriever_options.endpoints:
+            retriever_options = replace(retriever_options,
+                                        datastore=str(demo_datastore(load_tokenizer(model_path), repo_cache_dir())))
+    if not retriever_options.datastore and not retriever_options.endpoints:
         raise click.UsageError("give --datastore or --retriever")
     method_list = [m.strip() for m in methods.split(",")]
     unknown = set(method_list) - set(METHODS)
@@ -366,7 +362,7 @@ def bench_command(model_path, datastore, endpoints, workload, prompts_path, fiel
         raise click.UsageError(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if "plain" not in method_list:
         method_list.insert(0, "plain")
-    report = run_suite(model_path, datastore, endpoints, workload, prompts_path, field, limit, max_new_tokens,
+    report = run_suite(model_path, retriever_options, workload, prompts_path, field, limit, max_new_tokens,
                        [s.strip() for s in settings.split(",")], method_list, budget, seed)
     print_tables(report)
     (out / f"bench-{workload}.json").write_text(json.dumps(report, indent=2))
