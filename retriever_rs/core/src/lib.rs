@@ -7,6 +7,7 @@
 pub mod build;
 pub mod cancel;
 pub mod datastore;
+pub mod draft;
 pub mod error;
 pub mod format;
 mod mmap;

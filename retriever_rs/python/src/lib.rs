@@ -4,6 +4,7 @@ use pyo3::prelude::*;
 
 mod build;
 mod datastore;
+mod draft;
 mod errors;
 mod executor;
 mod wire;
@@ -19,5 +20,8 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("MAX_LEVELS", datastore::MAX_LEVELS)?;
     m.add_class::<build::DatastoreBuilder>()?;
     m.add_class::<executor::SearchExecutor>()?;
+    m.add_class::<draft::Drafter>()?;
+    m.add_class::<draft::ServedIndex>()?;
+    m.add_function(wrap_pyfunction!(draft::score_levels, m)?)?;
     Ok(())
 }
