@@ -7,9 +7,9 @@
 Part 1, verification cost. A random-weight Llama of LLaMA-2-7B shape (hidden 4096, 32 layers,
 32 heads, intermediate 11008, vocabulary 32000) in bf16 with sdpa attention. For each context
 length the context is prefilled into the KV cache; then one verification forward pass of a
-draft tree of each size (root included) is timed through the decoder's own ``linearise`` and
-``verify_tree``, the path every decoding step takes, and the tree's keys and values are trimmed
-again (``keep_accepted``). The trees are chains: the tree's shape changes the mask, not the work.
+draft tree of each size (root included) is timed through the decoder's own ``build_tree_batch``
+and ``forward_tree_batch``, the path every decoding step takes, and the tree's keys and values
+are trimmed again (``BatchedCache.commit``). The trees are chains: the tree's shape changes the mask, not the work.
 After two warm-up rounds, ``--repeats`` rounds time every size in turn (so that a burst of load
 hits all sizes alike); the table gives the median per size and its ratio to a single token.
 
@@ -39,9 +39,9 @@ import click
 import numpy as np
 import torch
 
-from decoder.draft_tree import DraftTree
-from decoder.kv_cache import keep_accepted, new_cache
-from decoder.verify import prefill, verify_tree
+from decoder.kv_cache import BatchedCache
+from decoder.model_support import profile_model
+from decoder.verify import RowTree, build_tree_batch, forward_tree_batch, prefill
 
 SHAPES = {
     # LLaMA-2-7B.
@@ -79,24 +79,26 @@ def verification_cost(model, context_len: int, sizes: list[int], repeats: int) -
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(context_len)
     tokens = torch.randint(0, vocab, (context_len + max(sizes),), generator=generator).tolist()
-    cache = new_cache()
+    profile = profile_model(model)
+    kv = BatchedCache()
     prefix_len = context_len - 1  # the cache holds the context minus the root
-    prefill(model, cache, tokens[:prefix_len])
+    kv.append(prefill(model, tokens[:prefix_len])[0], prefix_len)
     trees = []
     for size in sizes:
-        chain = DraftTree(tokens[context_len : context_len + size - 1], list(range(-1, size - 2)),
-                          [1.0] * (size - 1))
-        trees.append(chain.linearise(tokens[prefix_len], prefix_len, model.dtype, model.device))
+        chain = RowTree(tokens[prefix_len], tokens[context_len : context_len + size - 1],
+                        list(range(-1, size - 2)))
+        trees.append(build_tree_batch([chain], [prefix_len], prefix_len, profile, model.dtype,
+                                      model.device))
     times: dict[int, list[float]] = {size: [] for size in sizes}
     for round_ in range(repeats + 2):
         for size, inputs in zip(sizes, trees):
             synchronize(model.device)
             start = time.perf_counter()
-            verify_tree(model, cache, inputs)
+            forward_tree_batch(model, profile, kv, inputs)
             synchronize(model.device)
             if round_ >= 2:
                 times[size].append(time.perf_counter() - start)
-            keep_accepted(cache, prefix_len, [])
+            kv.commit(prefix_len, [[]])
     return times
 
 

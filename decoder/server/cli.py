@@ -17,7 +17,7 @@ from typing import Any
 
 import click
 
-from decoder.cli import RETRIEVER_OPTION_NAMES, open_retriever, parse_budget, retriever_options
+from decoder.cli import parse_budget, retriever_options
 from decoder.config import AUTO, DecodingConfig
 from decoder.errors import DecoderError
 from decoder.server.metrics import ServerMetrics
@@ -95,7 +95,7 @@ def serve(options: dict[str, Any]) -> None:
 
     check_model_path(options["model_path"])
 
-    retriever = open_retriever(**{name: options[name] for name in RETRIEVER_OPTION_NAMES})
+    retriever = options["retriever_options"].open()
     served_name = options["served_model_name"] or options["model_path"]
     sock = bind(options["host"], options["port"])
     host, port = sock.getsockname()[:2]
