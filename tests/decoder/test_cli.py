@@ -112,7 +112,7 @@ def test_generate_with_a_remote_retriever(model_dir, tmp_path) -> None:
 # ----------------------------------------------------------------------------------------------
 # The retriever options (shared by generate, chat, bench and decoder-server)
 
-from tests.retriever_service.test_security import certs  # noqa: E402,F401 - the fixture
+from tests.retriever_service.conftest import certs  # noqa: E402,F401 - the fixture
 
 TOKEN = "cli-s3cret"
 
