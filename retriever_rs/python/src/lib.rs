@@ -6,6 +6,7 @@ mod build;
 mod datastore;
 mod errors;
 mod executor;
+mod scrub;
 mod wire;
 
 #[pymodule]
@@ -17,5 +18,6 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<datastore::Datastore>()?;
     m.add_class::<build::DatastoreBuilder>()?;
     m.add_class::<executor::SearchExecutor>()?;
+    m.add_class::<scrub::Scrub>()?;
     Ok(())
 }
