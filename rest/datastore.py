@@ -221,6 +221,12 @@ class Datastore:
         """``verify`` shard by shard: ``{shard: what is wrong}`` for the shards that fail."""
         return dict(self._native.verify_each())
 
+    def start_scrub(self, bytes_per_s: int, pause_s: float = 10.0) -> Scrub:
+        """Re-reads every shard in service in the background (a niced engine thread, at most
+        ``bytes_per_s``, 0 for no limit, ``pause_s`` between passes) and takes a shard out of
+        service when its checksum no longer matches its header (bytes changed in place)."""
+        return Scrub(_engine.Scrub(self._native, bytes_per_s, pause_s))
+
     def search_executor(self, workers: int, *, as_wire: bool = False) -> SearchExecutor:
         """Searches on ``workers`` native threads, for callers that must not block (event loops).
         ``as_wire``: results come as serialized ``SearchResponse`` messages (see ``try_search``)."""
@@ -328,6 +334,30 @@ class SearchExecutor:
     def close(self) -> None:
         """Refuses new searches; the queued ones still run and complete."""
         self._native.close()
+
+
+class Scrub:
+    """A running scrub (``Datastore.start_scrub``)."""
+
+    def __init__(self, native) -> None:
+        self._native = native
+
+    @property
+    def bytes_read(self) -> int:
+        return self._native.stats()[0]
+
+    @property
+    def passes(self) -> int:
+        """Complete passes over every shard in service."""
+        return self._native.stats()[1]
+
+    @property
+    def found(self) -> int:
+        """Shards this scrub took out of service."""
+        return self._native.stats()[2]
+
+    def stop(self) -> None:
+        self._native.stop()
 
 
 def build_datastore(

@@ -7,6 +7,7 @@ mod datastore;
 mod draft;
 mod errors;
 mod executor;
+mod scrub;
 mod wire;
 
 #[pymodule]
@@ -23,5 +24,6 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<draft::Drafter>()?;
     m.add_class::<draft::ServedIndex>()?;
     m.add_function(wrap_pyfunction!(draft::score_levels, m)?)?;
+    m.add_class::<scrub::Scrub>()?;
     Ok(())
 }
