@@ -6,7 +6,7 @@ A ``BatchDecoder`` holds the running sequences of a ``RestGenerator``. Every ``s
    ``max_batch``: each joining prompt is prefilled alone, exactly as ``generate`` prefills it, and
    its first token is chosen from the prefill's logits;
 2. every other running sequence drafts its own tree (its own draft sources; a drafting step that
-   fails becomes a plain step), cut to what its positions allow (``max_tree_depth``) and to the
+   fails becomes a plain step), cut to what its positions allow (``tree_limits``) and to the
    budget, which adapts to the batch (``choose_batch_budget``: as the batch fills, nodes cost more
    verification and trees shrink, down to none);
 3. all the trees go through the model in one forward pass (padded, per-row positions, one 4D mask
@@ -41,11 +41,11 @@ from decoder.kv_cache import BatchedCache
 from decoder.model_support import (
     RopeState,
     check_request,
-    max_tree_depth,
     pristine_rope_state,
+    rebuild_inputs,
     restore_rope_state,
     save_rope_state,
-    wants_rebuild,
+    tree_limits,
 )
 from decoder.sampling import node_chooser
 from decoder.settings import GenerationSettings, resolve_settings
@@ -54,6 +54,7 @@ from decoder.stopping import StopChecker
 from decoder.verify import (
     RowTree,
     build_tree_batch,
+    forward_as_generate,
     forward_plain,
     forward_tree_batch,
     prefill,
@@ -397,10 +398,12 @@ class BatchDecoder:
         """Phi-3 longrope: at the crossing, the model's own input preparation drops the cache and
         ``generate`` feeds the whole context again; so does this (a plain step). Returns the
         emitted tokens, or None when no rebuild was wanted."""
-        if seq.cache is None or not wants_rebuild(self.model, self.profile, seq.context,
-                                                  seq.cache.cache):  # fmt: skip
+        if seq.cache is None:
             return None
-        cache, logits = prefill(self.model, seq.context)
+        inputs = rebuild_inputs(self.model, self.profile, seq.context, seq.cache.cache)
+        if inputs is None:
+            return None
+        cache, logits = forward_as_generate(self.model, inputs, len(seq.context))
         seq.cache = BatchedCache()
         seq.cache.append(cache, len(seq.context))
         token = self._choose(seq, logits[None], DraftTree.empty())(0)
@@ -415,7 +418,7 @@ class BatchDecoder:
         if not seq.sources:
             return
         prefix_len = len(seq.context) - 1
-        depth = max_tree_depth(self.profile, prefix_len, seq.stopper.tokens_left, seq.rope)
+        depth, nodes = tree_limits(self.profile, prefix_len, seq.stopper.tokens_left, seq.rope)
         t0 = time.perf_counter()
         failures = seq.failures()
         if depth > 0:
@@ -423,6 +426,8 @@ class BatchDecoder:
                 tree = draft_tree(seq.sources, seq.context, self.generator.config.tree_budget,
                                   self.generator.vocab_size)  # fmt: skip
                 seq.tree = limit_depth(tree, depth)
+                if nodes is not None:
+                    seq.tree = seq.tree.prune(nodes)
             except Exception:
                 # Retrieval is an optimisation: a drafting step that fails is a plain step.
                 level = logging.DEBUG if seq.drafting_failures else logging.WARNING
