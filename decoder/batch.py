@@ -264,9 +264,19 @@ class BatchDecoder:
         decoding = list(self._running)  # those that were running before this step
         joined = self._join(updates, totals)
         self._decode(decoding, updates, totals)
+        for seq, cache in joined:  # their rows come after the running ones'
+            if seq.finish_reason is not None:
+                self._close(seq, seq.finish_reason)
+                continue
+            if self.profile.shares_rope_state:
+                seq.cache = BatchedCache()
+                seq.cache.append(cache, len(seq.context) - 1)
+            else:
+                self._shared.append(cache, len(seq.context) - 1)
+            self._running.append(seq)
         self._leave_finished()
         stats = StepStats(
-            batch_size=len(decoding) + joined,
+            batch_size=len(decoding) + len(joined),
             draft_tokens=totals.draft_tokens,
             accepted_draft_tokens=totals.accepted,
             emitted_tokens=totals.emitted,
@@ -299,14 +309,14 @@ class BatchDecoder:
                 updates.append(SequenceUpdate(seq.id, [], "abort", seq.stats()))
         self._leave_finished()
 
-    def _join(self, updates: list[SequenceUpdate], totals: _Totals) -> int:
-        joined = 0
-        while self._waiting and len(self._running) < self.max_batch:
+    def _join(self, updates: list[SequenceUpdate], totals: _Totals) -> list:
+        """Prefill the requests that join: [(sequence, its one-row cache)]."""
+        joined = []
+        while self._waiting and len(self._running) + len(joined) < self.max_batch:
             seq = self._start(*self._waiting.pop(0))
-            joined += 1
             t0 = time.perf_counter()
             try:
-                self._prefill(seq)
+                cache = self._prefill(seq)
             except BaseException:
                 self._close(seq, None)
                 raise
@@ -314,10 +324,7 @@ class BatchDecoder:
             totals.verification_s += seq.prefill_s
             totals.emitted += len(seq.stopper.tokens)
             self._report(seq, list(seq.stopper.tokens), updates)
-            if seq.finish_reason is None:
-                self._running.append(seq)
-            else:
-                self._close(seq, seq.finish_reason)
+            joined.append((seq, cache))
         return joined
 
     def _start(
@@ -327,8 +334,8 @@ class BatchDecoder:
         sources = self.generator.open_sources() if drafting else []
         return _Sequence(request, settings, stopper, sources)
 
-    def _prefill(self, seq: _Sequence) -> None:
-        """``generate``'s prefill, alone; the first token from its logits."""
+    def _prefill(self, seq: _Sequence):
+        """``generate``'s prefill, alone; the first token from its logits. Returns the cache."""
         if self.profile.rope_kind == "dynamic":
             restore_rope_state(self.profile, pristine_rope_state(self.profile))
         cache, logits = prefill(self.model, seq.context)
@@ -336,15 +343,9 @@ class BatchDecoder:
         synchronize(self.model.device)
         token = self._choose(seq, logits[None], DraftTree.empty())(0)
         seq.steps += 1
-        length = len(seq.context)
         seq.stopper.extend([token])
         seq.context.append(token)
-        if seq.finish_reason is None:
-            if self.profile.shares_rope_state:
-                seq.cache = BatchedCache()
-                seq.cache.append(cache, length)
-            else:
-                self._shared.append(cache, length)
+        return cache
 
     def _leave_finished(self) -> None:
         staying = [seq for seq in self._running if seq.finish_reason is None]
