@@ -456,7 +456,7 @@ class BatchDecoder:
         for seq in group:
             scores = seq.tree.ranked_scores()
             ranked.append(correction.correct(scores) if correction is not None else scores)
-        cost = self.generator.cost_model(len(group))
+        cost = self.generator.verification_cost(len(group))
         retrieval_s = sum(seq.step_retrieval_s for seq in group)
         cap = choose_batch_budget(ranked, cost, retrieval_s, config.max_budget)
         for seq in group:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rest.types import SearchParams
 
 AUTO = "auto"
+REPRODUCIBLE_BUDGET = 16  # an "auto" budget under DecodingConfig(reproducible=True)
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,16 @@ class DecodingConfig:
 
     ``require_retriever``: fail when the retriever cannot be reached, instead of decoding with
     plain steps (one warning) and using it once it answers.
+
+    ``reproducible``: the same call gives the same trees, hence the same output, every time, in
+    any dtype. In float32 the output is the model's own whatever the trees; in bfloat16 and
+    float16 a tree step rounds differently from a plain step, so the trees can change the output
+    (rarely), and by default they change from call to call: earlier outputs feed the served
+    drafts, the adaptive budget follows measured timings, a late retrieval gives no drafts. With
+    ``reproducible``, trees depend only on the prompt and the datastore's answers: no served
+    drafts, an ``"auto"`` budget becomes ``REPRODUCIBLE_BUDGET`` nodes, and retrievals are awaited
+    (a remote retriever's own deadline still bounds them; one that fails still changes the
+    trees). A batch shares its forward passes, so the same holds for a sequence decoded alone.
     """
 
     budget: int | str = AUTO
@@ -88,6 +99,7 @@ class DecodingConfig:
     retrieval_deadline_s: float | None = 0.1
     allow_tokenizer_mismatch: bool = False
     require_retriever: bool = False
+    reproducible: bool = False
     calibration_prefix: int = 32
     calibration_repeats: int = 3
 
@@ -112,6 +124,13 @@ class DecodingConfig:
             )
         if self.calibration_prefix < 1 or self.calibration_repeats < 1:
             raise ValueError("calibration_prefix and calibration_repeats must be >= 1")
+
+    def resolved(self) -> DecodingConfig:
+        """The settings actually used: ``reproducible`` applied."""
+        if not self.reproducible:
+            return self
+        budget = REPRODUCIBLE_BUDGET if self.adaptive else self.budget
+        return replace(self, budget=budget, served_drafts=False, retrieval_deadline_s=None)
 
     @property
     def adaptive(self) -> bool:

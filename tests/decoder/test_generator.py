@@ -189,11 +189,11 @@ def test_adaptive_budget_picks_a_size_and_keeps_the_output() -> None:
     prompt = prompts()[2]
     want = hf_greedy(model, prompt, MAX_NEW)
     generator = RestGenerator(model, tokenizer, oracle_retriever([prompt + want]))
-    assert generator.config.adaptive and generator.costs.by_batch_size == {}
+    assert generator.config.adaptive and generator.cost_model is None
     result = generator.generate(prompt, MAX_NEW)
     assert result.tokens == want
-    cost = generator.costs.by_batch_size[1]
-    assert cost.sizes[-1] == generator.config.max_budget + 1
+    cost = generator.cost_model
+    assert cost is not None and cost.sizes[-1] == generator.config.max_budget + 1
     assert all(s > 0 for s in cost.seconds)
     # Confident drafts (score 1 along the true path) are worth verifying: steps emit several.
     assert 0 < result.stats.draft_tokens and result.stats.steps < len(want) / 2
@@ -458,7 +458,7 @@ def test_over_confident_drafts_shrink_the_adaptive_budget() -> None:
         config = DecodingConfig(context_drafts=False, served_drafts=False, score_correction=correct)
         generator = RestGenerator(model, tokenizer, config=config,
                                   draft_sources=[FunctionSource(wrong)])  # fmt: skip
-        generator.costs.by_batch_size[1] = cost
+        generator.cost_model = cost
         result = generator.generate(prompt, MAX_NEW)
         assert result.tokens == want
         drafted[correct] = result.stats.draft_tokens
@@ -551,3 +551,19 @@ def test_require_retriever_asks_for_the_error() -> None:
     config = DecodingConfig(budget=4, require_retriever=True)
     with pytest.raises(RetrieverUnavailable, match="refused"):
         RestGenerator(make_model("llama"), make_tokenizer(), retriever, config)
+
+
+def test_reproducible_calls_draft_the_same_trees_in_bfloat16() -> None:
+    # In bfloat16 a tree step rounds differently from a plain one, so the trees may change the
+    # output; by default they change from call to call (the first output is served to the
+    # second). With reproducible=True both calls verify the same trees and give the same tokens.
+    model = make_model.__wrapped__("llama", "sdpa").to(torch.bfloat16)
+    tokenizer = make_tokenizer()
+    prompt = prompts()[2]
+    default = RestGenerator(model, tokenizer, config=DecodingConfig(budget=16))
+    first, second = (default.generate(prompt, MAX_NEW, seed=1) for _ in range(2))
+    assert first.stats.draft_tokens != second.stats.draft_tokens  # other trees the second time
+    steady = RestGenerator(model, tokenizer, config=DecodingConfig(reproducible=True))
+    runs = [steady.generate(prompt, MAX_NEW, seed=1) for _ in range(3)]
+    assert len({tuple(r.tokens) for r in runs}) == 1
+    assert len({r.stats.draft_tokens for r in runs}) == 1 and steady.served is None
