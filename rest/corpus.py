@@ -38,11 +38,15 @@ def stdlib_documents(root: Path | None = None) -> Iterator[str]:
         yield path.read_bytes().decode("utf-8", errors="replace")
 
 
+def site_packages_files() -> list[Path]:
+    """The Python sources of installed packages (a larger real code corpus), sorted."""
+    return sorted(Path(sysconfig.get_paths()["purelib"]).rglob("*.py"))
+
+
 def site_packages_documents(limit_chars: int | None = None) -> Iterator[str]:
-    """Python sources of installed packages (a larger real code corpus), in sorted order."""
-    root = Path(sysconfig.get_paths()["purelib"])
+    """Python sources of installed packages, in sorted order."""
     total = 0
-    for path in sorted(root.rglob("*.py")):
+    for path in site_packages_files():
         try:
             text = path.read_bytes().decode("utf-8", errors="replace")
         except OSError:

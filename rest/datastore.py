@@ -9,15 +9,30 @@ import json
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from rest import _engine
 from rest.types import DatastoreInfo, SearchParams, SearchResult
 
 DatastoreError = _engine.DatastoreError
+ShardUnavailableError = _engine.ShardUnavailableError
 FORMAT_VERSION = _engine.FORMAT_VERSION
 DEFAULT_SHARD_TOKENS = 1 << 28
 
-__all__ = ["Datastore", "DatastoreError", "SearchExecutor", "build_datastore", "FORMAT_VERSION"]
+__all__ = [
+    "Datastore", "DatastoreError", "ShardUnavailableError", "ShardChange", "SearchExecutor",
+    "build_datastore", "FORMAT_VERSION",
+]
+
+
+class ShardChange(NamedTuple):
+    """A shard that went out of service (``serving`` False) and why, e.g. "the file was truncated
+    or resized from 20319128 to 1000 bytes by another process"."""
+
+    shard: str
+    path: Path
+    serving: bool
+    reason: str
 
 
 def _engine_query(params: SearchParams, shards: Sequence[str] | None) -> tuple:
@@ -30,22 +45,45 @@ def _as_list(tokens: Sequence[int]) -> list[int]:
     return tokens if isinstance(tokens, list) else list(tokens)
 
 
-def _result(raw: tuple, shard: str = "") -> SearchResult:
+def _result(raw: tuple, shard: str = "", searched: Sequence[str] = ()) -> SearchResult:
     match_length, occurrences, tokens, parents, counts = raw
-    return SearchResult(match_length, occurrences, tuple(tokens), tuple(parents), tuple(counts), shard)
+    return SearchResult(match_length, occurrences, tuple(tokens), tuple(parents), tuple(counts), shard,
+                        searched_shards=tuple(searched))
 
 
 class Datastore:
-    """An open datastore directory (all its shards, or the ones named)."""
+    """An open datastore directory (all its shards, or the ones named).
+
+    Shards are in service until their file changes under the mapping (truncated, overwritten,
+    opened for writing by another process): then they are out of service, with the reason, and
+    stay so until the datastore is opened again (docs/DATASTORE_FORMAT.md, "Files changed under a
+    running process"). A search that names such a shard raises ``ShardUnavailableError``; one over
+    every shard covers those in service.
+    """
 
     def __init__(self, native: _engine.Datastore) -> None:
         self._native = native
 
     @classmethod
-    def open(cls, path: str | Path, shards: Sequence[str] | None = None) -> Datastore:
+    def open(
+        cls,
+        path: str | Path,
+        shards: Sequence[str] | None = None,
+        *,
+        leases: bool = True,
+        inotify: bool = True,
+        tolerate_bad_shards: bool = False,
+    ) -> Datastore:
         """Maps the datastore at ``path``. Raises DatastoreError for a missing, truncated,
-        corrupt or foreign file (naming the file and the problem), KeyError for an unknown shard."""
-        return cls(_engine.Datastore.open(str(path), list(shards) if shards is not None else None))
+        corrupt or foreign file (naming the file and the problem), KeyError for an unknown shard.
+
+        ``leases`` and ``inotify`` choose how shard files are watched for changes (both by
+        default; a lease needs the file's owner or CAP_LEASE and is skipped where it cannot be
+        had). ``tolerate_bad_shards``: a shard that cannot be opened is kept out of service with
+        the reason instead of failing the open (which still fails when no shard opens)."""
+        return cls(_engine.Datastore.open(
+            str(path), list(shards) if shards is not None else None, leases, inotify,
+            tolerate_bad_shards))
 
     @property
     def path(self) -> Path:
@@ -74,19 +112,41 @@ class Datastore:
     def manifest(self) -> dict:
         return json.loads(self._native.manifest_json())
 
+    def shard_states(self) -> dict[str, str | None]:
+        """Every shard, in manifest order: None while it serves, else why it is out of service."""
+        return dict(self._native.shard_states())
+
+    def shard_leases(self) -> dict[str, bool]:
+        """Whether each opened shard holds a read lease (a writer then waits until the shard is
+        out of service; without one, the change is heard of just after it happens)."""
+        return self._native.shard_leases()
+
+    def events_fileno(self) -> int:
+        """A file descriptor that becomes readable when ``shard_changes`` has changes (for
+        ``loop.add_reader``)."""
+        return self._native.events_fileno()
+
+    def shard_changes(self) -> list[ShardChange]:
+        """The shards that went out of service since the last call, oldest first (the first call
+        also returns the shards refused at open)."""
+        return [ShardChange(name, Path(path), serving, reason)
+                for name, path, serving, reason in self._native.shard_changes()]
+
+    def take_out_of_service(self, shard: str, reason: str) -> None:
+        """Stops serving ``shard`` (until the datastore is opened again); KeyError if unknown."""
+        self._native.take_out_of_service(shard, reason)
+
     def search(
         self,
         context: Sequence[int],
         params: SearchParams = SearchParams(),
         shards: Sequence[str] | None = None,
     ) -> SearchResult:
-        """The continuation tree of ``context``. ValueError for an empty context or an id outside
-        the vocabulary; KeyError for an unknown shard."""
-        raw = self._native.search(
-            _as_list(context),
-            *_engine_query(params, shards),
-        )
-        return _result(raw, ",".join(shards) if shards else "")
+        """The continuation tree of ``context``, over the shards in service (named in the
+        result's ``searched_shards``). ValueError for an empty context or an id outside the
+        vocabulary; KeyError for an unknown shard; ShardUnavailableError when a named shard (or
+        every shard) is out of service."""
+        return _result(*self._native.search(_as_list(context), *_engine_query(params, shards)))
 
     def try_search(
         self,
@@ -97,9 +157,8 @@ class Datastore:
         *,
         as_wire: bool = False,
     ) -> SearchResult | bytes | None:
-        """``search``, or None when it did not finish within ``time_limit_s`` (always None for
-        the "rest" policy, which cannot stop early): a bounded try before handing the search
-        to another thread. ``as_wire``: the result as a serialized ``rest.retriever.v1``
+        """``search``, or None when it did not finish within ``time_limit_s``: a bounded try
+        before handing the search to another thread. ``as_wire``: the result as a serialized ``rest.retriever.v1``
         ``SearchResponse`` (what the retrieval server sends), built without Python objects."""
         raw = self._native.try_search(
             _as_list(context),
@@ -116,16 +175,16 @@ class Datastore:
         shards: Sequence[str] | None = None,
     ) -> list[SearchResult]:
         """Many searches at once, in parallel across the machine's cores."""
-        raws = self._native.search_batch(
-            [_as_list(c) for c in contexts],
-            *_engine_query(params, shards),
-        )
-        label = ",".join(shards) if shards else ""
-        return [_result(r, label) for r in raws]
+        raws = self._native.search_batch([_as_list(c) for c in contexts], *_engine_query(params, shards))
+        return [_result(*r) for r in raws]
 
     def verify(self) -> None:
         """The slow full check (checksums, suffix-array structure); raises DatastoreError."""
         self._native.verify()
+
+    def verify_each(self) -> dict[str, str]:
+        """``verify`` shard by shard: ``{shard: what is wrong}`` for the shards that fail."""
+        return dict(self._native.verify_each())
 
     def search_executor(self, workers: int, *, as_wire: bool = False) -> SearchExecutor:
         """Searches on ``workers`` native threads, for callers that must not block (event loops).
@@ -154,7 +213,8 @@ class SearchExecutor:
         timeout_s: float | None = None,
     ) -> None:
         """Queues a search; ``completed`` returns its outcome under ``tag``. A search still
-        waiting for a worker after ``timeout_s`` seconds is not run (outcome ``TimeoutError``)."""
+        waiting for a worker after ``timeout_s`` seconds is not run, and one still running then
+        is given up (outcome ``TimeoutError`` in both cases)."""
         self._native.submit(
             tag,
             _as_list(context),
@@ -164,6 +224,12 @@ class SearchExecutor:
 
     def fileno(self) -> int:
         return self._native.fileno()
+
+    def cancel(self, tag: int) -> None:
+        """Gives up the search queued under ``tag`` (its caller went away): a queued one is not
+        run, a running one stops at its next check; its outcome (``TimeoutError``) still comes
+        back from ``completed``."""
+        self._native.cancel(tag)
 
     def completed(self) -> list[tuple[int, SearchResult | bytes | BaseException]]:
         """The searches finished since the last call: ``(tag, result)`` (bytes when ``as_wire``),

@@ -91,7 +91,13 @@ class _LocalSession(RetrievalSession):
         self._datastore = datastore
 
     def search(self, context: Sequence[int], params: SearchParams) -> SearchResult | None:
-        return self._datastore.search(context, params)
+        from rest.datastore import DatastoreError
+
+        try:
+            return self._datastore.search(context, params)
+        except DatastoreError:  # a shard out of service (its file changed): no draft this step
+            self.failures += 1
+            return None
 
 
 class LocalRetriever(Retriever):

@@ -49,6 +49,15 @@ class SearchResult:
     node follows the matched suffix directly. Parents always come before their children.
     ``counts[i]`` is the number of occurrences of ``suffix + path to node i``. ``match_length == 0``
     means no suffix of at least ``min_span`` tokens occurs: the tree is empty.
+
+    ``cut_count``: the largest count of a node the budget left out (a node at most ``max_depth``
+    deep whose parent is in the tree, or that follows the suffix directly, but which is not in the
+    tree itself); 0 when nothing was left out, and always 0 for the "rest" policy. No node within
+    ``max_depth`` missing from the tree has a larger count. ``shard``: the shards a search was
+    restricted to, joined by commas (empty: all of them); ``searched_shards``: the shards the
+    answer covers, when the retrieval service says (empty when not reported). Two results are
+    equal when their trees are: which shards reported is where an answer came from, not what it
+    says, so ``searched_shards`` takes no part in comparisons.
     """
 
     match_length: int
@@ -57,6 +66,8 @@ class SearchResult:
     parents: tuple[int, ...] = ()
     counts: tuple[int, ...] = ()
     shard: str = ""
+    cut_count: int = 0
+    searched_shards: tuple[str, ...] = field(default=(), compare=False)
 
     def __len__(self) -> int:
         return len(self.tokens)

@@ -15,9 +15,13 @@ process.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import math
 import os
 import signal
+import socket
+import ssl
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -29,15 +33,42 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
-from retriever_service.auth import BearerTokenInterceptor
+from rest.cli_errors import one_line, run
+
+from retriever_service.auth import TOKEN_ENV, BearerTokenInterceptor, check_token, token_option
 from retriever_service.searches import AsyncSearches
 from retriever_service.servicer import SERVICE, RetrieverServicer, add_to_server
-from retriever_service.telemetry import SearchTelemetry, providers_from_env
+from retriever_service.telemetry import SearchTelemetry, providers_from_env, serve_prometheus
 
 log = logging.getLogger("retriever_service.server")
 
 SERVICE_NAME = SERVICE.full_name
 MiB = 1 << 20
+
+
+# The accepted values of every numeric option, (lowest, highest): one table for the command line
+# (click ranges) and for ``ServerConfig`` (its own check, for callers that build it in code).
+INT32_MS_S = (2**31 - 1) / 1000  # gRPC takes times as int32 milliseconds
+OPTION_RANGES: dict[str, tuple[float, float]] = {
+    "port": (0, 65535),
+    "max_concurrent_searches": (1, 1_000_000),
+    "workers": (1, 1024),
+    "max_context_tokens": (1, 1 << 24),
+    "inline_search_us": (0, 1_000_000),
+    "max_message_bytes": (1024, 2**31 - 1),  # gRPC takes it as an int32
+    "keepalive_time_s": (0.001, INT32_MS_S),
+    "keepalive_timeout_s": (0.001, INT32_MS_S),
+    "grace_s": (0.0, 86_400.0),
+}
+
+
+def default_workers() -> int:
+    return min(os.cpu_count() or 1, OPTION_RANGES["workers"][1])
+
+
+def option_name(field_name: str) -> str:
+    """``max_context_tokens`` -> ``--max-context-tokens``: messages name the option."""
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -49,7 +80,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
     max_concurrent_searches: int = 64  # in flight at once, running or waiting for a worker
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # search threads
+    workers: int = field(default_factory=default_workers)  # search threads
     max_context_tokens: int = 4096
     # With no other search in flight, a search first runs on the event loop for at most this long
     # (exact policy only), then goes to a worker: a thread hand-off costs more than most searches.
@@ -61,19 +92,33 @@ class ServerConfig:
     tls_cert: str | None = None  # PEM files; cert + key turn TLS on
     tls_key: str | None = None
     tls_client_ca: str | None = None  # also require client certificates signed by this CA
-    token: str | None = None  # require "authorization: Bearer <token>"
+    token: str | None = None  # require "authorization: Bearer <token>"; never empty
+    metrics_port: int | None = None  # serve Prometheus text on http://metrics_host:port/metrics
+    metrics_host: str | None = None  # None: the same as host
 
     def __post_init__(self) -> None:
-        if self.max_concurrent_searches < 1 or self.workers < 1:
-            raise ValueError("max_concurrent_searches and workers must be >= 1")
-        if self.max_context_tokens < 1:
-            raise ValueError("max_context_tokens must be >= 1")
-        if self.inline_search_us < 0:
-            raise ValueError("inline_search_us must be >= 0 (0: every search on a worker)")
+        for name, (lowest, highest) in OPTION_RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{option_name(name)} must be a number, got {value!r}")
+            if not (math.isfinite(value) and lowest <= value <= highest):
+                raise ValueError(f"{option_name(name)} must be in {lowest}..{highest}, got {value}")
+        if not self.host:
+            raise ValueError("--host must not be empty (0.0.0.0 for every interface)")
+        for shard in self.shards:
+            if not shard:
+                raise ValueError("--shard must not be empty")
+        if len(set(self.shards)) != len(self.shards):
+            raise ValueError(f"--shard names a shard twice: {list(self.shards)}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and its key (--tls-cert, --tls-key)")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        check_token(self.token, "--token")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+        if self.metrics_host is not None and self.metrics_port is None:
+            raise ValueError("--metrics-host needs --metrics-port")
 
     def channel_options(self) -> list[tuple[str, int]]:
         return [
@@ -96,9 +141,56 @@ def open_datastore(config: ServerConfig):
     return Datastore.open(config.datastore, shards=list(config.shards) or None)
 
 
+def check_tls_files(config: ServerConfig) -> None:
+    """Refuse TLS files that gRPC could not use, before anything binds, naming the file: a
+    certificate that is not PEM, a key that is not, is encrypted, or does not belong to the
+    certificate, a client CA with no certificate in it. (gRPC itself reports all of these as a
+    failure to bind.)"""
+    if config.tls_cert is None:
+        return
+    cert, key, client_ca = config.tls_cert, config.tls_key, config.tls_client_ca
+    for option, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-client-ca", client_ca)):
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"{option} {path}: no such file")
+    for option, path in (("--tls-cert", cert), ("--tls-client-ca", client_ca)):
+        if path is None:
+            continue
+        try:
+            ssl.create_default_context(cafile=path)
+        except (ssl.SSLError, OSError) as exc:
+            raise ValueError(
+                f"{option} {path}: not a PEM certificate ({exc.__class__.__name__}:"
+                f" {getattr(exc, 'reason', None) or exc}); give the file that starts with"
+                " -----BEGIN CERTIFICATE-----"
+            ) from None
+
+    def encrypted() -> bytes:
+        raise ValueError(f"--tls-key {key} is encrypted: gRPC needs an unencrypted key file")
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=encrypted)
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(
+                f"--tls-key {key} is not the key of the certificate --tls-cert {cert}; give the"
+                " key that the certificate was issued for"
+            ) from None
+        raise ValueError(
+            f"--tls-key {key}: not a PEM private key; give the file that starts with"
+            " -----BEGIN PRIVATE KEY----- (or EC/RSA PRIVATE KEY)"
+        ) from None
+
+
+def shard_names(path: str) -> list[str]:
+    from rest.datastore import Datastore
+
+    return list(Datastore.open(path).shard_names)
+
+
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None:
         return None
+    check_tls_files(config)
     client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
@@ -135,17 +227,22 @@ async def start_server(
     """
     datastore = datastore if datastore is not None else open_datastore(config)
     searches = AsyncSearches(datastore.search_executor(config.workers, as_wire=True))
+    traced = tracer_provider is not None or meter_provider is not None
+    telemetry = SearchTelemetry("server", tracer_provider, meter_provider) if traced else None
     interceptors = []
     if tracer_provider is not None:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
+        from opentelemetry.instrumentation.grpc.filters import health_check, negate
 
-        interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider))
-    if config.token:
-        interceptors.append(BearerTokenInterceptor(config.token))
+        # The interceptor iterates a server-streaming handler's result, but the asyncio health
+        # servicer's Watch writes through its context and returns nothing: traced, every Watch
+        # failed at once, and clients that follow health (gRPC A17) saw no server as serving.
+        interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider,
+                                                   filter_=negate(health_check())))
+    if config.token is not None:
+        on_reject = telemetry.rejected if telemetry is not None else None
+        interceptors.append(BearerTokenInterceptor(config.token, on_reject))
     server = grpc.aio.server(interceptors=interceptors, options=config.channel_options())
-
-    traced = tracer_provider is not None or meter_provider is not None
-    telemetry = SearchTelemetry("server", tracer_provider, meter_provider) if traced else None
     servicer = RetrieverServicer(
         datastore,
         searches,
@@ -176,17 +273,49 @@ async def start_server(
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
     address = f"{host_for_address(config.host)}:{config.port}"
-    credentials = _server_credentials(config)
+    credentials = _server_credentials(config)  # bad TLS files are refused here, before binding
+    # Try the address first: gRPC's own failure says only that binding failed (and logs it).
+    problem = why_bind_fails(config.host, config.port)
+    if problem is None:
+        try:
+            if credentials is None:
+                port = server.add_insecure_port(address)
+            else:
+                port = server.add_secure_port(address, credentials)
+        except RuntimeError:  # grpcio raises where older versions returned 0
+            port = 0
+        if port != 0:
+            return port
+        problem = why_bind_fails(config.host, config.port) or "gRPC could not bind it"
+    raise OSError(f"could not listen on {address}: {problem}")
+
+
+def why_bind_fails(host: str, port: int, *, port_option: str = "--port",
+                   host_option: str = "--host") -> str | None:
+    """What keeps ``host:port`` from being bound, found by binding it with a plain socket the way
+    gRPC will; ``None`` when nothing does."""
     try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
-        else:
-            port = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:  # grpcio raises where older versions returned 0
-        raise OSError(f"could not bind {address}: {exc}; is the port in use?") from exc
-    if port == 0:
-        raise OSError(f"could not bind {address}: is the port in use?")
-    return port
+        addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                       flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return (f"{host_option} {host} does not resolve ({exc.strerror}); give an address or a"
+                " name of this machine (127.0.0.1, 0.0.0.0 for every interface, ::)")
+    for family, kind, proto, _, sockaddr in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return (f"{port_option} {port} is in use (another retriever-server?); choose"
+                            " another port, 0 for a free one, or stop the process that holds it")
+                if exc.errno == errno.EADDRNOTAVAIL:
+                    return f"{host_option} {host} is not an address of this machine"
+                if exc.errno == errno.EACCES:
+                    return (f"{port_option} {port}: permission denied (ports below 1024 need"
+                            " privileges)")
+                return f"{exc.strerror} ({host_option} {host}, {port_option} {port})"
+    return None
 
 
 def host_for_address(host: str) -> str:
@@ -196,13 +325,22 @@ def host_for_address(host: str) -> str:
 
 async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    providers = providers_from_env("rest-retriever")
-    running = await start_server(
-        config,
-        datastore,
-        tracer_provider=providers.tracer_provider,
-        meter_provider=providers.meter_provider,
-    )
+    providers = providers_from_env("rest-retriever", prometheus=config.metrics_port is not None)
+    metrics_http = None
+    try:
+        if config.metrics_port is not None:
+            metrics_http = _serve_metrics(config)
+        running = await start_server(
+            config,
+            datastore,
+            tracer_provider=providers.tracer_provider,
+            meter_provider=providers.meter_provider,
+        )
+    except BaseException:
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        providers.shutdown()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -211,12 +349,28 @@ async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None
     # Tests and scripts read the port from this line; keep its shape.
     address = f"{host_for_address(config.host)}:{running.port}"
     print(f"retriever-server listening on {address}", file=out, flush=True)
+    if metrics_http is not None:
+        host, port = metrics_http.server_address[:2]
+        print(f"retriever-server metrics on http://{host_for_address(host)}:{port}/metrics",
+              file=out, flush=True)
     log.info("serving %s (%s) on %s", config.datastore, scheme, address)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, up to %.1f s for calls in flight", config.grace_s)
     await running.shutdown(config.grace_s)
+    if metrics_http is not None:
+        metrics_http.shutdown()
     providers.shutdown()
     log.info("stopped")
+
+
+def _serve_metrics(config: ServerConfig):
+    host = config.metrics_host or config.host
+    problem = why_bind_fails(host, config.metrics_port, port_option="--metrics-port",
+                             host_option="--metrics-host" if config.metrics_host else "--host")
+    if problem is not None:
+        raise OSError(f"could not serve metrics on {host_for_address(host)}:"
+                      f"{config.metrics_port}: {problem}")
+    return serve_prometheus(host.strip("[]"), config.metrics_port)
 
 
 class BackgroundServer:
@@ -259,58 +413,111 @@ class BackgroundServer:
         self.stop()
 
 
+class FiniteFloatRange(click.FloatRange):
+    """``click.FloatRange`` that also refuses ``nan`` (which no comparison excludes)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{number} is not a finite number", param, ctx)
+        return number
+
+
+def option_range(field_name: str) -> click.ParamType:
+    lowest, highest = OPTION_RANGES[field_name]
+    if isinstance(lowest, int) and isinstance(highest, int):
+        return click.IntRange(lowest, highest)
+    return FiniteFloatRange(lowest, highest)
+
+
 @click.command("serve")
-@click.option("--datastore", required=True, type=click.Path(exists=True, file_okay=False),
+@click.option("--datastore", required=True,
+              type=click.Path(exists=True, file_okay=False, readable=True),
               help="Datastore directory (made by `rest datastore build`).")
 @click.option("--shard", "shards", multiple=True, metavar="NAME",
               help="Serve only this shard (repeat for several). Default: every shard.")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (0.0.0.0 for every interface).")
-@click.option("--port", default=50051, show_default=True, help="0 picks a free port.")
+@click.option("--port", default=50051, show_default=True, type=option_range("port"),
+              help="0 picks a free port.")
 @click.option("--max-concurrent-searches", default=64, show_default=True,
+              type=option_range("max_concurrent_searches"),
               help="Searches in flight at once; more get RESOURCE_EXHAUSTED.")
-@click.option("--workers", default=os.cpu_count() or 1, show_default=True,
+@click.option("--workers", default=default_workers,
+              show_default="the number of CPUs", type=option_range("workers"),
               help="Threads running searches.")
 @click.option("--max-context-tokens", default=4096, show_default=True,
-              help="Longer contexts get INVALID_ARGUMENT.")
+              type=option_range("max_context_tokens"), help="Longer contexts get INVALID_ARGUMENT.")
 @click.option("--inline-search-us", default=200, show_default=True,
+              type=option_range("inline_search_us"),
               help="With no other search in flight, try a search on the event loop for this "
                    "long before handing it to a worker (exact policy; 0: always a worker).")
 @click.option("--max-message-bytes", default=4 * MiB, show_default=True,
+              type=option_range("max_message_bytes"),
               help="Largest request or response; larger ones get RESOURCE_EXHAUSTED.")
 @click.option("--keepalive-time-s", default=30.0, show_default=True,
-              help="Ping idle connections this often.")
+              type=option_range("keepalive_time_s"), help="Ping idle connections this often.")
 @click.option("--keepalive-timeout-s", default=10.0, show_default=True,
+              type=option_range("keepalive_timeout_s"),
               help="Close a connection whose ping is not answered in this time.")
-@click.option("--grace-s", default=10.0, show_default=True,
+@click.option("--grace-s", default=10.0, show_default=True, type=option_range("grace_s"),
               help="After SIGTERM, how long calls in flight may still run.")
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
               help="Server certificate (PEM); with --tls-key turns TLS on.")
-@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False))
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False),
+              help="The certificate's private key (PEM, unencrypted).")
 @click.option("--tls-client-ca", type=click.Path(exists=True, dir_okay=False),
               help="Require client certificates signed by this CA (mutual TLS).")
-@click.option("--token", envvar="REST_RETRIEVER_TOKEN", default=None,
-              help="Require 'authorization: Bearer TOKEN'. Prefer the REST_RETRIEVER_TOKEN "
-                   "environment variable: a command line is visible to other users.")
+@click.option("--token", callback=token_option,
+              help=f"Require 'authorization: Bearer TOKEN'. Default: the {TOKEN_ENV} variable, "
+                   "which is better: a command line is visible to other users. Never empty: "
+                   "leave both out for no authentication.")
+@click.option("--metrics-port", type=option_range("port"),
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port, "
+                   "printed at start). Default: no metrics endpoint.")
+@click.option("--metrics-host", help="Address of the metrics endpoint. Default: --host.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def serve_command(log_level: str, shards: tuple[str, ...], **options) -> None:
     """Serve a REST datastore over gRPC (rest.retriever.v1).
 
-    Traces and metrics are exported as the standard OTEL_TRACES_EXPORTER and
-    OTEL_METRICS_EXPORTER variables say (otlp, console or none; default none).
+    Traces, metrics and logs are exported as the OpenTelemetry SDK's variables say
+    (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER, OTEL_LOGS_EXPORTER: otlp, console, prometheus,
+    none; OTEL_EXPORTER_OTLP_PROTOCOL grpc or http/protobuf; default none).
+
+    Errors are one line (exit status 1; 2 for a bad option); --debug or REST_DEBUG=1 shows the
+    traceback.
     """
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = ServerConfig(shards=shards, **options)
+    except ValueError as exc:  # options that contradict each other
+        raise click.UsageError(str(exc)) from exc
+    try:
+        check_tls_files(config)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
         datastore = open_datastore(config)
-    except Exception as exc:  # noqa: BLE001 - bad options, unknown shard, unreadable datastore
-        raise click.ClickException(f"cannot serve {options['datastore']}: {exc}") from exc
-    asyncio.run(serve(config, datastore))
+    except KeyError as exc:  # a --shard the datastore does not have
+        raise click.ClickException(
+            f"--shard: {exc.args[0] if exc.args else exc} in {config.datastore}; its shards are"
+            f" {', '.join(shard_names(config.datastore))}"
+        ) from exc
+    except Exception as exc:  # noqa: BLE001 - unreadable or corrupt datastore
+        raise click.ClickException(
+            f"cannot serve {config.datastore}: {one_line(exc)}"
+        ) from exc
+    try:
+        asyncio.run(serve(config, datastore))
+    except OSError as exc:  # an address that cannot be bound
+        raise click.ClickException(str(exc)) from exc
+    except ValueError as exc:  # OTEL_* variables the OpenTelemetry SDK cannot satisfy
+        raise click.ClickException(str(exc)) from exc
 
 
 def main() -> None:
-    serve_command()
+    run(serve_command, "retriever-server")
 
 
 if __name__ == "__main__":

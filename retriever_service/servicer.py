@@ -6,7 +6,9 @@ cheap: when no other search is in flight, a search first gets a short, bounded s
 (``inline_search_s``), because waking a worker and then the loop costs more than most searches.
 Admission is counted on the event loop (a plain integer, no lock: only the loop touches it), and
 a search that would exceed the concurrency limit is refused at once with RESOURCE_EXHAUSTED
-instead of queueing without bound. Responses are serialized by the engine (``add_to_server``).
+instead of queueing without bound. Requests reach the handlers as bytes and are decoded by
+``validation.decode`` (a malformed one is INVALID_ARGUMENT, not gRPC's UNKNOWN); search responses
+are serialized by the engine (``add_to_server``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from retriever_service.validation import (
     RequestError,
     RequestLimits,
     SearchRequestParser,
+    decode,
     engine_error,
 )
 
@@ -60,11 +63,17 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             shards=tuple(datastore.shard_names),
         ))
         self._telemetry = telemetry
+        if telemetry is not None:
+            telemetry.observe_in_flight(lambda: self._in_flight)
 
-    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+    async def Info(self, request: bytes, context) -> pb.InfoResponse:
+        try:
+            decode(pb.InfoRequest, request)
+        except RequestError as exc:
+            await context.abort(exc.code, exc.message)
         return self._info
 
-    async def Search(self, request: pb.SearchRequest, context) -> bytes:
+    async def Search(self, request: bytes, context) -> bytes:
         return await self._answer(request, context, "Search")
 
     async def SearchStream(self, request_iterator, context):
@@ -73,25 +82,28 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         async for request in request_iterator:
             yield await self._answer(request, context, "SearchStream")
 
-    async def _answer(self, request: pb.SearchRequest, context, method: str) -> bytes:
+    async def _answer(self, request: bytes, context, method: str) -> bytes:
         try:
             if self._telemetry is None:
                 return await self._search(request, context)
             with self._telemetry.search(method) as record:
                 response = await self._search(request, context)
-                record.result = wire.search_result(pb.SearchResponse.FromString(response))
+                if record.span.is_recording():  # the span's attributes need the result
+                    record.result = wire.search_result(pb.SearchResponse.FromString(response))
                 return response
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def _search(self, request: pb.SearchRequest, context) -> bytes:
+    async def _search(self, request: bytes, context) -> bytes:
         """The serialized ``SearchResponse``: the engine encodes it (``as_wire``), which saves
         building the message from Python objects on the event loop."""
-        parsed = self._parser.parse(request)
+        parsed = self._parser.parse(decode(pb.SearchRequest, request))
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
+            self._rejected("deadline")
             raise deadline_expired()
         if self._in_flight >= self._max_in_flight:
+            self._rejected("overloaded")
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server busy: {self._in_flight} searches in flight (limit"
@@ -114,31 +126,43 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             finally:
                 self._in_flight -= 1
         except TimeoutError:  # still queued for a worker when the deadline passed
+            self._rejected("deadline")
             raise deadline_expired() from None
         except (KeyError, ValueError) as exc:
             raise engine_error(exc) from exc
 
 
+    def _rejected(self, reason: str) -> None:
+        if self._telemetry is not None:
+            self._telemetry.rejected(reason)
+
+    @property
+    def in_flight(self) -> int:
+        """Searches admitted to the executor and not answered yet."""
+        return self._in_flight
+
+
 def add_to_server(servicer: RetrieverServicer, server: grpc.aio.Server) -> None:
-    """The generated ``add_RetrieverServicer_to_server``, except that search responses reach gRPC
-    already serialized (``RetrieverServicer`` returns the engine's bytes), so none is serialized
-    again; Info's response is an ordinary message."""
-    already_serialized = None  # grpc passes bytes through when a method has no serializer
+    """The generated ``add_RetrieverServicer_to_server``, except that requests reach the handlers
+    as bytes (they decode them: a malformed message is INVALID_ARGUMENT there, where a failing
+    deserializer would be UNKNOWN) and search responses reach gRPC already serialized
+    (``RetrieverServicer`` returns the engine's bytes); Info's response is an ordinary message."""
+    as_bytes = None  # grpc passes bytes through when a method has no (de)serializer
     handlers = {
         "Info": grpc.unary_unary_rpc_method_handler(
             servicer.Info,
-            request_deserializer=pb.InfoRequest.FromString,
+            request_deserializer=as_bytes,
             response_serializer=pb.InfoResponse.SerializeToString,
         ),
         "Search": grpc.unary_unary_rpc_method_handler(
             servicer.Search,
-            request_deserializer=pb.SearchRequest.FromString,
-            response_serializer=already_serialized,
+            request_deserializer=as_bytes,
+            response_serializer=as_bytes,
         ),
         "SearchStream": grpc.stream_stream_rpc_method_handler(
             servicer.SearchStream,
-            request_deserializer=pb.SearchRequest.FromString,
-            response_serializer=already_serialized,
+            request_deserializer=as_bytes,
+            response_serializer=as_bytes,
         ),
     }
     assert set(handlers) == set(SERVICE.methods_by_name), "a Retriever method has no handler"

@@ -4,7 +4,13 @@ The one place that decides what is a bad request and which gRPC status it gets: 
 ``SearchRequestParser.parse`` and turns a ``RequestError`` into the status, and the engine's own
 exceptions (should a request slip past these checks) are mapped by ``engine_error`` in the same
 terms. Messages start with the proto field they are about (``context``, ``params.budget``,
-``shard``) so a client author can tell what to fix.
+``shard``) so a client author can tell what to fix, and stay short: a value from the request is
+echoed only in part (``echo``), so that a refusal never grows with the request (a status message
+travels in the call's trailers, whose size is limited: a long one turns the status into
+RESOURCE_EXHAUSTED).
+
+Requests arrive as bytes and are decoded here (``decode``): gRPC's own deserializer would turn a
+malformed message into UNKNOWN, where a bad request is INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from rest.types import SearchParams
 from retriever_service.v1 import retriever_pb2 as pb
@@ -28,10 +35,20 @@ class RequestLimits:
     shards: tuple[str, ...]
 
 
+# The longest status message sent back; anything longer is cut. gRPC's default limit on a
+# call's metadata is 8 KiB, and the message shares it with the other trailers.
+MAX_MESSAGE_CHARS = 1024
+ECHO_CHARS = 64  # the most characters of a client's value that a message repeats
+LISTED_SHARDS = 8  # the most served shard names that a NOT_FOUND message lists
+
+
 class RequestError(Exception):
-    """A request the server refuses, with the status code the client gets."""
+    """A request the server refuses, with the status code the client gets (the message is cut
+    to ``MAX_MESSAGE_CHARS``)."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[: MAX_MESSAGE_CHARS - 3] + "..."
         super().__init__(message)
         self.code = code
         self.message = message
@@ -72,6 +89,25 @@ class SearchRequestParser:
         return params
 
 
+def echo(value: str) -> str:
+    """``value`` quoted for a message, cut to ``ECHO_CHARS`` characters with its length said."""
+    if len(value) <= ECHO_CHARS:
+        return repr(value)
+    return f"{value[:ECHO_CHARS]!r}... ({len(value)} characters)"
+
+
+def decode(message_type, data: bytes):
+    """``message_type`` parsed from the request's bytes; a malformed one is INVALID_ARGUMENT."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"request: {len(data)} bytes that are not a valid {message_type.DESCRIPTOR.full_name}"
+            " message; was the client generated from another .proto?",
+        ) from None
+
+
 def parse_context(context, limits: RequestLimits) -> list[int]:
     n = len(context)
     if n == 0:
@@ -109,9 +145,12 @@ def parse_params(wire: pb.SearchParams) -> SearchParams:
 
 def parse_shard(shard: str, limits: RequestLimits) -> list[str]:
     if shard not in limits.shards:
+        served = ", ".join(limits.shards[:LISTED_SHARDS])
+        if len(limits.shards) > LISTED_SHARDS:
+            served += f" and {len(limits.shards) - LISTED_SHARDS} more (see Info)"
         raise RequestError(
             grpc.StatusCode.NOT_FOUND,
-            f"shard: {shard!r} is not served here; this server serves {list(limits.shards)}",
+            f"shard: {echo(shard)} is not served here; this server serves {served}",
         )
     return [shard]
 

@@ -33,17 +33,22 @@ def params_to_wire(params: SearchParams) -> pb.SearchParams:
 
 
 def search_request(
-    context: Sequence[int], params: SearchParams, shard: str | None = None
+    context: Sequence[int], params: SearchParams, shard: str | None = None, levels: int | None = None
 ) -> pb.SearchRequest:
+    """The request for ``context``; ``levels`` back-off levels in one answer (unset: one, what a
+    server that predates the field answers)."""
     # Only the last max_span tokens can take part in a match: sending more is wasted bandwidth.
     tail = context[-params.max_span :] if len(context) > params.max_span else context
     request = pb.SearchRequest(context=tail, params=params_to_wire(params))
     if shard is not None:
         request.shard = shard
+    if levels is not None:
+        request.levels = levels
     return request
 
 
-def search_response(result: SearchResult) -> pb.SearchResponse:
+def search_response(result: SearchResult, backoff: Sequence[SearchResult] = ()) -> pb.SearchResponse:
+    """The response for ``result`` (the first level) and the further back-off levels."""
     return pb.SearchResponse(
         match_length=result.match_length,
         occurrences=result.occurrences,
@@ -51,10 +56,31 @@ def search_response(result: SearchResult) -> pb.SearchResponse:
         parents=result.parents,
         counts=result.counts,
         shard=result.shard,
+        backoff=[
+            pb.Level(
+                match_length=level.match_length,
+                occurrences=level.occurrences,
+                tokens=level.tokens,
+                parents=level.parents,
+                counts=level.counts,
+                cut_count=level.cut_count,
+            )
+            for level in backoff
+        ],
+        searched_shards=result.searched_shards,
+        cut_count=result.cut_count,
     )
 
 
+def search_levels_response(results: Sequence[SearchResult]) -> pb.SearchResponse:
+    """The response for ``RetrievalSession.search_levels``' results (``[]``: no match)."""
+    if not results:
+        return pb.SearchResponse()
+    return search_response(results[0], results[1:])
+
+
 def search_result(response: pb.SearchResponse) -> SearchResult:
+    """The first (longest-match) level of ``response``."""
     # A slice of a repeated field is a list made in C: tuple(field) iterates in Python, 3x slower.
     return SearchResult(
         match_length=response.match_length,
@@ -63,7 +89,30 @@ def search_result(response: pb.SearchResponse) -> SearchResult:
         parents=tuple(response.parents[:]),
         counts=tuple(response.counts[:]),
         shard=response.shard,
+        cut_count=response.cut_count,
+        searched_shards=tuple(response.searched_shards[:]),
     )
+
+
+def search_levels_result(response: pb.SearchResponse) -> list[SearchResult]:
+    """Every level of ``response``, longest match first, as ``RetrievalSession.search_levels``
+    returns them: ``[]`` when nothing matched. Each level carries the response's shard fields."""
+    if response.match_length == 0:
+        return []
+    first = search_result(response)
+    return [first] + [
+        SearchResult(
+            match_length=level.match_length,
+            occurrences=level.occurrences,
+            tokens=tuple(level.tokens[:]),
+            parents=tuple(level.parents[:]),
+            counts=tuple(level.counts[:]),
+            shard=first.shard,
+            cut_count=level.cut_count,
+            searched_shards=first.searched_shards,
+        )
+        for level in response.backoff
+    ]
 
 
 def info_response(info: DatastoreInfo) -> pb.InfoResponse:

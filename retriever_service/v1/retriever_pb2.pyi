@@ -53,27 +53,51 @@ class SearchParams(_message.Message):
     def __init__(self, min_span: _Optional[int] = ..., max_span: _Optional[int] = ..., budget: _Optional[int] = ..., max_depth: _Optional[int] = ..., policy: _Optional[_Union[Policy, str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("context", "params", "shard")
+    __slots__ = ("context", "params", "shard", "levels")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_FIELD_NUMBER: _ClassVar[int]
     context: _containers.RepeatedScalarFieldContainer[int]
     params: SearchParams
     shard: str
-    def __init__(self, context: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SearchParams, _Mapping]] = ..., shard: _Optional[str] = ...) -> None: ...
+    levels: int
+    def __init__(self, context: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SearchParams, _Mapping]] = ..., shard: _Optional[str] = ..., levels: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("match_length", "occurrences", "tokens", "parents", "counts", "shard")
+    __slots__ = ("match_length", "occurrences", "tokens", "parents", "counts", "shard", "backoff", "searched_shards", "cut_count")
     MATCH_LENGTH_FIELD_NUMBER: _ClassVar[int]
     OCCURRENCES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     PARENTS_FIELD_NUMBER: _ClassVar[int]
     COUNTS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_FIELD_NUMBER: _ClassVar[int]
+    SEARCHED_SHARDS_FIELD_NUMBER: _ClassVar[int]
+    CUT_COUNT_FIELD_NUMBER: _ClassVar[int]
     match_length: int
     occurrences: int
     tokens: _containers.RepeatedScalarFieldContainer[int]
     parents: _containers.RepeatedScalarFieldContainer[int]
     counts: _containers.RepeatedScalarFieldContainer[int]
     shard: str
-    def __init__(self, match_length: _Optional[int] = ..., occurrences: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., shard: _Optional[str] = ...) -> None: ...
+    backoff: _containers.RepeatedCompositeFieldContainer[Level]
+    searched_shards: _containers.RepeatedScalarFieldContainer[str]
+    cut_count: int
+    def __init__(self, match_length: _Optional[int] = ..., occurrences: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., shard: _Optional[str] = ..., backoff: _Optional[_Iterable[_Union[Level, _Mapping]]] = ..., searched_shards: _Optional[_Iterable[str]] = ..., cut_count: _Optional[int] = ...) -> None: ...
+
+class Level(_message.Message):
+    __slots__ = ("match_length", "occurrences", "tokens", "parents", "counts", "cut_count")
+    MATCH_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    OCCURRENCES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    CUT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    match_length: int
+    occurrences: int
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    cut_count: int
+    def __init__(self, match_length: _Optional[int] = ..., occurrences: _Optional[int] = ..., tokens: _Optional[_Iterable[int]] = ..., parents: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ..., cut_count: _Optional[int] = ...) -> None: ...

@@ -11,7 +11,7 @@ from bench import gpu
 def test_verification_cost_runs_every_size_and_leaves_the_cache_as_it_was(tmp_path):
     result = CliRunner().invoke(gpu.main, [
         "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--contexts", "16,40",
-        "--sizes", "1,3,8", "--repeats", "2", "--no-demo", "--out", str(tmp_path)])
+        "--sizes", "1,3,8", "--repeats", "2", "--no-demo", "--no-server-bench", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "verification.json").read_text())
     assert data["device"] == "cpu" and data["shape"] == "tiny"

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rest.documents import InputFormatError, read_documents
+from rest.documents import DocumentReader, InputFormatError, read_documents
 
 
 def test_text_files_and_directories(tmp_path):
@@ -51,3 +51,46 @@ def test_broken_json_names_the_line(tmp_path):
     f.write_text('{"text": "ok"}\n{broken\n')
     with pytest.raises(InputFormatError, match=r"bad.jsonl:2: not valid JSON"):
         list(read_documents([f]))
+
+
+def test_folders_skip_binary_and_hidden_files_and_count_them(tmp_path):
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "__pycache__").mkdir()
+    (tmp_path / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\xa7\r\r\n\0\0\0\0zzzz")
+    (tmp_path / ".venv" / "lib").mkdir(parents=True)
+    (tmp_path / ".venv" / "lib" / "x.py").write_text("hidden\n")
+    (tmp_path / ".hidden.txt").write_text("hidden\n")
+    reader = DocumentReader([tmp_path])
+    assert reader.summary.excluded_files == 2 and reader.summary.total_bytes == 6 + 12
+    assert list(reader) == ["x = 1\n"]
+    assert (reader.summary.files, reader.summary.binary_files, reader.summary.documents) == (1, 1, 1)
+    assert reader.summary.bytes_read == reader.summary.total_bytes
+    assert reader.summary.describe() == "1 document from 1 file (skipped: 1 binary, 2 excluded)"
+
+
+def test_include_and_exclude_globs_match_relative_paths_and_names(tmp_path):
+    for rel in ("a.py", "b.md", "sub/c.py", "sub/tests/d.py", "tests/e.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(rel)
+    assert list(read_documents([tmp_path], include=["*.py"])) == ["a.py", "sub/c.py", "sub/tests/d.py", "tests/e.py"]
+    assert list(read_documents([tmp_path], include=["*.py"], exclude=["tests/*", "*/tests/*"])) == ["a.py", "sub/c.py"]
+    assert list(read_documents([tmp_path], exclude=["sub/*"])) == ["a.py", "b.md", "tests/e.py"]
+
+
+def test_files_named_explicitly_are_read_whatever_the_globs(tmp_path):
+    f = tmp_path / "notes.md"
+    f.write_text("n")
+    assert list(read_documents([f], include=["*.py"])) == ["n"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        DocumentReader([tmp_path / "missing.txt"])
+
+
+def test_jsonl_progress_counts_bytes_as_records_are_read(tmp_path):
+    f = tmp_path / "d.jsonl"
+    lines = [json.dumps({"text": f"doc {i}"}) + "\n" for i in range(3)]
+    f.write_text("".join(lines))
+    reader = DocumentReader([f])
+    seen = []
+    for _ in reader:
+        seen.append(reader.summary.bytes_read)
+    assert seen == [len(lines[0]), 2 * len(lines[0]), 3 * len(lines[0])]

@@ -48,15 +48,13 @@ def test_try_search_with_time_is_search(corpus, params):
     for i, context in enumerate(contexts):
         only = shards[i % 2]
         result = ds.try_search(context, params, only, time_limit_s=10.0)
-        if params.policy == "rest":
-            assert result is None  # the REST policy cannot stop early, so it is never tried
-        else:
-            assert result == ds.search(context, params, shards=only)
+        assert result == ds.search(context, params, shards=only)
 
 
-def test_try_search_out_of_time_gives_up(corpus):
+@pytest.mark.parametrize("policy", ["exact", "rest"])
+def test_try_search_out_of_time_gives_up(corpus, policy):
     ds, _ = corpus
-    params = SearchParams(min_span=1, max_span=2, budget=200, max_depth=8)
+    params = SearchParams(min_span=1, max_span=2, budget=200, max_depth=8, policy=policy)
     assert ds.search([1, 2], params).tokens  # there is a tree to grow...
     assert ds.try_search([1, 2], params, None, time_limit_s=0.0) is None  # ...but no time
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from tests.retriever_service.service_testing import (
     VOCAB,
     ServerProcess,
     random_documents,
+    write_certs_with_cryptography,
+    write_certs_with_openssl,
 )
 
 
@@ -57,3 +60,18 @@ def server_process():
     yield start
     for server in started:
         server.kill()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory) -> Path:
+    """A test CA, a server certificate for 127.0.0.1, and a client certificate."""
+    out = tmp_path_factory.mktemp("certs")
+    try:
+        import cryptography  # noqa: F401
+    except ImportError:
+        if shutil.which("openssl") is None:
+            pytest.skip("needs the cryptography package or the openssl command")
+        write_certs_with_openssl(out)
+    else:
+        write_certs_with_cryptography(out)
+    return out

@@ -1,4 +1,5 @@
-"""RemoteRetriever: equal to the engine, one stream per session, "no draft" on any failure."""
+"""RemoteRetriever against one endpoint: equal to the engine, one stream per session, "no draft" on
+any failure, usable while its server is down. Replicas and shards: test_client_replicas.py."""
 
 from __future__ import annotations
 
@@ -6,17 +7,31 @@ import time
 
 import pytest
 
-from rest.datastore import Datastore
 from rest.retriever import Retriever
 from rest.types import SearchParams
-from retriever_service.client import IncompatibleEndpoints, RemoteRetriever, RetrieverUnavailable
+from retriever_service.client import RemoteRetriever, RetrieverUnavailable
+from retriever_service.replicas import ReplicaPolicy
 from retriever_service.server import BackgroundServer, ServerConfig
 from tests.retriever_service.service_testing import (
     VOCAB,
     GatedDatastore,
     free_port,
     random_contexts,
+    wait_until,
 )
+
+# Deadlines derived from recent latencies would give up on a search that a loaded test machine
+# delays; tests that compare every answer keep the fixed deadline.
+PATIENT = ReplicaPolicy(min_deadline_s=5.0)
+
+
+def tree(result):
+    """What a search found, without ``searched_shards``: the service reports the shards an
+    answer covers, the in-process engine does not."""
+    if result is None:
+        return None
+    return (result.match_length, result.occurrences, result.tokens, result.parents,
+            result.counts, result.shard, result.cut_count)
 
 
 def serve(datastore, datastore_dir, **options) -> BackgroundServer:
@@ -41,10 +56,11 @@ def test_is_a_retriever_whose_info_is_the_datastores(server, datastore):
     SearchParams(policy="rest", budget=32),
 ], ids=repr)
 def test_session_searches_equal_the_engine(server, datastore, documents, params):
-    with RemoteRetriever(f"127.0.0.1:{server.port}", deadline_s=5) as retriever:
+    with RemoteRetriever(f"127.0.0.1:{server.port}", deadline_s=5, policy=PATIENT) as retriever:
         with retriever.session() as session:
             for context in random_contexts(documents, 60, seed=21):
-                assert session.search(context, params) == datastore.search(context, params)
+                assert tree(session.search(context, params)) == tree(
+                    datastore.search(context, params))
             assert (session.searches, session.failures) == (60, 0)
 
 
@@ -56,10 +72,10 @@ def test_one_stream_per_session(datastore, datastore_dir, documents):
         with retriever.session() as session:
             for context in random_contexts(documents, 5, seed=1):
                 session.search(context, SearchParams())
-            streams = session._streams
+            streams = dict(session._streams)
             assert len(streams) == 1
             session.search([1, 2], SearchParams())
-            assert session._streams is streams  # the same stream, reused
+            assert session._streams == streams  # the same stream, reused
 
 
 def test_server_down_is_no_draft_and_counted():
@@ -75,19 +91,53 @@ def test_server_down_is_no_draft_and_counted():
             retriever.info()
 
 
-def test_session_recovers_when_the_server_comes_back(datastore, datastore_dir):
+def test_usable_while_its_server_is_down_and_working_once_it_answers(datastore, datastore_dir):
+    """Constructible, quick to say it is unavailable, answering "no draft" at once, and
+    searching as soon as a server listens."""
+    port = free_port()
+    retriever = RemoteRetriever(f"127.0.0.1:{port}", deadline_s=1.0, info_timeout_s=1.0)
+    try:
+        started = time.monotonic()
+        with pytest.raises(RetrieverUnavailable, match="Connection refused|UNAVAILABLE"):
+            retriever.info()
+        assert time.monotonic() - started < 1.5  # not gRPC's 20 s connect timeout
+        session = retriever.session()
+        started = time.monotonic()
+        for _ in range(20):
+            assert session.search([1, 2], SearchParams()) is None
+        assert time.monotonic() - started < 0.5  # nothing to wait for while nothing answers
+        with serve(datastore, datastore_dir, port=port):
+            assert wait_until(lambda: session.search([1, 2], SearchParams()) is not None, 5.0)
+            assert retriever.info() == datastore.info()
+            assert tree(session.search([1, 2], SearchParams())) == tree(datastore.search([1, 2]))
+        session.close()
+    finally:
+        retriever.close()
+
+
+def test_a_session_that_kept_searching_gets_answers_within_a_second_of_a_restart(
+    datastore, datastore_dir
+):
+    """gRPC's default reconnect backoff (1 s growing 1.6x) left a client 8.5-9.6 s behind a
+    restarted server; ``client.RECONNECT_OPTIONS`` bring it under a second."""
     port = free_port()
     first = serve(datastore, datastore_dir, port=port)
-    with RemoteRetriever(f"127.0.0.1:{port}", deadline_s=2) as retriever:
+    with RemoteRetriever(f"127.0.0.1:{port}", deadline_s=0.2, policy=PATIENT) as retriever:
         session = retriever.session()
-        assert session.search([1, 2], SearchParams()) == datastore.search([1, 2])
+        assert tree(session.search([1, 2], SearchParams())) == tree(datastore.search([1, 2]))
         first.stop()
-        assert session.search([1, 2], SearchParams()) is None
-        assert session.failures == 1
+        # Keep searching through the outage long enough for gRPC's backoff to grow.
+        down_until = time.monotonic() + 4.0
+        while time.monotonic() < down_until:
+            assert session.search([1, 2], SearchParams()) is None
+            time.sleep(0.02)
         with serve(datastore, datastore_dir, port=port):
-            retriever.info()  # waits until the channel reconnects
-            assert session.search([1, 2], SearchParams()) == datastore.search([1, 2])
-            assert session.failures == 1
+            back = time.monotonic()
+            while session.search([1, 2], SearchParams()) is None:
+                assert time.monotonic() - back < 5.0, "never reconnected"
+                time.sleep(0.01)
+            assert time.monotonic() - back < 1.0
+            assert tree(session.search([1, 2], SearchParams())) == tree(datastore.search([1, 2]))
         session.close()
 
 
@@ -100,13 +150,13 @@ def test_a_late_answer_is_no_draft_within_the_deadline(datastore, datastore_dir)
             started = time.monotonic()
             assert session.search([1, 2], SearchParams()) is None
             elapsed = time.monotonic() - started
-            # Given up at the deadline (the watchdog ticks every 10 ms), not when the server
-            # answers; the upper bound leaves room for a loaded test machine.
+            # Given up at the deadline, not when the server answers; the upper bound leaves
+            # room for a loaded test machine.
             assert 0.2 <= elapsed < 2.0, elapsed
             assert session.failures == 1
             gated.gate.set()
             # The late stream was dropped; the next search opens a new one and is answered.
-            assert session.search([1, 2], SearchParams()) == datastore.search([1, 2])
+            assert tree(session.search([1, 2], SearchParams())) == tree(datastore.search([1, 2]))
             assert session.failures == 1
 
 
@@ -127,7 +177,8 @@ def test_sessions_in_threads_are_independent(server, datastore, documents):
         def run() -> None:
             with retriever.session() as session:
                 for context in contexts:
-                    if session.search(context, SearchParams()) != datastore.search(context):
+                    found = session.search(context, SearchParams())
+                    if tree(found) != tree(datastore.search(context)):
                         failures.append(repr(context))
         threads = [threading.Thread(target=run) for _ in range(4)]
         for t in threads:
@@ -137,65 +188,11 @@ def test_sessions_in_threads_are_independent(server, datastore, documents):
     assert failures == []
 
 
-# --- several endpoints, each serving some shards ---------------------------------------------
-
-@pytest.fixture(scope="module")
-def sharded_servers(datastore_dir, datastore):
-    names = datastore.shard_names
-    groups = [names[:1], names[1:]]
-    servers = [serve(Datastore.open(datastore_dir, shards=g), datastore_dir) for g in groups]
-    yield [f"127.0.0.1:{s.port}" for s in servers]
-    for s in servers:
-        s.stop()
-
-
-def test_info_of_several_endpoints_is_combined(sharded_servers, datastore):
-    with RemoteRetriever(sharded_servers) as retriever:
-        assert retriever.info() == datastore.info()
-
-
-@pytest.mark.parametrize("budget", [4096, 16])
-def test_several_endpoints_merge_to_the_whole_datastore(sharded_servers, datastore, documents,
-                                                        budget):
-    params = SearchParams(min_span=1, max_span=12, budget=budget, max_depth=4)
-    with RemoteRetriever(sharded_servers, deadline_s=5) as retriever, \
-            retriever.session() as session:
-        for context in random_contexts(documents, 60, seed=33):
-            merged = session.search(context, params)
-            whole = datastore.search(context, params)
-            assert (merged.match_length, merged.occurrences) == (
-                whole.match_length, whole.occurrences)
-            assert len(merged) <= budget
-            if budget == 4096:  # no server pruned: the merge is exact
-                assert (merged.tokens, merged.parents, merged.counts) == (
-                    whole.tokens, whole.parents, whole.counts)
-        assert len(session._streams) == 2
-
-
-def test_one_endpoint_down_is_no_draft(sharded_servers):
-    endpoints = [sharded_servers[0], f"127.0.0.1:{free_port()}"]
-    with RemoteRetriever(endpoints, deadline_s=0.5) as retriever, retriever.session() as session:
-        assert session.search([1, 2], SearchParams()) is None
-        assert session.failures == 1
-
-
-def test_endpoints_serving_the_same_shard_are_refused(sharded_servers):
-    with RemoteRetriever([sharded_servers[0], sharded_servers[0]]) as retriever:
-        with pytest.raises(IncompatibleEndpoints, match="overlapping shards"):
-            retriever.info()
-
-
-def test_endpoints_of_different_datastores_are_refused(sharded_servers, slow_datastore_dir):
-    with serve(Datastore.open(slow_datastore_dir), slow_datastore_dir) as other, \
-            RemoteRetriever([sharded_servers[0], f"127.0.0.1:{other.port}"]) as retriever:
-        with pytest.raises(IncompatibleEndpoints, match="tokenizer_fingerprint"):
-            retriever.info()
-
-
 def test_closing_the_retriever_closes_its_sessions(server):
     retriever = RemoteRetriever(f"127.0.0.1:{server.port}", deadline_s=5)
     sessions = [retriever.session() for _ in range(3)]
     for session in sessions:
         assert session.search([1, 2], SearchParams()) is not None
     retriever.close()
-    assert all(session._streams is None for session in sessions)
+    assert all(session._streams == {} for session in sessions)
+    assert all(session.search([1, 2], SearchParams()) is None for session in sessions)

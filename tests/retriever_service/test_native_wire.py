@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from rest.types import SearchParams
+from rest.types import SearchParams, SearchResult
 from retriever_service import wire
 from retriever_service.v1 import retriever_pb2 as pb
 from tests.retriever_service.service_testing import random_contexts
@@ -28,9 +28,6 @@ def test_try_search_bytes_are_the_python_message(datastore, documents, params):
     for i, context in enumerate(random_contexts(documents, 60, seed=11)):
         shards = [datastore.shard_names[i % 3]] if i % 2 else None
         encoded = datastore.try_search(context, params, shards, 10.0, as_wire=True)
-        if params.policy == "rest":
-            assert encoded is None
-            continue
         expected = datastore.search(context, params, shards=shards)
         assert encoded == python_encoding(expected), context
         assert wire.search_result(pb.SearchResponse.FromString(encoded)) == expected
@@ -64,3 +61,21 @@ def test_cached_wire_params_are_copied_into_requests():
     request.params.budget = 99
     assert wire.params_to_wire(params).budget == 7
     assert wire.search_request([1, 2, 3], params).params.budget == 7
+
+
+def test_levels_survive_the_wire():
+    """Every field of every back-off level, and the shard fields, come back as they were sent."""
+    first = SearchResult(5, 9, (1, 2), (-1, 0), (9, 4), shard="a,b", cut_count=3,
+                         searched_shards=("a", "b"))
+    second = SearchResult(4, 12, (1,), (-1,), (12,), shard="a,b", cut_count=0,
+                          searched_shards=("a", "b"))
+    response = pb.SearchResponse.FromString(
+        wire.search_levels_response([first, second]).SerializeToString())
+    assert wire.search_levels_result(response) == [first, second]
+    assert wire.search_result(response) == first
+    assert wire.search_levels_result(wire.search_levels_response([])) == []
+
+
+def test_requests_carry_levels_only_when_asked():
+    assert not wire.search_request([1, 2], SearchParams()).HasField("levels")
+    assert wire.search_request([1, 2], SearchParams(), levels=3).levels == 3

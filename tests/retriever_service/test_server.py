@@ -235,5 +235,37 @@ def test_ipv6_hosts_get_brackets_in_addresses():
 
 def test_a_port_in_use_is_an_error_that_says_so(server, datastore, datastore_dir):
     config = ServerConfig(datastore=str(datastore_dir), port=server.port)
-    with pytest.raises(OSError, match="could not bind"):
+    with pytest.raises(OSError, match=f"--port {server.port} is in use"):
         BackgroundServer(config, datastore)
+
+
+# Bytes that are not a SearchRequest: a truncated varint, a field with a wire type that does not
+# match its declaration (context as a fixed64), a length prefix past the end, an invalid tag.
+MALFORMED = [b"\x08\xff\xff\xff", b"\x09\x00", b"\x0a\x05\x01", b"\x00", b"\xff\xff\xff\xff\xff"]
+
+
+@pytest.mark.parametrize("method", ["Search", "SearchStream", "Info"])
+@pytest.mark.parametrize("payload", MALFORMED, ids=lambda p: p.hex())
+def test_a_malformed_message_is_invalid_argument(server, method, payload):
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        path = f"/rest.retriever.v1.Retriever/{method}"
+        with pytest.raises(grpc.RpcError) as info:
+            if method == "SearchStream":  # raw bytes both ways: no (de)serializer
+                next(channel.stream_stream(path)(iter([payload]), timeout=10))
+            else:
+                channel.unary_unary(path)(payload, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert info.value.details().startswith("request: ")
+        # The server goes on answering well-formed requests.
+        assert pb_grpc.RetrieverStub(channel).Search(pb.SearchRequest(context=[1])).ByteSize() >= 0
+
+
+def test_a_huge_shard_name_is_echoed_in_part_and_stays_not_found(stub, datastore):
+    name = "x" * 16_384
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Search(pb.SearchRequest(context=[1], shard=name), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    details = info.value.details()
+    assert len(details) < 300, details
+    assert "16384 characters" in details
+    assert datastore.shard_names[0] in details

@@ -88,3 +88,28 @@ def test_params_are_validated_every_time_they_are_invalid():
     for _ in range(2):  # an invalid message is never remembered as valid
         with pytest.raises(RequestError):
             parser.parse(bad)
+
+
+def test_a_malformed_message_is_invalid_argument_naming_the_type():
+    from retriever_service.validation import decode
+
+    with pytest.raises(RequestError) as info:
+        decode(pb.SearchRequest, b"\x0a\x05\x01")
+    assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "rest.retriever.v1.SearchRequest" in info.value.message
+    valid = pb.SearchRequest(context=[3]).SerializeToString()
+    assert decode(pb.SearchRequest, valid).context == [3]
+
+
+def test_refusals_stay_short_whatever_the_request_or_the_server_holds():
+    from retriever_service.validation import MAX_MESSAGE_CHARS
+
+    many = RequestLimits(vocab_size=100, max_context_tokens=8,
+                         shards=tuple(f"shard-{i:05d}" for i in range(5000)))
+    with pytest.raises(RequestError) as info:
+        SearchRequestParser(many).parse(pb.SearchRequest(context=[1], shard="y" * 100_000))
+    message = info.value.message
+    assert len(message) < 400, message
+    assert "100000 characters" in message and "shard-00000" in message
+    assert "and 4992 more" in message
+    assert len(RequestError(grpc.StatusCode.INTERNAL, "z" * 50_000).message) == MAX_MESSAGE_CHARS

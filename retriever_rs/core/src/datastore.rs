@@ -1,12 +1,18 @@
 //! A datastore directory: the manifest and its shards, opened together and searched as one.
 
+use crate::cancel::Cancel;
 use crate::error::{Error, Result};
-use crate::format::{Manifest, FORMAT_VERSION};
-use crate::rest_policy::rest_tree;
+use crate::format::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
+use crate::rest_policy::rest_tree_until;
 use crate::search::{exact_tree, exact_tree_until, Limits, Tree};
 use crate::shard::{Shard, ShardView};
+use crate::watch::{Events, ShardChange, Watching};
 use rayon::prelude::*;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Which drafting policy builds the tree.
@@ -45,17 +51,61 @@ impl Default for Query {
     }
 }
 
+/// How `Datastore::open_with` opens a datastore.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Only these shards (by name); None: every shard of the manifest.
+    pub only: Option<Vec<String>>,
+    /// How shard files are watched for changes.
+    pub watching: Watching,
+    /// A shard that cannot be opened is kept out of service (with the reason) instead of
+    /// failing the whole open; the open still fails when no shard can be opened.
+    pub tolerate_bad_shards: bool,
+}
+
+/// A finished search: its tree and the shards it covered (indexes into `Datastore::shards`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub tree: Tree,
+    pub searched: Vec<usize>,
+}
+
 pub struct Datastore {
     pub dir: PathBuf,
     pub manifest: Manifest,
+    /// The shards that were opened, in manifest order.
     pub shards: Vec<Shard>,
+    /// Shards of the manifest that could not be opened (`tolerate_bad_shards`): name, reason.
+    pub refused: Vec<(String, String)>,
+    events: Arc<Events>,
 }
 
 impl Datastore {
     /// Opens the datastore at `dir`: reads the manifest, maps every shard (or only `only`) and
     /// checks each header against the manifest. Reads a few pages; the data stays on disk.
     pub fn open(dir: &Path, only: Option<&[String]>) -> Result<Self> {
-        let manifest = Manifest::read(dir)?;
+        Self::open_with(dir, &OpenOptions { only: only.map(<[String]>::to_vec), ..OpenOptions::default() })
+    }
+
+    /// `open` with options. A build may swap the directory for a new one while it is opened
+    /// (`Builder` with `overwrite`): everything is read through one handle on the directory, and
+    /// an open that failed while the path stopped naming that directory starts again.
+    pub fn open_with(dir: &Path, options: &OpenOptions) -> Result<Self> {
+        let mut attempts = 0;
+        loop {
+            let handle = File::open(dir).map_err(|e| Error::io(dir.join(MANIFEST_NAME), e))?;
+            let through = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+            let through = if through.is_dir() { through } else { dir.to_path_buf() };
+            match Self::open_through(&through, dir, options) {
+                Err(_) if attempts < 3 && !still_at(&handle, dir) => attempts += 1,
+                result => return result,
+            }
+        }
+    }
+
+    fn open_through(through: &Path, dir: &Path, options: &OpenOptions) -> Result<Self> {
+        let manifest = Manifest::read_through(through, dir)?;
+        let only = options.only.as_deref();
         if let Some(names) = only {
             for name in names {
                 if !manifest.shards.iter().any(|s| &s.name == name) {
@@ -63,40 +113,89 @@ impl Datastore {
                 }
             }
         }
+        let events = Events::new().map_err(|e| Error::io(dir, e))?;
         let mut shards = Vec::new();
+        let mut refused = Vec::new();
         for entry in &manifest.shards {
             if only.is_some_and(|names| !names.contains(&entry.name)) {
                 continue;
             }
             let path = dir.join(&entry.file);
-            let shard = Shard::open(&entry.name, &path)?;
-            let h = &shard.header;
-            let mismatch = |what: &str| Error::corrupt(&path, format!("{what} differs from the manifest"));
-            if h.vocab_size != manifest.vocab_size {
-                return Err(mismatch("vocabulary size"));
+            let opened = Shard::open_through(&entry.name, &through.join(&entry.file), &path, events.clone(), options.watching)
+                .and_then(|shard| manifest.check_shard(entry, &shard.header, &path).map(|()| shard));
+            match opened {
+                Ok(shard) => shards.push(shard),
+                Err(err) if options.tolerate_bad_shards => refused.push((entry.name.clone(), err.to_string())),
+                Err(err) => return Err(err),
             }
-            if h.n_tokens != entry.n_tokens || h.n_docs != entry.n_docs || h.file_len() != entry.file_len {
-                return Err(mismatch("size"));
-            }
-            if h.tokenizer_fingerprint != manifest.tokenizer_fingerprint {
-                return Err(mismatch("tokenizer fingerprint"));
-            }
-            if format!("{:016x}", h.tokens_checksum) != entry.tokens_checksum
-                || format!("{:016x}", h.sa_checksum) != entry.sa_checksum
-            {
-                return Err(mismatch("checksum"));
-            }
-            shards.push(shard);
         }
-        Ok(Datastore { dir: dir.to_path_buf(), manifest, shards })
+        if shards.is_empty() {
+            let reasons: Vec<String> = refused.iter().map(|(_, reason)| reason.clone()).collect();
+            return Err(Error::NoShardInService(reasons.join("; ")));
+        }
+        let datastore = Datastore { dir: dir.to_path_buf(), manifest, shards, refused, events };
+        for change in datastore.refused_changes() {
+            datastore.events.push(change);
+        }
+        Ok(datastore)
+    }
+
+    /// The changes of this datastore's shards (out of service, with the reason), and the socket
+    /// that becomes readable when there are some.
+    pub fn events(&self) -> &Events {
+        &self.events
+    }
+
+    /// Every shard this datastore was opened for, in manifest order, with the reason it is out
+    /// of service (None: it serves).
+    pub fn shard_states(&self) -> Vec<(String, Option<String>)> {
+        self.manifest
+            .shards
+            .iter()
+            .filter_map(|entry| {
+                if let Some(shard) = self.shards.iter().find(|s| s.name == entry.name) {
+                    Some((shard.name.clone(), shard.out_of_service_reason()))
+                } else {
+                    let refused = self.refused.iter().find(|(name, _)| name == &entry.name)?;
+                    Some((refused.0.clone(), Some(refused.1.clone())))
+                }
+            })
+            .collect()
+    }
+
+    /// Takes the named shard out of service (a failed check, for instance).
+    pub fn take_out_of_service(&self, name: &str, reason: String) -> Result<()> {
+        let shard = self.shards.iter().find(|s| s.name == name).ok_or_else(|| Error::UnknownShard(name.into()))?;
+        shard.take_out_of_service(reason);
+        Ok(())
+    }
+
+    /// The refused shards as changes (the first `events().take()` returns them too).
+    pub fn refused_changes(&self) -> Vec<ShardChange> {
+        self.refused
+            .iter()
+            .map(|(name, reason)| ShardChange {
+                shard: name.clone(),
+                path: self
+                    .manifest
+                    .shards
+                    .iter()
+                    .find(|s| &s.name == name)
+                    .map(|s| self.dir.join(&s.file))
+                    .unwrap_or_default(),
+                serving: false,
+                reason: reason.clone(),
+            })
+            .collect()
     }
 
     pub fn format_version(&self) -> u32 {
         FORMAT_VERSION
     }
 
+    /// The shards this datastore was opened for, in or out of service, in manifest order.
     pub fn shard_names(&self) -> Vec<String> {
-        self.shards.iter().map(|s| s.name.clone()).collect()
+        self.shard_states().into_iter().map(|(name, _)| name).collect()
     }
 
     /// Tokens (separators included) in the open shards.
@@ -108,17 +207,63 @@ impl Datastore {
         self.shards.iter().map(|s| s.header.n_docs).sum()
     }
 
-    fn views(&self, only: Option<&[String]>) -> Result<Vec<ShardView<'_>>> {
+    /// The shards a search uses: the named ones, which must be in service, or every shard in
+    /// service. Indexes into `self.shards`.
+    fn searchable(&self, only: Option<&[String]>) -> Result<Vec<usize>> {
         if let Some(names) = only {
-            if let Some(bad) = names.iter().find(|n| !self.shards.iter().any(|s| &&s.name == n)) {
-                return Err(Error::UnknownShard(bad.clone()));
+            let mut picked = Vec::with_capacity(names.len());
+            for name in names {
+                let Some(i) = self.shards.iter().position(|s| &s.name == name) else {
+                    return Err(match self.refused.iter().find(|(n, _)| n == name) {
+                        Some((_, reason)) => Error::ShardUnavailable { shard: name.clone(), reason: reason.clone() },
+                        None => Error::UnknownShard(name.clone()),
+                    });
+                };
+                if let Some(reason) = self.shards[i].out_of_service_reason() {
+                    return Err(Error::ShardUnavailable { shard: name.clone(), reason });
+                }
+                picked.push(i);
+            }
+            // The named shards in datastore order, each once: the order a search without names uses.
+            picked.sort_unstable();
+            picked.dedup();
+            return Ok(picked);
+        }
+        let picked: Vec<usize> = (0..self.shards.len()).filter(|&i| self.shards[i].is_serving()).collect();
+        if picked.is_empty() {
+            let states = self.shard_states();
+            let reasons: Vec<String> =
+                states.into_iter().filter_map(|(name, reason)| reason.map(|r| format!("{name}: {r}"))).collect();
+            return Err(Error::NoShardInService(reasons.join("; ")));
+        }
+        Ok(picked)
+    }
+
+    /// Runs `search` on the shards in service among `only` and reports which it covered.
+    ///
+    /// A shard that goes out of service during the search (its file changed: the search then
+    /// read zeros from it) makes the answer unusable: a search that named it fails with
+    /// `ShardUnavailable`, and one over every shard is run again over those still in service.
+    pub fn covering<R>(
+        &self,
+        only: Option<&[String]>,
+        mut search: impl FnMut(&[ShardView]) -> Option<R>,
+    ) -> Result<Option<(R, Vec<usize>)>> {
+        loop {
+            let picked = self.searchable(only)?;
+            let views = picked.iter().map(|&i| self.shards[i].view()).collect::<Result<Vec<_>>>()?;
+            let result = search(&views);
+            drop(views);
+            match picked.iter().find(|&&i| !self.shards[i].is_serving()) {
+                None => return Ok(result.map(|r| (r, picked))),
+                Some(&i) if only.is_some() => {
+                    let shard = &self.shards[i];
+                    let reason = shard.out_of_service_reason().unwrap_or_default();
+                    return Err(Error::ShardUnavailable { shard: shard.name.clone(), reason });
+                }
+                Some(_) => continue, // at most once per shard: each retry has one fewer
             }
         }
-        self.shards
-            .iter()
-            .filter(|s| only.is_none_or(|names| names.contains(&s.name)))
-            .map(Shard::view)
-            .collect()
     }
 
     fn validate(&self, context: &[i64], q: &Query) -> Result<Vec<u32>> {
@@ -156,9 +301,8 @@ impl Datastore {
         Ok(tree.expect("a search without a time limit always finishes"))
     }
 
-    /// `search`, given up (`Ok(None)`) when it is still running at `stop_at`. Only the exact
-    /// policy can stop early; a REST-policy search is given up at once when it has a time limit.
-    /// Lets a caller try a search in a short time slice before handing it to another thread.
+    /// `search`, given up (`Ok(None)`) when it is still running at `stop_at`. Lets a caller
+    /// try a search in a short time slice before handing it to another thread.
     pub fn search_until(
         &self,
         context: &[i64],
@@ -166,26 +310,57 @@ impl Datastore {
         only: Option<&[String]>,
         stop_at: Option<Instant>,
     ) -> Result<Option<Tree>> {
+        Ok(self.search_cancellable(context, q, only, &Cancel::at(stop_at))?.map(|found| found.tree))
+    }
+
+    /// The search, given up (`Ok(None)`) once `cancel` says so, with the shards it covered.
+    pub fn search_cancellable(
+        &self,
+        context: &[i64],
+        q: &Query,
+        only: Option<&[String]>,
+        cancel: &Cancel,
+    ) -> Result<Option<Found>> {
         let context = self.validate(context, q)?;
-        let views = self.views(only)?;
         // Only the last `max_span` tokens can matter.
         let tail = &context[context.len().saturating_sub(q.max_span)..];
         let limits = Limits { min_span: q.min_span, max_span: q.max_span, budget: q.budget, max_depth: q.max_depth };
-        Ok(match (q.policy, stop_at) {
-            (Policy::Exact, None) => Some(exact_tree(&views, tail, &limits)),
-            (Policy::Exact, Some(t)) => exact_tree_until(&views, tail, &limits, t),
-            (Policy::Rest, None) => Some(rest_tree(&views, tail, &limits)),
-            (Policy::Rest, Some(_)) => None,
-        })
+        let found = self.covering(only, |views| match q.policy {
+            Policy::Exact if cancel.can_cancel() => exact_tree_until(views, tail, &limits, cancel),
+            Policy::Exact => Some(exact_tree(views, tail, &limits)),
+            Policy::Rest => rest_tree_until(views, tail, &limits, cancel),
+        })?;
+        Ok(found.map(|(tree, searched)| Found { tree, searched }))
     }
 
     /// Many searches in parallel (rayon).
-    pub fn search_batch(&self, contexts: &[Vec<i64>], q: &Query, only: Option<&[String]>) -> Result<Vec<Tree>> {
-        contexts.par_iter().map(|c| self.search(c, q, only)).collect()
+    pub fn search_batch(&self, contexts: &[Vec<i64>], q: &Query, only: Option<&[String]>) -> Result<Vec<Found>> {
+        let never = Cancel::never();
+        contexts
+            .par_iter()
+            .map(|c| Ok(self.search_cancellable(c, q, only, &never)?.expect("never cancelled")))
+            .collect()
     }
 
     /// The slow full check of every open shard: checksums and suffix-array structure.
     pub fn verify(&self) -> Result<()> {
         self.shards.par_iter().map(Shard::verify).collect()
+    }
+
+    /// `verify`, shard by shard: the shards that fail, with the error. Does not change their
+    /// state (see `take_out_of_service`).
+    pub fn verify_each(&self) -> Vec<(String, Error)> {
+        self.shards
+            .par_iter()
+            .filter_map(|shard| shard.verify().err().map(|err| (shard.name.clone(), err)))
+            .collect()
+    }
+}
+
+/// Whether `dir` still names the directory `handle` was opened on.
+fn still_at(handle: &File, dir: &Path) -> bool {
+    match (handle.metadata(), std::fs::metadata(dir)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }

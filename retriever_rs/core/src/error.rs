@@ -33,6 +33,13 @@ pub enum Error {
     /// A shard name that the datastore does not have.
     #[error("unknown shard {0:?}")]
     UnknownShard(String),
+    /// The shard exists but is out of service: its file changed under the mapping, or it failed
+    /// a check. It serves again once the datastore is reopened (or reloaded) from whole files.
+    #[error("shard {shard:?} is out of service: {reason}")]
+    ShardUnavailable { shard: String, reason: String },
+    /// Every shard the search could use is out of service.
+    #[error("no shard is in service ({0}); reopen the datastore once its files are whole")]
+    NoShardInService(String),
 }
 
 impl Error {

@@ -13,6 +13,8 @@ pub const MAGIC: [u8; 8] = *b"RESTSHD\x01";
 pub const FORMAT_VERSION: u32 = 1;
 pub const HEADER_LEN: usize = 512;
 pub const MANIFEST_NAME: &str = "manifest.json";
+/// The largest manifest read (a manifest takes about 300 bytes per shard).
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
 /// Largest vocabulary stored with 2-byte tokens: ids 0..=65534, 0xFFFF is the separator.
 pub const MAX_VOCAB_U16: u32 = 65_535;
 /// Largest vocabulary with 4-byte tokens: the separator 0xFFFF_FFFF must stay out of range.
@@ -155,12 +157,18 @@ impl ShardHeader {
 }
 
 fn put_str(dst: &mut [u8], s: &str) {
-    // Truncate on a char boundary so the stored name stays valid UTF-8.
-    let mut end = s.len().min(dst.len());
+    let stored = stored_prefix(s, dst.len());
+    dst[..stored.len()].copy_from_slice(stored.as_bytes());
+}
+
+/// The part of `s` a header field of `capacity` bytes holds: cut on a char boundary, so that
+/// the stored name stays valid UTF-8.
+fn stored_prefix(s: &str, capacity: usize) -> &str {
+    let mut end = s.len().min(capacity);
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    dst[..end].copy_from_slice(&s.as_bytes()[..end]);
+    &s[..end]
 }
 
 fn get_str(path: &Path, src: &[u8]) -> Result<String> {
@@ -202,28 +210,93 @@ pub struct ShardEntry {
 }
 
 impl Manifest {
+    /// Reads and checks `dir/manifest.json`: at most `MAX_MANIFEST_BYTES` of a regular file,
+    /// a known version, consistent totals and token width, every shard listed once.
     pub fn read(dir: &Path) -> Result<Self> {
+        Self::read_through(dir, dir)
+    }
+
+    /// `read` through `open_dir`, a path to the same directory as `dir` (a handle's
+    /// `/proc/self/fd/N`); errors name `dir`.
+    pub fn read_through(open_dir: &Path, dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_NAME);
-        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
-        let manifest: Manifest = serde_json::from_str(&text)
+        let bytes = crate::mmap::read_capped(&open_dir.join(MANIFEST_NAME), &path, MAX_MANIFEST_BYTES)?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(&path, format!("unreadable manifest: {e}")))?;
-        if manifest.format_version != FORMAT_VERSION {
+        manifest.check(&path)?;
+        Ok(manifest)
+    }
+
+    fn check(&self, path: &Path) -> Result<()> {
+        let bad = |reason: String| Err(Error::corrupt(path, reason));
+        if self.format_version != FORMAT_VERSION {
             return Err(Error::UnsupportedVersion {
-                path,
-                found: manifest.format_version,
+                path: path.into(),
+                found: self.format_version,
                 supported: FORMAT_VERSION,
             });
         }
-        if manifest.shards.is_empty() {
-            return Err(Error::corrupt(&path, "manifest lists no shards"));
+        if self.shards.is_empty() {
+            return bad("manifest lists no shards".into());
         }
-        for shard in &manifest.shards {
+        if self.vocab_size == 0 || self.token_width != token_width_for(self.vocab_size) {
+            return bad(format!(
+                "manifest token width {} does not fit its vocabulary size {}",
+                self.token_width, self.vocab_size
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut files = std::collections::HashSet::new();
+        for shard in &self.shards {
             // A shard file name must stay inside the datastore directory.
-            if shard.file.contains('/') || shard.file.contains('\\') || shard.file.starts_with('.') {
-                return Err(Error::corrupt(&path, format!("bad shard file name {:?}", shard.file)));
+            if shard.file.is_empty() || shard.file.contains(['/', '\\', '\0']) || shard.file.starts_with('.') {
+                return bad(format!("bad shard file name {:?}", shard.file));
+            }
+            if shard.name.is_empty() || shard.name.chars().any(char::is_control) {
+                return bad(format!("bad shard name {:?}", shard.name));
+            }
+            if !names.insert(shard.name.as_str()) {
+                return bad(format!("shard {:?} is listed twice", shard.name));
+            }
+            if !files.insert(shard.file.as_str()) {
+                return bad(format!("shard file {:?} is listed twice", shard.file));
             }
         }
-        Ok(manifest)
+        let n_tokens = self.shards.iter().try_fold(0u64, |sum, s| sum.checked_add(s.n_tokens));
+        let n_docs = self.shards.iter().try_fold(0u64, |sum, s| sum.checked_add(s.n_docs));
+        if n_tokens != Some(self.n_tokens) || n_docs != Some(self.n_docs) {
+            return bad(format!(
+                "manifest totals ({} tokens, {} documents) are not the sums over its shards",
+                self.n_tokens, self.n_docs
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks one shard's header (read from `path`) against this manifest and its `entry`.
+    pub fn check_shard(&self, entry: &ShardEntry, header: &ShardHeader, path: &Path) -> Result<()> {
+        let mismatch = |what: &str| Err(Error::corrupt(path, format!("{what} differs from the manifest")));
+        if header.vocab_size != self.vocab_size {
+            return mismatch("vocabulary size");
+        }
+        if header.token_width != self.token_width {
+            return mismatch("token width");
+        }
+        if header.n_tokens != entry.n_tokens || header.n_docs != entry.n_docs || header.file_len() != entry.file_len {
+            return mismatch("size");
+        }
+        if header.tokenizer_name != stored_prefix(&self.tokenizer_name, NAME_LEN) {
+            return mismatch("tokenizer name");
+        }
+        if header.tokenizer_fingerprint != stored_prefix(&self.tokenizer_fingerprint, FINGERPRINT_LEN) {
+            return mismatch("tokenizer fingerprint");
+        }
+        if format!("{:016x}", header.tokens_checksum) != entry.tokens_checksum
+            || format!("{:016x}", header.sa_checksum) != entry.sa_checksum
+        {
+            return mismatch("checksum");
+        }
+        Ok(())
     }
 
     pub fn to_json(&self) -> String {

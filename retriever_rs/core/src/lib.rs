@@ -4,15 +4,20 @@
 //! `build` writes datastores, `Datastore::open` maps them, `Datastore::search` answers.
 
 pub mod build;
+pub mod cancel;
 pub mod datastore;
 pub mod error;
 pub mod format;
 mod mmap;
 pub mod rest_policy;
+pub mod scrub;
 pub mod search;
 pub mod shard;
+pub mod watch;
 
 pub use build::{BuildOptions, Builder};
-pub use datastore::{Datastore, Policy, Query};
+pub use cancel::Cancel;
+pub use datastore::{Datastore, Found, OpenOptions, Policy, Query};
 pub use error::{Error, Result};
 pub use search::Tree;
+pub use watch::{ShardChange, Watching};

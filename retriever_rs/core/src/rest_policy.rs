@@ -12,45 +12,176 @@
 //!    original code's stable sort does).
 //! 5. The tree is every prefix of the remaining paths, ordered by (count desc, depth asc,
 //!    lexicographic path).
+//!
+//! The prefixes are counted in a trie (one node per distinct prefix, found by its parent and
+//! token), so memory grows with occurrences x depth, not with occurrences x depth squared as a
+//! map from every prefix's token vector would; a path is only spelled out for the few nodes that
+//! are kept.
 
+use crate::cancel::Cancel;
 use crate::search::{longest_match, Limits, Span, Tree};
 use crate::shard::ShardView;
+use std::cmp::Ordering;
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 pub const REST_MAX_OCCURRENCES: usize = 5_000;
+/// The occurrence walk asks whether it is cancelled once per this many occurrences.
+const CANCEL_CHECK_EVERY: usize = 64;
 
 pub fn rest_tree(views: &[ShardView], context: &[u32], limits: &Limits) -> Tree {
+    rest_tree_until(views, context, limits, &Cancel::never()).expect("never cancelled")
+}
+
+/// `rest_tree`, given up (`None`) once `cancel` says so.
+pub fn rest_tree_until(views: &[ShardView], context: &[u32], limits: &Limits, cancel: &Cancel) -> Option<Tree> {
     let (match_length, spans) = longest_match(views, context, limits);
     let occurrences: u64 = spans.iter().map(Span::len).sum();
     let mut tree = Tree { match_length: match_length as u32, occurrences, ..Tree::default() };
     if match_length == 0 || limits.budget == 0 {
-        return tree;
+        return Some(tree);
     }
-    let counts = count_prefixes(views, &spans, match_length, limits.max_depth);
-    let mut ranked: Vec<(&Vec<u32>, u64)> = counts.iter().map(|(p, &c)| (p, c)).collect();
-    ranked.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.len().cmp(&b.0.len())).then(a.0.cmp(b.0)));
-    ranked.truncate(limits.budget);
-    let kept = distinct_token_cut(&ranked, limits.budget);
+    let trie = count_prefixes(views, &spans, match_length, limits.max_depth, cancel)?;
+    let ranked = trie.most_frequent(limits.budget);
+    if cancel.is_cancelled() {
+        return None;
+    }
+    let kept = distinct_token_cut(&trie, &ranked, limits.budget);
 
     // Close the kept paths under prefixes and order the nodes so that parents come first.
-    let mut nodes: Vec<(&[u32], u64)> = Vec::new();
-    let mut seen: HashMap<&[u32], ()> = HashMap::new();
-    for path in kept {
-        for len in 1..=path.len() {
-            let prefix = &path[..len];
-            if seen.insert(prefix, ()).is_none() {
-                nodes.push((prefix, counts[prefix]));
-            }
+    let mut nodes: Vec<u32> = Vec::new();
+    let mut index: HashMap<u32, i32, FastHash> = HashMap::default();
+    for &node in &kept {
+        let mut n = node;
+        while n != ROOT && !index.contains_key(&n) {
+            index.insert(n, 0);
+            nodes.push(n);
+            n = trie.nodes[n as usize].parent;
         }
     }
-    nodes.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.len().cmp(&b.0.len())).then(a.0.cmp(b.0)));
-    let index: HashMap<&[u32], i32> = nodes.iter().enumerate().map(|(i, n)| (n.0, i as i32)).collect();
-    for (path, count) in &nodes {
-        tree.tokens.push(*path.last().unwrap());
-        tree.parents.push(if path.len() == 1 { -1 } else { index[&path[..path.len() - 1]] });
-        tree.counts.push(*count);
+    nodes.sort_unstable_by(|&a, &b| trie.rank_order(a, b));
+    for (i, &n) in nodes.iter().enumerate() {
+        index.insert(n, i as i32);
     }
-    tree
+    for &n in &nodes {
+        let node = &trie.nodes[n as usize];
+        tree.tokens.push(node.token);
+        tree.parents.push(if node.parent == ROOT { -1 } else { index[&node.parent] });
+        tree.counts.push(node.count as u64);
+    }
+    Some(tree)
+}
+
+/// The parent of the depth-1 nodes.
+const ROOT: u32 = u32::MAX;
+
+/// One distinct prefix: its last token, the prefix one shorter, and how many of the walked
+/// continuations start with it.
+struct Node {
+    token: u32,
+    parent: u32,
+    count: u32,
+    depth: u32,
+}
+
+/// A multiplicative hash for the trie's integer keys (the standard SipHash costs several times
+/// more, and these keys come from the datastore, not from a client who could choose collisions
+/// beyond the search's own bounded work).
+#[derive(Default)]
+struct IntHasher(u64);
+
+impl Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.write_u64(b as u64);
+        }
+    }
+    fn write_u32(&mut self, x: u32) {
+        self.write_u64(x as u64);
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0 ^ x).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+}
+
+type FastHash = BuildHasherDefault<IntHasher>;
+
+struct Trie {
+    nodes: Vec<Node>,
+    /// (parent, token) -> child node.
+    children: HashMap<u64, u32, FastHash>,
+}
+
+impl Trie {
+    fn child(&mut self, parent: u32, token: u32, depth: u32) -> u32 {
+        let next = self.nodes.len() as u32;
+        let node = *self.children.entry(((parent as u64) << 32) | token as u64).or_insert(next);
+        if node == next {
+            self.nodes.push(Node { token, parent, count: 0, depth });
+        }
+        node
+    }
+
+    /// Lexicographic order of the paths to `a` and `b`, which have the same depth: walk up both
+    /// until they share a parent, then compare the tokens there.
+    fn lex_order_same_depth(&self, mut a: u32, mut b: u32) -> Ordering {
+        let mut order = Ordering::Equal;
+        while a != b {
+            let (na, nb) = (&self.nodes[a as usize], &self.nodes[b as usize]);
+            order = na.token.cmp(&nb.token); // the last one compared is the closest to the root
+            a = na.parent;
+            b = nb.parent;
+        }
+        order
+    }
+
+    /// Step 3's order: count desc, depth asc, then lexicographic path.
+    fn rank_order(&self, a: u32, b: u32) -> Ordering {
+        let (na, nb) = (&self.nodes[a as usize], &self.nodes[b as usize]);
+        nb.count
+            .cmp(&na.count)
+            .then(na.depth.cmp(&nb.depth))
+            .then_with(|| self.lex_order_same_depth(a, b))
+    }
+
+    /// The `budget` first nodes in `rank_order`, in that order. Only the group of nodes tied
+    /// with the last one kept (same count and depth, so at most one per occurrence) is ordered
+    /// by path.
+    fn most_frequent(&self, budget: usize) -> Vec<u32> {
+        let mut all: Vec<u32> = (0..self.nodes.len() as u32).collect();
+        let coarse = |n: &u32| {
+            let node = &self.nodes[*n as usize];
+            (std::cmp::Reverse(node.count), node.depth)
+        };
+        if all.len() > budget {
+            all.select_nth_unstable_by_key(budget - 1, coarse);
+            let boundary = coarse(&all[budget - 1]);
+            let mut ranked: Vec<u32> = all[..budget].iter().copied().filter(|n| coarse(n) < boundary).collect();
+            let mut tied: Vec<u32> = all.iter().copied().filter(|n| coarse(n) == boundary).collect();
+            tied.sort_unstable_by(|&a, &b| self.lex_order_same_depth(a, b));
+            tied.truncate(budget - ranked.len());
+            ranked.extend(tied);
+            all = ranked;
+        }
+        all.sort_unstable_by(|&a, &b| self.rank_order(a, b));
+        all
+    }
+
+    /// How many distinct tokens the path to `node` holds.
+    fn distinct_tokens(&self, mut node: u32, scratch: &mut Vec<u32>) -> usize {
+        scratch.clear();
+        while node != ROOT {
+            let n = &self.nodes[node as usize];
+            scratch.push(n.token);
+            node = n.parent;
+        }
+        scratch.sort_unstable();
+        scratch.dedup();
+        scratch.len()
+    }
 }
 
 /// Counts every prefix of the continuations of the first `REST_MAX_OCCURRENCES` occurrences.
@@ -59,8 +190,9 @@ fn count_prefixes(
     spans: &[Span],
     match_length: usize,
     max_depth: usize,
-) -> HashMap<Vec<u32>, u64> {
-    let mut counts: HashMap<Vec<u32>, u64> = HashMap::new();
+    cancel: &Cancel,
+) -> Option<Trie> {
+    let mut trie = Trie { nodes: Vec::new(), children: HashMap::default() };
     let mut taken = 0;
     'shards: for span in spans {
         let v = &views[span.shard as usize];
@@ -68,33 +200,33 @@ fn count_prefixes(
             if taken == REST_MAX_OCCURRENCES {
                 break 'shards;
             }
+            if taken % CANCEL_CHECK_EVERY == 0 && cancel.is_cancelled() {
+                return None;
+            }
             taken += 1;
-            let start = v.sa[i as usize] as usize + match_length;
-            let mut path = Vec::with_capacity(max_depth);
+            let Some(&pos) = v.sa.get(i as usize) else { continue };
+            let start = pos as usize + match_length;
+            let mut node = ROOT;
             for k in 0..max_depth {
                 match v.text.get(start + k) {
                     Some(t) if t != v.separator => {
-                        path.push(t);
-                        *counts.entry(path.clone()).or_insert(0) += 1;
+                        node = trie.child(node, t, k as u32 + 1);
+                        trie.nodes[node as usize].count += 1;
                     }
                     _ => break,
                 }
             }
         }
     }
-    counts
+    Some(trie)
 }
 
 /// REST's final cut: drop the paths with the most distinct tokens until the sum of the paths'
 /// distinct-token counts is at most `budget`.
-fn distinct_token_cut<'a>(ranked: &[(&'a Vec<u32>, u64)], budget: usize) -> Vec<&'a Vec<u32>> {
-    let distinct = |p: &Vec<u32>| {
-        let mut d = p.clone();
-        d.sort_unstable();
-        d.dedup();
-        d.len()
-    };
-    let mut order: Vec<(usize, usize)> = ranked.iter().enumerate().map(|(i, r)| (distinct(r.0), i)).collect();
+fn distinct_token_cut(trie: &Trie, ranked: &[u32], budget: usize) -> Vec<u32> {
+    let mut scratch = Vec::new();
+    let mut order: Vec<(usize, usize)> =
+        ranked.iter().enumerate().map(|(i, &n)| (trie.distinct_tokens(n, &mut scratch), i)).collect();
     let mut total: usize = order.iter().map(|o| o.0).sum();
     // Most distinct first; among equals the earlier ranked (more frequent) first, as the original
     // code's stable sort of the ranked list does.
@@ -107,5 +239,5 @@ fn distinct_token_cut<'a>(ranked: &[(&'a Vec<u32>, u64)], budget: usize) -> Vec<
         total -= d;
         dropped[i] = true;
     }
-    ranked.iter().zip(dropped).filter(|(_, d)| !d).map(|(r, _)| r.0).collect()
+    ranked.iter().zip(dropped).filter(|(_, d)| !d).map(|(&n, _)| n).collect()
 }

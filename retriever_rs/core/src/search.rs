@@ -9,10 +9,10 @@
 //! Corruption never panics: a suffix-array entry that points outside the token array reads as a
 //! separator, so a corrupt shard gives wrong (and `verify`-detectable) results, not a crash.
 
+use crate::cancel::Cancel;
 use crate::shard::ShardView;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
-use std::time::Instant;
 
 /// Intervals at or below this size are split by scanning every entry.
 const SCAN_LIMIT: u32 = 64;
@@ -278,13 +278,14 @@ pub fn exact_tree(views: &[ShardView], context: &[u32], limits: &Limits) -> Tree
     grow_exact_tree(views, context, limits, None).expect("no time limit")
 }
 
-/// `exact_tree`, given up (`None`) when it is still growing at `stop_at`. The clock is read once
-/// per expansion, and one expansion is bounded by the interval sampling, so the overrun is small.
-pub fn exact_tree_until(views: &[ShardView], context: &[u32], limits: &Limits, stop_at: Instant) -> Option<Tree> {
-    grow_exact_tree(views, context, limits, Some(stop_at))
+/// `exact_tree`, given up (`None`) when `cancel` says so while it is still growing. It is asked
+/// once per expansion, and one expansion is bounded by the interval sampling, so the overrun is
+/// small.
+pub fn exact_tree_until(views: &[ShardView], context: &[u32], limits: &Limits, cancel: &Cancel) -> Option<Tree> {
+    grow_exact_tree(views, context, limits, Some(cancel))
 }
 
-fn grow_exact_tree(views: &[ShardView], context: &[u32], limits: &Limits, stop_at: Option<Instant>) -> Option<Tree> {
+fn grow_exact_tree(views: &[ShardView], context: &[u32], limits: &Limits, cancel: Option<&Cancel>) -> Option<Tree> {
     let (match_length, root_spans) = longest_match(views, context, limits);
     let occurrences = root_spans.iter().map(Span::len).sum();
     let mut tree = Tree { match_length: match_length as u32, occurrences, ..Tree::default() };
@@ -295,7 +296,7 @@ fn grow_exact_tree(views: &[ShardView], context: &[u32], limits: &Limits, stop_a
         Expansion { views, match_length, budget: limits.budget as u32, heap: BinaryHeap::new() };
     expansion.expand(&root_spans, 0, -1, &[], 1);
     while tree.tokens.len() < limits.budget {
-        if stop_at.is_some_and(|t| Instant::now() >= t) {
+        if cancel.is_some_and(Cancel::is_cancelled) {
             return None;
         }
         let Some(c) = expansion.heap.pop() else { break };

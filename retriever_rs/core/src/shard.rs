@@ -2,9 +2,11 @@
 
 use crate::error::{Error, Result};
 use crate::format::{checksum, separator_for, ShardHeader, HEADER_LEN};
-use crate::mmap::{map_file, view};
-use memmap2::Mmap;
+use crate::mmap::{open_regular, view};
+use crate::watch::{Events, Watched, Watching};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The token array, whatever its width.
 #[derive(Clone, Copy)]
@@ -39,7 +41,8 @@ pub struct Shard {
     pub name: String,
     pub path: PathBuf,
     pub header: ShardHeader,
-    map: Mmap,
+    /// The mapping, under watch: out of service once the file changes (see `watch`).
+    file: Arc<Watched>,
 }
 
 /// A borrowed view of a shard's arrays: what searches work on.
@@ -51,24 +54,59 @@ pub struct ShardView<'a> {
 }
 
 impl Shard {
-    /// Maps and validates a shard file (header, sizes, offsets); fast: it reads one page.
-    pub fn open(name: &str, path: &Path) -> Result<Self> {
-        let map = map_file(path)?;
-        let header = ShardHeader::decode(path, &map[..map.len().min(HEADER_LEN)], map.len() as u64)?;
-        let shard = Shard { name: name.to_string(), path: path.to_path_buf(), header, map };
+    /// Validates a shard file's header (sizes, offsets) and maps it; fast: it reads one page.
+    /// A FIFO, a device or a directory is refused before anything is read from it.
+    pub fn open(name: &str, path: &Path, events: Arc<Events>, watching: Watching) -> Result<Self> {
+        Self::open_through(name, path, path, events, watching)
+    }
+
+    /// `open` of the file at `open` (a path through a directory handle), known as `path`.
+    pub fn open_through(name: &str, open: &Path, path: &Path, events: Arc<Events>, watching: Watching) -> Result<Self> {
+        let (file, len) = open_regular(open, path)?;
+        let mut head = vec![0u8; HEADER_LEN.min(len as usize)];
+        file.read_exact_at(&mut head, 0).map_err(|e| Error::io(path, e))?;
+        let header = ShardHeader::decode(path, &head, len)?;
+        let file = Watched::new(name, path, open, file, len, events, watching)?;
+        let shard = Shard { name: name.to_string(), path: path.to_path_buf(), header, file };
         shard.view()?; // checks that the sections can be viewed
         Ok(shard)
     }
 
     pub fn view(&self) -> Result<ShardView<'_>> {
         let h = &self.header;
+        let bytes = self.file.map.bytes();
         let text = if h.token_width == 2 {
-            Text::U16(view::<u16>(&self.path, &self.map, h.tokens_offset(), h.n_tokens)?)
+            Text::U16(view::<u16>(&self.path, bytes, h.tokens_offset(), h.n_tokens)?)
         } else {
-            Text::U32(view::<u32>(&self.path, &self.map, h.tokens_offset(), h.n_tokens)?)
+            Text::U32(view::<u32>(&self.path, bytes, h.tokens_offset(), h.n_tokens)?)
         };
-        let sa = view::<u32>(&self.path, &self.map, h.sa_offset(), h.n_tokens)?;
+        let sa = view::<u32>(&self.path, bytes, h.sa_offset(), h.n_tokens)?;
         Ok(ShardView { path: &self.path, text, sa, separator: separator_for(h.token_width) })
+    }
+
+    /// Whether the shard is in service: its file has not changed since it was mapped.
+    pub fn is_serving(&self) -> bool {
+        self.file.is_serving()
+    }
+
+    /// Why the shard is out of service; None while it serves.
+    pub fn out_of_service_reason(&self) -> Option<String> {
+        self.file.reason()
+    }
+
+    /// Takes the shard out of service (a failed check, for instance); the first reason stays.
+    pub fn take_out_of_service(&self, reason: String) {
+        self.file.take_out_of_service(reason)
+    }
+
+    /// Whether a read lease holds writers back until this shard is out of service.
+    pub fn has_lease(&self) -> bool {
+        self.file.has_lease()
+    }
+
+    /// The mapped file (still open), for reading it without the mapping (the scrub).
+    pub fn watched(&self) -> &Watched {
+        &self.file
     }
 
     /// The slow full check: both checksums, then the suffix array's structure (every position
@@ -76,10 +114,11 @@ impl Shard {
     pub fn verify(&self) -> Result<()> {
         let h = &self.header;
         let tokens_end = (h.tokens_offset() + h.n_tokens * h.token_width as u64) as usize;
-        if checksum(&self.map[h.tokens_offset() as usize..tokens_end]) != h.tokens_checksum {
+        let bytes = self.file.map.bytes();
+        if checksum(&bytes[h.tokens_offset() as usize..tokens_end]) != h.tokens_checksum {
             return Err(Error::ChecksumMismatch { path: self.path.clone(), section: "tokens" });
         }
-        if checksum(&self.map[h.sa_offset() as usize..]) != h.sa_checksum {
+        if checksum(&bytes[h.sa_offset() as usize..]) != h.sa_checksum {
             return Err(Error::ChecksumMismatch { path: self.path.clone(), section: "suffix array" });
         }
         let v = self.view()?;

@@ -4,7 +4,7 @@ use crate::errors::to_py;
 use crate::wire::encode_search_response;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use rest_retriever::{Policy, Query, Tree};
+use rest_retriever::{Found, OpenOptions, Policy, Query, Tree, Watching};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +27,11 @@ impl Datastore {
     pub(crate) fn shared(&self) -> Arc<rest_retriever::Datastore> {
         self.inner.clone()
     }
+
+    /// The names of the shards a search covered.
+    pub(crate) fn searched_names(store: &rest_retriever::Datastore, found: &Found) -> Vec<String> {
+        found.searched.iter().map(|&i| store.shards[i].name.clone()).collect()
+    }
 }
 
 /// A search's parameters as Python passes them: `(min_span, max_span, budget, max_depth, policy)`.
@@ -43,25 +48,26 @@ impl QueryArgs {
 
 /// A finished search in the form its caller asked for, made without the GIL.
 pub(crate) enum Answer {
-    /// The tree, and the searched shards' names joined by commas (empty: every shard).
-    Tuple(TreeTuple, String),
+    /// The tree, the requested shards' names joined by commas (empty: every shard), and the
+    /// names of the shards the search covered (those in service).
+    Tuple(TreeTuple, String, Vec<String>),
     /// The retrieval service's `SearchResponse`, serialized.
     Wire(Vec<u8>),
 }
 
 impl Answer {
-    pub(crate) fn new(tree: Tree, shards: Option<&[String]>, as_wire: bool) -> Self {
+    pub(crate) fn new(tree: Tree, shards: Option<&[String]>, searched: Vec<String>, as_wire: bool) -> Self {
         let label = shards.map(|s| s.join(",")).unwrap_or_default();
         if as_wire {
-            Answer::Wire(encode_search_response(tree, label))
+            Answer::Wire(encode_search_response(tree, label, searched))
         } else {
-            Answer::Tuple(to_tuple(tree), label)
+            Answer::Tuple(to_tuple(tree), label, searched)
         }
     }
 
     pub(crate) fn into_py(self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         Ok(match self {
-            Answer::Tuple(tuple, label) => (tuple, label).into_pyobject(py)?.into_any().unbind(),
+            Answer::Tuple(tuple, label, searched) => (tuple, label, searched).into_pyobject(py)?.into_any().unbind(),
             Answer::Wire(bytes) => PyBytes::new(py, &bytes).into_any().unbind(),
         })
     }
@@ -70,13 +76,53 @@ impl Answer {
 #[pymethods]
 impl Datastore {
     /// Opens the datastore directory `path` (only the named shards when `shards` is given).
+    /// `leases`, `inotify`: how shard files are watched for changes (docs/DATASTORE_FORMAT.md);
+    /// `tolerate_bad_shards`: a shard that cannot be opened stays out of service instead of
+    /// failing the open.
     #[staticmethod]
-    #[pyo3(signature = (path, shards=None))]
-    fn open(py: Python<'_>, path: PathBuf, shards: Option<Vec<String>>) -> PyResult<Self> {
-        let inner = py
-            .detach(|| rest_retriever::Datastore::open(&path, shards.as_deref()))
-            .map_err(to_py)?;
+    #[pyo3(signature = (path, shards=None, leases=true, inotify=true, tolerate_bad_shards=false))]
+    fn open(
+        py: Python<'_>,
+        path: PathBuf,
+        shards: Option<Vec<String>>,
+        leases: bool,
+        inotify: bool,
+        tolerate_bad_shards: bool,
+    ) -> PyResult<Self> {
+        let options = OpenOptions { only: shards, watching: Watching { leases, inotify }, tolerate_bad_shards };
+        let inner = py.detach(|| rest_retriever::Datastore::open_with(&path, &options)).map_err(to_py)?;
         Ok(Datastore { inner: Arc::new(inner) })
+    }
+
+    /// Every shard, in manifest order, as `(name, reason)`: reason is None while it serves.
+    fn shard_states(&self) -> Vec<(String, Option<String>)> {
+        self.inner.shard_states()
+    }
+
+    /// Whether each opened shard holds a read lease, as `{name: bool}`.
+    fn shard_leases(&self) -> std::collections::HashMap<String, bool> {
+        self.inner.shards.iter().map(|s| (s.name.clone(), s.has_lease())).collect()
+    }
+
+    /// The file descriptor that becomes readable when `shard_changes` has changes.
+    fn events_fileno(&self) -> i32 {
+        self.inner.events().fileno()
+    }
+
+    /// The shards that went out of service since the last call, as `(name, path, serving,
+    /// reason)`, oldest first; the first call also returns the shards refused at open.
+    fn shard_changes(&self) -> Vec<(String, PathBuf, bool, String)> {
+        self.inner.events().take().into_iter().map(|c| (c.shard, c.path, c.serving, c.reason)).collect()
+    }
+
+    /// Takes the named shard out of service with `reason` (a failed check, for instance).
+    fn take_out_of_service(&self, name: &str, reason: String) -> PyResult<()> {
+        self.inner.take_out_of_service(name, reason).map_err(to_py)
+    }
+
+    /// `verify`, shard by shard: `[(name, message)]` for each shard that fails.
+    fn verify_each(&self, py: Python<'_>) -> Vec<(String, String)> {
+        py.detach(|| self.inner.verify_each()).into_iter().map(|(name, err)| (name, err.to_string())).collect()
     }
 
     #[getter]
@@ -120,7 +166,8 @@ impl Datastore {
         self.inner.manifest.to_json()
     }
 
-    /// The continuation tree of `context` as (match_length, occurrences, tokens, parents, counts).
+    /// The continuation tree of `context` as `(tree tuple, shard label, searched shards)`: the
+    /// tuple is (match_length, occurrences, tokens, parents, counts).
     #[pyo3(signature = (context, query, shards=None))]
     fn search(
         &self,
@@ -128,11 +175,18 @@ impl Datastore {
         context: Vec<i64>,
         query: QueryArgs,
         shards: Option<Vec<String>>,
-    ) -> PyResult<TreeTuple> {
+    ) -> PyResult<Py<PyAny>> {
         let q = query.to_query()?;
-        py.detach(|| self.inner.search(&context, &q, shards.as_deref()))
-            .map(to_tuple)
-            .map_err(to_py)
+        let never = rest_retriever::Cancel::never();
+        let answer = py
+            .detach(|| {
+                let found = self.inner.search_cancellable(&context, &q, shards.as_deref(), &never)?;
+                let found = found.expect("never cancelled");
+                let searched = Datastore::searched_names(&self.inner, &found);
+                Ok(Answer::new(found.tree, shards.as_deref(), searched, false))
+            })
+            .map_err(to_py)?;
+        answer.into_py(py)
     }
 
     /// `search` as `(tree tuple, shard label)`, or the serialized `SearchResponse` with
@@ -151,16 +205,20 @@ impl Datastore {
         let q = query.to_query()?;
         // Capped at a day: a longer limit means none, and must not overflow the clock.
         let stop_at = Instant::now() + Duration::from_micros(time_limit_us.min(86_400_000_000));
+        let cancel = rest_retriever::Cancel::at(Some(stop_at));
         let answer = py
             .detach(|| {
-                let tree = self.inner.search_until(&context, &q, shards.as_deref(), Some(stop_at))?;
-                Ok(tree.map(|tree| Answer::new(tree, shards.as_deref(), as_wire)))
+                let found = self.inner.search_cancellable(&context, &q, shards.as_deref(), &cancel)?;
+                Ok(found.map(|found| {
+                    let searched = Datastore::searched_names(&self.inner, &found);
+                    Answer::new(found.tree, shards.as_deref(), searched, as_wire)
+                }))
             })
             .map_err(to_py)?;
         answer.map(|a| a.into_py(py)).transpose()
     }
 
-    /// Many searches at once, in parallel, without the GIL.
+    /// Many searches at once, in parallel, without the GIL: `search`'s answer for each.
     #[pyo3(signature = (contexts, query, shards=None))]
     fn search_batch(
         &self,
@@ -168,11 +226,21 @@ impl Datastore {
         contexts: Vec<Vec<i64>>,
         query: QueryArgs,
         shards: Option<Vec<String>>,
-    ) -> PyResult<Vec<TreeTuple>> {
+    ) -> PyResult<Vec<Py<PyAny>>> {
         let q = query.to_query()?;
-        py.detach(|| self.inner.search_batch(&contexts, &q, shards.as_deref()))
-            .map(|trees| trees.into_iter().map(to_tuple).collect())
-            .map_err(to_py)
+        let answers = py
+            .detach(|| {
+                let found = self.inner.search_batch(&contexts, &q, shards.as_deref())?;
+                Ok(found
+                    .into_iter()
+                    .map(|f| {
+                        let searched = Datastore::searched_names(&self.inner, &f);
+                        Answer::new(f.tree, shards.as_deref(), searched, false)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .map_err(to_py)?;
+        answers.into_iter().map(|a| a.into_py(py)).collect()
     }
 
     /// The slow full check: checksums and suffix-array structure of every open shard.

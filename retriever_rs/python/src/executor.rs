@@ -11,7 +11,8 @@ use crate::datastore::{Answer, Datastore, QueryArgs};
 use crate::errors::to_py;
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError};
 use pyo3::prelude::*;
-use rest_retriever::{Error, Query};
+use rest_retriever::{Cancel, Error, Query};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -27,6 +28,8 @@ struct Job {
     query: Query,
     shards: Option<Vec<String>>,
     deadline: Option<Instant>,
+    /// Set by `SearchExecutor.cancel`: the search stops at its next check.
+    cancelled: Arc<AtomicBool>,
 }
 
 enum Outcome {
@@ -35,6 +38,8 @@ enum Outcome {
     Failed(Error),
     /// The deadline passed while the job waited for a worker: not searched.
     Expired,
+    /// The deadline passed during the search, or the caller cancelled it: given up.
+    GivenUp,
 }
 
 /// Finished jobs, and the wake-up socket that tells the event loop there are some.
@@ -61,6 +66,8 @@ pub struct SearchExecutor {
     jobs: Mutex<Option<Sender<Job>>>,
     completions: Arc<Completions>,
     wake_reader: UnixStream,
+    /// The cancel flags of the jobs not yet completed, by tag.
+    in_flight: Arc<Mutex<HashMap<u64, Arc<AtomicBool>>>>,
 }
 
 #[pymethods]
@@ -83,15 +90,16 @@ impl SearchExecutor {
         });
         let (sender, receiver) = channel::<Job>();
         let receiver = Arc::new(Mutex::new(receiver));
+        let in_flight = Arc::new(Mutex::new(HashMap::new()));
         for i in 0..workers {
-            let (store, receiver, completions) =
-                (datastore.shared(), receiver.clone(), completions.clone());
+            let (store, receiver, completions, in_flight) =
+                (datastore.shared(), receiver.clone(), completions.clone(), in_flight.clone());
             thread::Builder::new()
                 .name(format!("search-{i}"))
-                .spawn(move || work(&store, &receiver, &completions, as_wire))
+                .spawn(move || work(&store, &receiver, &completions, &in_flight, as_wire))
                 .map_err(os_error)?;
         }
-        Ok(SearchExecutor { jobs: Mutex::new(Some(sender)), completions, wake_reader })
+        Ok(SearchExecutor { jobs: Mutex::new(Some(sender)), completions, wake_reader, in_flight })
     }
 
     /// The file descriptor that becomes readable when searches have finished.
@@ -100,7 +108,8 @@ impl SearchExecutor {
     }
 
     /// Queues a search; its outcome comes back from `completed` under `tag`. A job still waiting
-    /// for a worker `timeout_s` seconds from now is not searched (`TimeoutError`).
+    /// for a worker `timeout_s` seconds from now is not searched, and one still running then is
+    /// given up (both `TimeoutError`).
     #[pyo3(signature = (tag, context, query, shards=None, timeout_s=None))]
     fn submit(
         &self,
@@ -115,11 +124,25 @@ impl SearchExecutor {
         let deadline = timeout_s
             .and_then(|t| Duration::try_from_secs_f64(t.max(0.0)).ok())
             .and_then(|d| Instant::now().checked_add(d));
-        let job = Job { tag, context, query, shards, deadline };
+        let cancelled = Arc::new(AtomicBool::new(false));
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(tag, cancelled.clone());
+        let job = Job { tag, context, query, shards, deadline, cancelled };
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         match jobs.as_ref() {
             Some(sender) if sender.send(job).is_ok() => Ok(()),
-            _ => Err(PyRuntimeError::new_err("search executor is closed")),
+            _ => {
+                self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&tag);
+                Err(PyRuntimeError::new_err("search executor is closed"))
+            }
+        }
+    }
+
+    /// Gives up the search queued under `tag` (its caller went away): a queued one is not run,
+    /// a running one stops at its next check. Its outcome still comes back from `completed`.
+    /// Unknown or finished tags are ignored.
+    fn cancel(&self, tag: u64) {
+        if let Some(flag) = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).get(&tag) {
+            flag.store(true, Ordering::Relaxed);
         }
     }
 
@@ -144,6 +167,11 @@ impl SearchExecutor {
                     )
                     .into_value(py)
                     .into_any()),
+                    Outcome::GivenUp => Ok(PyTimeoutError::new_err(
+                        "search given up: its deadline passed or its call was cancelled",
+                    )
+                    .into_value(py)
+                    .into_any()),
                 };
                 (tag, value.expect("converting a search result cannot fail"))
             })
@@ -156,7 +184,13 @@ impl SearchExecutor {
     }
 }
 
-fn work(store: &rest_retriever::Datastore, receiver: &Mutex<Receiver<Job>>, completions: &Completions, as_wire: bool) {
+fn work(
+    store: &rest_retriever::Datastore,
+    receiver: &Mutex<Receiver<Job>>,
+    completions: &Completions,
+    in_flight: &Mutex<HashMap<u64, Arc<AtomicBool>>>,
+    as_wire: bool,
+) {
     loop {
         // One worker waits on the channel while the others wait on the lock: a plain shared queue.
         let job = match receiver.lock().unwrap_or_else(|e| e.into_inner()).recv() {
@@ -165,12 +199,20 @@ fn work(store: &rest_retriever::Datastore, receiver: &Mutex<Receiver<Job>>, comp
         };
         let outcome = if job.deadline.is_some_and(|d| Instant::now() >= d) {
             Outcome::Expired
+        } else if job.cancelled.load(Ordering::Relaxed) {
+            Outcome::GivenUp
         } else {
-            match store.search(&job.context, &job.query, job.shards.as_deref()) {
-                Ok(tree) => Outcome::Found(Answer::new(tree, job.shards.as_deref(), as_wire)),
+            let cancel = Cancel::at(job.deadline).with_flag(job.cancelled.clone());
+            match store.search_cancellable(&job.context, &job.query, job.shards.as_deref(), &cancel) {
+                Ok(Some(found)) => {
+                    let searched = Datastore::searched_names(store, &found);
+                    Outcome::Found(Answer::new(found.tree, job.shards.as_deref(), searched, as_wire))
+                }
+                Ok(None) => Outcome::GivenUp,
                 Err(err) => Outcome::Failed(err),
             }
         };
+        in_flight.lock().unwrap_or_else(|e| e.into_inner()).remove(&job.tag);
         completions.push(job.tag, outcome);
     }
 }

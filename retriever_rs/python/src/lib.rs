@@ -11,6 +11,7 @@ mod wire;
 #[pymodule]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DatastoreError", m.py().get_type::<errors::DatastoreError>())?;
+    m.add("ShardUnavailableError", m.py().get_type::<errors::ShardUnavailableError>())?;
     m.add("FORMAT_VERSION", rest_retriever::format::FORMAT_VERSION)?;
     m.add("MAX_SHARD_TOKENS", rest_retriever::format::MAX_SHARD_TOKENS)?;
     m.add_class::<datastore::Datastore>()?;

@@ -23,10 +23,13 @@ struct SearchResponse {
     counts: Vec<u64>,
     #[prost(string, tag = "6")]
     shard: String,
+    #[prost(string, repeated, tag = "8")]
+    searched_shards: Vec<String>,
 }
 
-/// The serialized `SearchResponse` for `tree`, searched in the shards `shard` names.
-pub fn encode_search_response(tree: Tree, shard: String) -> Vec<u8> {
+/// The serialized `SearchResponse` for `tree`, searched in the shards `shard` names, covering
+/// the shards `searched_shards` (those in service).
+pub fn encode_search_response(tree: Tree, shard: String, searched_shards: Vec<String>) -> Vec<u8> {
     SearchResponse {
         match_length: tree.match_length,
         occurrences: tree.occurrences,
@@ -34,6 +37,7 @@ pub fn encode_search_response(tree: Tree, shard: String) -> Vec<u8> {
         parents: tree.parents,
         counts: tree.counts,
         shard,
+        searched_shards,
     }
     .encode_to_vec()
 }
