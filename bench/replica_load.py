@@ -181,6 +181,28 @@ def wire_sample(path: Path, shard_names, targets, n: int, seed: int) -> dict:
     }
 
 
+def fan_out_tail(samples: list[float], seed: int, draws: int = 20000) -> dict:
+    """Step latency of a fan-out to N shard sets, from this run's answer latencies of one shard
+    set (each an independent draw): p50/p99 of the slowest of N, without hedging and with a
+    hedge at the shards' p95 (A6: the first answer of the search and of its hedge, sent p95
+    later to another replica)."""
+    rng = np.random.default_rng(seed)
+    latencies = np.array(samples)
+    hedge_at = float(np.percentile(latencies, 95))
+    out = {"samples": len(samples), "hedge_delay_ms": hedge_at * 1e3, "by_n": {}}
+    for n in (1, 5, 25, 100, 250):
+        first = rng.choice(latencies, size=(draws, n))
+        second = rng.choice(latencies, size=(draws, n)) + hedge_at
+        plain, hedged = first.max(axis=1), np.minimum(first, second).max(axis=1)
+        out["by_n"][n] = {
+            "p50_ms": float(np.percentile(plain, 50) * 1e3),
+            "p99_ms": float(np.percentile(plain, 99) * 1e3),
+            "hedged_p50_ms": float(np.percentile(hedged, 50) * 1e3),
+            "hedged_p99_ms": float(np.percentile(hedged, 99) * 1e3),
+        }
+    return out
+
+
 def with_cut(pruned, unpruned):
     kept = set(pruned.paths())
     cut = max((c for p, c in zip(unpruned.paths(), unpruned.counts) if p not in kept), default=0)
@@ -207,6 +229,8 @@ def run(args) -> dict:
         sessions.start()
         time.sleep(half)
         before = shard_counters(retriever.stats())
+        per_shard = [v for group in retriever._pool.routing()
+                     for v in group.stats.latencies.values()]
         victim, _ = servers[0, 0]
         victim.kill()
         sessions.phase = "one replica killed"
@@ -220,6 +244,7 @@ def run(args) -> dict:
                 **{k: after[k] - before[k] for k in after}},
         }
         results["client"] = retriever.stats()
+        results["fan_out"] = fan_out_tail(per_shard, args.seed)
         retriever.close()
 
         print("baseline: the same sessions in-process...", flush=True)
@@ -256,6 +281,15 @@ def report(results: dict) -> str:
               f"shards) {w['response_bytes_per_level_all_shards']:.0f} B; merge certified exact "
               f"{w['merge_certified_exact']:.0%}, identical to the whole datastore's tree "
               f"{w['merge_identical_to_whole']:.0%}"]
+    fan = results.get("fan_out")
+    if fan:
+        lines += ["", f"fan-out to N shard sets (from {fan['samples']} answer latencies of this"
+                  f" run; hedge at their p95, {fan['hedge_delay_ms']:.2f} ms):", "",
+                  "| N | p50 ms | p99 ms | hedged p50 ms | hedged p99 ms |",
+                  "|---:|---:|---:|---:|---:|"]
+        for n, row in fan["by_n"].items():
+            lines.append(f"| {n} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | "
+                         f"{row['hedged_p50_ms']:.2f} | {row['hedged_p99_ms']:.2f} |")
     return "\n".join(lines)
 
 

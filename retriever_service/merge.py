@@ -40,7 +40,14 @@ from dataclasses import dataclass
 
 from rest.types import EMPTY_RESULT, SearchResult
 
-Path = tuple[int, ...]
+@dataclass(frozen=True)
+class Nodes:
+    """Merged tree nodes by number: summed count, token, and the children of each node (of the
+    root: ``children[-1]``)."""
+
+    counts: list[int]
+    tokens: list[int]
+    children: dict[int, list[int]]
 
 
 @dataclass(frozen=True)
@@ -76,24 +83,24 @@ def merge_with_bounds(results: Sequence[SearchResult], budget: int) -> MergedTre
         result = SearchResult(longest, occurrences, only.tokens, only.parents, only.counts, shard,
                               only.cut_count, covered)
         return MergedTree(result, only.counts, True)
-    counts, children, present = summed_paths(kept)
+    nodes, held = summed_nodes(kept)
+    counts = nodes.counts
     cuts = [r.cut_count for r in kept]
     total_cut = sum(cuts)
-    # What the answers that lack a path may hold of it: their cut counts.
-    missing = {path: total_cut - sum(cuts[i] for i in holders)
-               for path, holders in present.items()} if total_cut else None
-    tokens, parents, node_counts, paths, pruned = prune_best_first(counts, children, budget)
-    if missing is None:
+    tokens, parents, node_counts, kept_ids, pruned = prune_best_first(nodes, budget)
+    if not total_cut:
         upper = node_counts
-        left_out = max((counts[p] for p in pruned), default=0)
+        left_out = max((counts[n] for n in pruned), default=0)
         exact = True
     else:
-        upper = tuple(c + missing[p] for c, p in zip(node_counts, paths))
-        left_out = max([total_cut] + [counts[p] + missing[p] for p in pruned])
+        # What the answers that lack a node may hold of it: their cut counts.
+        missing = [total_cut - sum(cuts[i] for i in holders) for holders in held]
+        upper = tuple(c + missing[n] for c, n in zip(node_counts, kept_ids))
+        left_out = max([total_cut] + [counts[n] + missing[n] for n in pruned])
         smallest = min(node_counts, default=0)
-        exact = all(missing[p] == 0 for p in paths) and (
-            len(paths) == budget
-            and all(counts[p] + missing[p] < smallest for p in pruned if missing[p])
+        exact = all(missing[n] == 0 for n in kept_ids) and (
+            len(kept_ids) == budget
+            and all(counts[n] + missing[n] < smallest for n in pruned if missing[n])
             and total_cut < smallest
         )
     result = SearchResult(longest, occurrences, tokens, parents, node_counts, shard, left_out,
@@ -117,50 +124,59 @@ def merge_levels(answers: Sequence[Sequence[SearchResult]], budget: int,
             if length in by_length]
 
 
-def summed_paths(
-    results: Sequence[SearchResult],
-) -> tuple[dict[Path, int], dict[Path, list[Path]], dict[Path, list[int]]]:
-    """Count per root-to-node path summed over ``results``, each path's child paths, and which
-    results hold each path (by index)."""
-    counts: dict[Path, int] = {}
-    children: dict[Path, list[Path]] = {}
-    present: dict[Path, list[int]] = {}
+def summed_nodes(results: Sequence[SearchResult]) -> tuple[Nodes, list[list[int]]]:
+    """The union of ``results``' trees: identical root-to-node paths are one node, numbered in
+    the order first seen (``Nodes``), and which results hold each node (by index)."""
+    ids: dict[tuple[int, int], int] = {}  # (merged parent, token) -> merged node
+    nodes = Nodes([], [], {})
+    counts, node_tokens, children = nodes.counts, nodes.tokens, nodes.children
+    held: list[list[int]] = []
     for number, result in enumerate(results):
-        for path, count in zip(result.paths(), result.counts):
-            if path not in counts:
-                counts[path] = 0
-                present[path] = []
-                children.setdefault(path[:-1], []).append(path)
-            counts[path] += count
-            present[path].append(number)
-    return counts, children, present
+        merged = [0] * len(result.tokens)  # this result's node i -> merged node
+        for i, (token, parent, count) in enumerate(zip(result.tokens, result.parents,
+                                                       result.counts)):
+            parent_id = merged[parent] if parent >= 0 else -1
+            key = (parent_id, token)
+            node = ids.get(key)
+            if node is None:
+                node = ids[key] = len(counts)
+                counts.append(0)
+                node_tokens.append(token)
+                held.append([])
+                children.setdefault(parent_id, []).append(node)
+            counts[node] += count
+            held[node].append(number)
+            merged[i] = node
+    return nodes, held
 
 
-def prune_best_first(counts: dict[Path, int], children: dict[Path, list[Path]], budget: int):
+def prune_best_first(nodes: Nodes, budget: int):
     """At most ``budget`` nodes, most frequent first; a node is only reachable after its parent.
 
     A child never counts more than its parent, so taking the frontier's best node each time is the
     same as sorting all nodes by count with parents first. Returns tokens, parents, counts, the
-    kept paths, and the frontier paths left out.
+    kept nodes, and the frontier nodes left out.
     """
+    counts, node_tokens, children = nodes.counts, nodes.tokens, nodes.children
     tokens: list[int] = []
     parents: list[int] = []
     node_counts: list[int] = []
-    paths: list[Path] = []
-    # heap entries: (-count, depth, parent index, token, path)
-    frontier = [(-counts[p], 1, -1, p[-1], p) for p in children.get((), [])]
+    kept: list[int] = []
+    # heap entries: (-count, depth, parent index, token, node)
+    frontier = [(-counts[n], 1, -1, node_tokens[n], n) for n in children.get(-1, [])]
     heapq.heapify(frontier)
     while frontier and len(tokens) < budget:
-        neg_count, depth, parent, token, path = heapq.heappop(frontier)
+        neg_count, depth, parent, token, node = heapq.heappop(frontier)
         index = len(tokens)
         tokens.append(token)
         parents.append(parent)
         node_counts.append(-neg_count)
-        paths.append(path)
-        for child in children.get(path, []):
-            heapq.heappush(frontier, (-counts[child], depth + 1, index, child[-1], child))
+        kept.append(node)
+        for child in children.get(node, []):
+            heapq.heappush(frontier, (-counts[child], depth + 1, index, node_tokens[child],
+                                      child))
     pruned = [entry[-1] for entry in frontier]
-    return tuple(tokens), tuple(parents), tuple(node_counts), paths, pruned
+    return tuple(tokens), tuple(parents), tuple(node_counts), kept, pruned
 
 
 def _searched_shards(results: Sequence[SearchResult]) -> tuple[str, ...]:

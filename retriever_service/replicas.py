@@ -112,6 +112,14 @@ class LatencyWindow:
     def __len__(self) -> int:
         return min(self._count, len(self._values))
 
+    def values(self) -> list[float]:
+        """The latencies in the window (oldest first once it has wrapped around)."""
+        with self._lock:
+            n = min(self._count, len(self._values))
+            if self._count <= len(self._values):
+                return self._values[:n]
+            return self._values[self._next:] + self._values[:self._next]
+
     def quantile(self, q: float) -> float | None:
         """The ``q`` quantile (nearest rank), or ``None`` below ``min_samples`` observations."""
         with self._lock:
