@@ -181,6 +181,24 @@ def wire_sample(path: Path, shard_names, targets, n: int, seed: int) -> dict:
     }
 
 
+def sample_latencies(retriever, seconds: float) -> list[float]:
+    """Every answer latency the client measured over ``seconds`` (its shards' recent-latency
+    windows, read often enough that none is missed)."""
+    seen: dict[int, int] = {}
+    samples: list[float] = []
+    until = time.monotonic() + seconds
+    while True:
+        for group in retriever._pool.routing():
+            window = group.stats.latencies
+            total, values = window.total, window.values()
+            new = min(total - seen.get(id(window), 0), len(values))
+            samples += values[len(values) - new:] if new else []
+            seen[id(window)] = total
+        if time.monotonic() >= until:
+            return samples
+        time.sleep(min(0.05, max(0.0, until - time.monotonic())))
+
+
 def fan_out_tail(samples: list[float], seed: int, draws: int = 20000) -> dict:
     """Step latency of a fan-out to N shard sets, from this run's answer latencies of one shard
     set (each an independent draw): p50/p99 of the slowest of N, without hedging and with a
@@ -227,10 +245,8 @@ def run(args) -> dict:
         sessions = Sessions(retriever, targets, args.sessions, args.think_ms / 1000, args.seed)
         print(f"{args.sessions} sessions for {args.seconds} s...", flush=True)
         sessions.start()
-        time.sleep(half)
+        per_shard = sample_latencies(retriever, half)
         before = shard_counters(retriever.stats())
-        per_shard = [v for group in retriever._pool.routing()
-                     for v in group.stats.latencies.values()]
         victim, _ = servers[0, 0]
         victim.kill()
         sessions.phase = "one replica killed"

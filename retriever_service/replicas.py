@@ -112,6 +112,11 @@ class LatencyWindow:
     def __len__(self) -> int:
         return min(self._count, len(self._values))
 
+    @property
+    def total(self) -> int:
+        """How many latencies were ever added."""
+        return self._count
+
     def values(self) -> list[float]:
         """The latencies in the window (oldest first once it has wrapped around)."""
         with self._lock:
