@@ -56,3 +56,43 @@ def test_remote_drafting_equals_in_process_drafting(setting):
     finally:
         for server in servers:
             server.stop()
+
+
+def test_a_retriever_down_at_the_start_costs_no_wait_and_is_used_once_it_answers(setting,
+                                                                                  caplog):
+    """The servers are not up when the generator is made: no 10 s wait, no traceback, plain
+    steps (with one warning) and the plain output; once a server answers, its drafts are used."""
+    import logging
+    import time
+
+    from tests.retriever_service.service_testing import free_port, wait_until
+
+    model, tokenizer, prompt_list, path = setting
+    port = free_port()
+    config = DecodingConfig(budget=16, retrieval_deadline_s=None, served_drafts=False,
+                            context_drafts=False)
+    remote = RemoteRetriever(f"127.0.0.1:{port}", deadline_s=5, info_timeout_s=0.5,
+                             policy=ReplicaPolicy(min_deadline_s=5))
+    try:
+        started = time.monotonic()
+        with caplog.at_level(logging.WARNING):
+            generator = RestGenerator(model, tokenizer, remote, config)
+            prompt = prompt_list[0]
+            expected = hf_greedy(model, prompt, 40)
+            down = generator.generate(prompt, 40)
+        assert time.monotonic() - started < 5.0
+        assert down.tokens == expected
+        assert down.stats.steps == len(expected)  # no datastore drafts while it was down
+        assert sum("does not answer" in r.message for r in caplog.records) == 1
+        server = BackgroundServer(ServerConfig(datastore=str(path), port=port),
+                                  Datastore.open(path))
+        try:
+            def drafting() -> bool:
+                result = generator.generate(prompt, 40)
+                assert result.tokens == expected
+                return result.stats.steps < len(expected)
+            assert wait_until(drafting, timeout=15.0, interval=0.2)
+        finally:
+            server.stop()
+    finally:
+        remote.close()
