@@ -177,6 +177,9 @@ def test_a_slow_replica_is_hedged_to_the_other(datastore, datastore_dir, documen
         assert any(attrs["kind"] == "hedge" and attrs["endpoint"] == address(b)
                    and attrs["shard"] == "shard-00000,shard-00001,shard-00002"
                    for attrs, _ in hedges)
+        latencies = {(a["shard"], a["endpoint"])
+                     for a, _ in metric_points(reader, "rest.retriever.client.attempt.duration")}
+        assert {("shard-00000,shard-00001,shard-00002", address(s)) for s in (a, b)} <= latencies
 
 
 def metric_points(reader: InMemoryMetricReader, name: str) -> list[tuple[dict, float]]:
