@@ -24,8 +24,8 @@ merged (``merge.py``). Within a set (``replicas.py`` keeps the score):
 - ejection (the circuit breaker): after consecutive failures an endpoint gets no searches for a
   while, then one probe (gRPC A50 on consecutive failures, Envoy ``outlier.rst``);
 - deadlines: ``deadline_s`` bounds a search from the call to the merged answer; within it each
-  shard's own deadline is derived from its recent latencies (4 x p99), so a stalled shard costs
-  a few milliseconds, not the whole deadline; an endpoint that owes an answer given up late gets
+  shard's own deadline is derived from its recent latencies (4 x p99, at least 50 ms), so a
+  stalled shard costs less than the whole deadline; an endpoint that owes an answer given up late gets
   no new search until it answers (or ``owed_timeout_s`` passes), so a stall costs that deadline
   once, not on every step of every session, and nothing while the endpoint is ejected. The step
   goes on with the shards that answered in time.

@@ -314,7 +314,9 @@ class ReplicaPolicy:
     hedge_quantile: float = 0.95
     min_hedge_delay_s: float = 0.0005
     deadline_factor: float = 4.0
-    min_deadline_s: float = 0.005
+    # Not below 50 ms: a loaded host delays answers by tens of milliseconds now and then, and a
+    # stall costs this once (an endpoint that owes an answer is passed over), not every step.
+    min_deadline_s: float = 0.05
     max_in_flight: int = 64
     owed_timeout_s: float = 1.0
     default_rtt_s: float = 0.005
