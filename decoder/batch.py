@@ -261,9 +261,11 @@ class BatchDecoder:
         totals = _Totals()
         self._leave_aborted(updates)
         decoding = list(self._running)  # those that were running before this step
-        joined = self._join(updates, totals)
         self._decode(decoding, updates, totals)
         self._leave_finished()
+        # Joining after the others' pass: the shared cache then holds exactly the rows of the
+        # sequences that pass verifies.
+        joined = self._join(updates, totals)
         stats = StepStats(
             batch_size=len(decoding) + joined,
             draft_tokens=totals.draft_tokens,

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from decoder.server.decoding import SequenceRequest, SequenceUpdate
+from decoder.batch import SequenceRequest, SequenceUpdate
 from decoder.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)

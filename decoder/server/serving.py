@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from decoder.errors import DecoderError
 from decoder.generator import IncrementalDetokenizer
 from decoder.server import protocol
-from decoder.server.decoding import BATCHED, SequenceRequest
+from decoder.batch import SequenceRequest
 from decoder.server.engine import (
     AsyncEngine,
     EngineFailed,
@@ -120,8 +120,8 @@ class ServerState:
         self.engine.start()
         self.model = model
         self.status = "ready"
-        log.info("ready: serving %s (%s decoding, at most %d requests in flight)", model.name,
-                 "batched" if BATCHED else "sequential", self.max_in_flight)  # fmt: skip
+        log.info("ready: serving %s (at most %d requests in flight)", model.name,
+                 self.max_in_flight)
 
     def _failed(self, exc: BaseException) -> None:
         self.status, self.failure = "failed", exc
@@ -536,7 +536,7 @@ def build_app(state: ServerState) -> FastAPI:
         engine = state.engine
         if engine is not None and engine.failure is not None and state.status == "ready":
             state._failed(engine.failure)
-        body: dict[str, Any] = {"status": state.status, "batched": BATCHED}
+        body: dict[str, Any] = {"status": state.status}
         if engine is not None:
             body |= {"in_flight": engine.in_flight, "max_in_flight": engine.max_in_flight}
         if state.failure is not None:
