@@ -262,6 +262,7 @@ class BatchDecoder:
         totals = _Totals()
         self._leave_aborted(updates)
         decoding = list(self._running)  # those that were running before this step
+        joined = self._join(updates, totals)
         self._decode(decoding, updates, totals)
         for seq, cache in joined:  # their rows come after the running ones'
             if seq.finish_reason is not None:
@@ -274,9 +275,6 @@ class BatchDecoder:
                 self._shared.append(cache, len(seq.context) - 1)
             self._running.append(seq)
         self._leave_finished()
-        # Joining after the others' pass: the shared cache then holds exactly the rows of the
-        # sequences that pass verifies.
-        joined = self._join(updates, totals)
         stats = StepStats(
             batch_size=len(decoding) + len(joined),
             draft_tokens=totals.draft_tokens,
