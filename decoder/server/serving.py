@@ -239,7 +239,7 @@ def chat_prompt_ids(model: ModelInfo, messages: list[dict[str, str]]) -> list[in
 
 
 def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequest,
-          kind: str) -> tuple[RequestStream, ModelInfo, AsyncEngine]:  # fmt: skip
+          ) -> tuple[RequestStream, ModelInfo, AsyncEngine]:  # fmt: skip
     """Everything before decoding: serving, capacity, model name, prompt, limits, validation."""
     engine, model = state.serving()
     if engine.in_flight >= engine.max_in_flight:  # before tokenizing: no work for a refusal
@@ -503,13 +503,13 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
-        stream, model, engine = admit(state, body, "completion")
+        stream, model, engine = admit(state, body)
         response = completion_response(body, stream, model, engine, raw)
         return response if isinstance(response, StreamingResponse) else await response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
-        stream, model, engine = admit(state, body, "chat")
+        stream, model, engine = admit(state, body)
         response = chat_response(body, stream, model, engine, raw)
         return response if isinstance(response, StreamingResponse) else await response
 
