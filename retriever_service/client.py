@@ -25,8 +25,10 @@ merged (``merge.py``). Within a set (``replicas.py`` keeps the score):
   while, then one probe (gRPC A50 on consecutive failures, Envoy ``outlier.rst``);
 - deadlines: ``deadline_s`` bounds a search from the call to the merged answer; within it each
   shard's own deadline is derived from its recent latencies (4 x p99), so a stalled shard costs
-  a few milliseconds, not the whole deadline, and then none while it is ejected. The step goes
-  on with the shards that answered in time.
+  a few milliseconds, not the whole deadline; an endpoint that owes an answer given up late gets
+  no new search until it answers (or ``owed_timeout_s`` passes), so a stall costs that deadline
+  once, not on every step of every session, and nothing while the endpoint is ejected. The step
+  goes on with the shards that answered in time.
 
 A failed or late search is ``None`` ("no draft": the decoder takes a plain step, the output is
 unchanged), never an exception; so is an answer that breaks the contract (``answers.py``).
@@ -397,6 +399,11 @@ class RemoteSession(RetrievalSession):
         its step: the shard's answer, or a failure that may fail over to another replica."""
         r = self._retriever
         call, endpoint = attempt.call, attempt.endpoint
+        if attempt.late:  # given up at the deadline, and already counted: the debt is paid
+            endpoint.owe(-1)
+            if not isinstance(outcome, BaseException):
+                endpoint.succeeded()
+            return
         attempt.resolved = True
         if not isinstance(outcome, BaseException):
             endpoint.succeeded()
@@ -429,8 +436,9 @@ class RemoteSession(RetrievalSession):
         call.finished = True
         for attempt in call.attempts:
             if not attempt.resolved:
-                attempt.resolved = True
+                attempt.resolved = attempt.late = True
                 attempt.endpoint.failed(None)
+                attempt.endpoint.owe(+1)
 
     # --- streams ---------------------------------------------------------------------------------
 
@@ -551,7 +559,7 @@ class _OlderServer(Exception):
 class _Attempt:
     """One search sent to one endpoint."""
 
-    __slots__ = ("step", "call", "endpoint", "sent_at", "resolved")
+    __slots__ = ("step", "call", "endpoint", "sent_at", "resolved", "late")
 
     def __init__(self, step: _Step, call: _ShardCall, endpoint: _Endpoint, sent_at: float):
         self.step = step
@@ -559,6 +567,7 @@ class _Attempt:
         self.endpoint = endpoint
         self.sent_at = sent_at
         self.resolved = False  # settled by its step (answered, failed, or given up)
+        self.late = False  # given up at its shard's deadline
 
 
 class _Stream:
@@ -683,6 +692,9 @@ class _Endpoint:
         self.ejection = Ejection(policy.ejection, r._now)
         self.ewma = PeakEwma(policy.default_rtt_s, policy.ewma_decay_s, r._now)
         self.in_flight = 0
+        self.owed = 0  # searches given up late whose answers have not come yet
+        self.owed_since = 0.0
+        self._owed_timeout_s = policy.owed_timeout_s
         self.counts = collections.Counter()
         self.set_group(None)
         self._now = r._now
@@ -711,6 +723,17 @@ class _Endpoint:
 
     def below_cap(self) -> bool:
         return self.in_flight < self.max_in_flight
+
+    def owes_late_answers(self) -> bool:
+        """Whether a search given up at its deadline is still unanswered (and not for long): a
+        stalled server costs one deadline, not one per step and session, until it answers."""
+        return self.owed > 0 and self._now() - self.owed_since < self._owed_timeout_s
+
+    def owe(self, change: int) -> None:
+        with self._lock:
+            self.owed += change
+            if change > 0:
+                self.owed_since = self._now()
 
     # --- what happens to its searches -----------------------------------------------------------
 
@@ -759,6 +782,8 @@ class _Endpoint:
     def _after_step(self, attempt: _Attempt, outcome) -> None:
         """An outcome that came after its step moved on: a hedge that lost the race, a search
         that was given up, or one on a stream this client cancelled."""
+        if attempt.late:
+            self.owe(-1)
         if not isinstance(outcome, BaseException) or isinstance(outcome, _OlderServer):
             self.succeeded()  # it works (and its latency was recorded): worth a probe
         elif (attempt.call.result is not None or attempt.call.probe) \
@@ -853,11 +878,12 @@ class _ReplicaSet:
 
     def choose(self, tried: set, rng: random.Random) -> _Endpoint | None:
         """An endpoint for one more attempt: the cheaper of two random healthy ones that are not
-        ejected (nor being probed) and below their in-flight cap; replicas with some shard out
-        of service only when no replica serves them all."""
+        ejected (nor being probed), below their in-flight cap and not owing late answers;
+        replicas with some shard out of service only when no replica serves them all."""
         for fully in (True, False):
             candidates = [e for e in self.endpoints if e not in tried and e.healthy(fully)
-                          and e.below_cap() and e.ejection.serving()]
+                          and e.below_cap() and not e.owes_late_answers()
+                          and e.ejection.serving()]
             if candidates:
                 return pick_two(candidates, _Endpoint.cost, rng)
         return None
