@@ -263,7 +263,12 @@ class BatchDecoder:
         self._leave_aborted(updates)
         decoding = list(self._running)  # those that were running before this step
         joined = self._join(updates, totals)
-        self._decode(decoding, updates, totals)
+        try:
+            self._decode(decoding, updates, totals)
+        except BaseException:
+            for seq, _ in joined:  # not in the batch yet: close() would not see them
+                self._close(seq, None)
+            raise
         for seq, cache in joined:  # their rows come after the running ones'
             if seq.finish_reason is not None:
                 self._close(seq, seq.finish_reason)
