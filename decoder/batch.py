@@ -483,8 +483,14 @@ class BatchDecoder:
         if group[0].cache is not None:
             group[0].rope = save_rope_state(self.profile)
         kept, emitted_by_row = [], []
+        argmax = None
+        if all(seq.settings.greedy and not len(seq.settings.processors) for seq in group):
+            argmax = logits.argmax(dim=-1).tolist()  # one device sync for the whole batch
         for row, seq in enumerate(group):
-            choose = self._choose(seq, logits[row], seq.tree)
+            if argmax is not None:
+                choose = argmax[row].__getitem__
+            else:
+                choose = self._choose(seq, logits[row], seq.tree)
             accepted, emitted = walk_tree(_children(seq.tree), choose)
             kept.append(accepted)
             emitted_by_row.append(emitted)
