@@ -263,7 +263,12 @@ class BatchDecoder:
         self._leave_aborted(updates)
         decoding = list(self._running)  # those that were running before this step
         joined = self._join(updates, totals)
-        self._decode(decoding, updates, totals)
+        try:
+            self._decode(decoding, updates, totals)
+        except BaseException:
+            for seq, _ in joined:  # not in the batch yet: close() would not see them
+                self._close(seq, None)
+            raise
         for seq, cache in joined:  # their rows come after the running ones'
             if seq.finish_reason is not None:
                 self._close(seq, seq.finish_reason)
@@ -478,8 +483,14 @@ class BatchDecoder:
         if group[0].cache is not None:
             group[0].rope = save_rope_state(self.profile)
         kept, emitted_by_row = [], []
+        argmax = None
+        if all(seq.settings.greedy and not len(seq.settings.processors) for seq in group):
+            argmax = logits.argmax(dim=-1).tolist()  # one device sync for the whole batch
         for row, seq in enumerate(group):
-            choose = self._choose(seq, logits[row], seq.tree)
+            if argmax is not None:
+                choose = argmax[row].__getitem__
+            else:
+                choose = self._choose(seq, logits[row], seq.tree)
             accepted, emitted = walk_tree(_children(seq.tree), choose)
             kept.append(accepted)
             emitted_by_row.append(emitted)
