@@ -9,6 +9,8 @@ does not know which source proposed what.
 from __future__ import annotations
 
 import abc
+import contextvars
+import functools
 import logging
 import queue
 import threading
@@ -221,7 +223,9 @@ class _Worker:
 
     def submit(self, fn: Callable[[], list[Level]]) -> Future:
         future: Future = Future()
-        self._calls.put((fn, future))
+        # In the caller's context (contextvars): the current trace span goes with the call, so
+        # that its searches are the generation's children.
+        self._calls.put((functools.partial(contextvars.copy_context().run, fn), future))
         return future
 
     def stop(self) -> None:

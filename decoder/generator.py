@@ -29,6 +29,7 @@ from decoder.model_support import check_length, check_model
 from decoder.ngram_index import ServedOutputs
 from decoder.sampling import SamplingParams, node_chooser
 from decoder.stopping import StopChecker, eos_token_ids
+from decoder.tracing import GenerationTrace
 from decoder.verify import prefill, verify_tree, walk_tree
 from rest.retriever import Retriever
 from rest.tokenizer import tokenizer_fingerprint, tokenizer_name
@@ -286,6 +287,7 @@ class RestGenerator:
     ) -> Generator[list[int], None, GenerationResult]:
         """Yield each step's new tokens; return the result."""
         start = time.perf_counter()
+        generation = GenerationTrace(len(ids))  # its searches' spans are its children
         sources = [] if plain else self._open_sources()
         steps = draft_tokens = 0
         retrieval_s = verification_s = 0.0
@@ -297,7 +299,8 @@ class RestGenerator:
             prefill_s = time.perf_counter() - start
             while stopper.finish_reason is None:
                 t0 = time.perf_counter()
-                tree = self._draft(sources, context)
+                with generation.drafting():
+                    tree = self._draft(sources, context)
                 t1 = time.perf_counter()
                 tree = tree.prune(self._budget(tree, t1 - t0))
                 accepted, emitted = self._verify(cache, context, tree, sampling, generator)
@@ -311,6 +314,8 @@ class RestGenerator:
                 draft_tokens += len(tree)
                 yield emitted
         finally:
+            if stopper.finish_reason is None:  # stopped early: the span ends without figures
+                generation.end()
             failures = sum(source.failures for source in sources)
             for source in sources:
                 source.close()
@@ -329,6 +334,7 @@ class RestGenerator:
             verification_s=verification_s,
             total_s=time.perf_counter() - start,
         )
+        generation.end(stopper.finish_reason, stats)
         text = self.tokenizer.decode(stopper.tokens, skip_special_tokens=True)
         return GenerationResult(list(stopper.tokens), text, stopper.finish_reason, stats)
 

@@ -238,7 +238,9 @@ class RemoteSession(RetrievalSession):
         r = self._retriever
         try:
             with r._telemetry.search("SearchStream") as record:
-                answers = self._fan_out(wire.search_request(context, params), params)
+                request = wire.search_request(context, params)
+                record.stamp(request)  # the server's span for this search becomes its child
+                answers = self._fan_out(request, params)
                 if answers is None:
                     record.error = "no answer"
                 elif len(answers) == 1:

@@ -6,6 +6,13 @@ cannot show: one span per search, with the match length, occurrences, tree size,
 latency; a latency histogram with buckets for a value in seconds (10 us to 10 s), counters of
 requests and of errors by status, and, on the server, rejections by reason and searches in flight.
 
+A search's span on the server is a child of the client's span for that search, even inside a
+stream: the client stamps its span's W3C trace context on the request
+(``SearchRequest.trace_context``, ``SearchRecord.stamp``) and the server continues it
+(``search_context``). A decoder that makes its generation's span current while it drafts
+(``decoder.tracing``) thus gets one trace per generation: the generation, its searches, the
+server's spans for them.
+
 Exporters follow the OpenTelemetry SDK's own variables, read by the SDK's own code (its
 ``_configuration`` module, the one ``opentelemetry-instrument`` uses), so that every exporter and
 protocol installed is available, with the SDK's meaning:
@@ -330,14 +337,12 @@ class SearchRecord:
         self.error: str | None = None
         self.span = span
 
-    def trace_context(self) -> dict[str, str]:
-        """The span's W3C trace context (``traceparent``, ``tracestate``) for a request; empty
-        when the span is not recorded, so an untraced search sends nothing more."""
-        if self.span is None or not self.span.is_recording():
-            return {}
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(self.span))
-        return carrier
+    def stamp(self, request) -> None:
+        """Put the span's W3C trace context on ``request`` (a ``SearchRequest``), so that the
+        server's span for it is this span's child; nothing when the span is not recorded, so an
+        untraced search sends nothing more."""
+        if self.span is not None and self.span.is_recording():
+            propagate.inject(request.trace_context, context=trace.set_span_in_context(self.span))
 
 
 def _annotate(span, record: SearchRecord, latency: float) -> None:
