@@ -50,6 +50,11 @@ class RetrieverOptions:
     def uses_tls(self) -> bool:
         return self.tls or any((self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name))
 
+    def check_tls_files(self) -> None:
+        for option, file in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if file:
+                check_pem(option, file)
+
     def open(self, deadline_s: float = 0.1) -> Any:
         """A ``rest.retriever.Retriever``, or None when no retriever was asked for. Errors a user
         can fix end as ``click.ClickException``."""
@@ -57,10 +62,7 @@ class RetrieverOptions:
             if self.datastore:
                 return _open_local(self.datastore)
             if self.endpoints:
-                for option, file in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert),
-                                     ("--tls-key", self.tls_key)):  # fmt: skip
-                    if file:
-                        check_pem(option, file)
+                self.check_tls_files()
                 from retriever_service.client import RemoteRetriever
 
                 return RemoteRetriever(
@@ -154,15 +156,18 @@ def retriever_options(command: Callable) -> Callable:
             if not _from_environment(ctx, "endpoints"):
                 raise click.UsageError("use --datastore or --retriever, not both")
             endpoint_text = None  # an explicit --datastore beats $REST_RETRIEVER
-        if token is not None and not token.strip():
-            source = f"${TOKEN_ENV} is set but empty" if _from_environment(ctx, "token") else "--token is empty"
+        if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
+            raise click.UsageError("--tls-cert and --tls-key go together (mutual TLS)")
+        endpoints = parse_endpoints(endpoint_text)
+        # click reads an empty variable as unset; an empty secret is a mistake, not "no token".
+        empty_variable = token is None and TOKEN_ENV in os.environ and not os.environ[TOKEN_ENV].strip()
+        if endpoints and (empty_variable or (token is not None and not token.strip())):
+            source = f"${TOKEN_ENV} is set but empty" if token is None or _from_environment(ctx, "token") \
+                else "--token is empty"
             raise click.BadParameter(
                 f"{source}: give the retriever's token, or leave both unset for a retriever "
                 "without authentication", param_hint="--token",
             )  # fmt: skip
-        if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
-            raise click.UsageError("--tls-cert and --tls-key go together (mutual TLS)")
-        endpoints = parse_endpoints(endpoint_text)
         if not endpoints:
             given = [f"--{n.replace('_', '-')}" for n, v in tls.items() if v]
             if token is not None and not _from_environment(ctx, "token"):
@@ -170,7 +175,9 @@ def retriever_options(command: Callable) -> Callable:
             if given:
                 raise click.UsageError(f"{', '.join(given)}: only for --retriever")
             token = None  # $REST_RETRIEVER_TOKEN without a retriever: nothing to authenticate to
-        kwargs["retriever_options"] = RetrieverOptions(datastore, endpoints, token, **tls)
+        options = RetrieverOptions(datastore, endpoints, token, **tls)
+        options.check_tls_files()  # before a model loads for minutes
+        kwargs["retriever_options"] = options
         return command(*args, **kwargs)
 
     for option in reversed(options):
@@ -247,6 +254,10 @@ def reports_errors(command: Callable) -> Callable:
 
 
 def load_model_for_cli(options: dict[str, Any]) -> tuple[Any, Any]:
+    from rest.tokenizer import missing_local_path
+
+    if missing_local_path(options["model_path"]):
+        raise click.ClickException(f"model {options['model_path']} does not exist: give a model directory or a hub id")
     try:
         return load_model(options["model_path"], options["dtype"], options["device"], options["attn_implementation"])
     except OSError as exc:

@@ -216,8 +216,10 @@ def input_files(paths: list[str], corpus: str | None) -> list[Path | str]:
 
 
 def load_tokenizer_for_build(tokenizer_id: str) -> Any:
-    from rest.tokenizer import load_tokenizer
+    from rest.tokenizer import load_tokenizer, missing_local_path
 
+    if missing_local_path(tokenizer_id):
+        raise click.ClickException(f"tokenizer {tokenizer_id} does not exist: give a model or tokenizer directory, or a hub id")
     try:
         return load_tokenizer(tokenizer_id)
     except (OSError, ValueError) as exc:
@@ -253,7 +255,7 @@ def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
 @click.option("--shard-tokens", type=int, default=None, callback=check_shard_tokens,
               help="Tokens per shard (default 2^28).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing datastore.")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="A progress bar on stderr.")
+@click.option("--progress/--no-progress", default=None, help="A progress bar on stderr (default: when it is a terminal).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.argument("files", nargs=-1)
 def build_command(tokenizer_id, inputs, corpus, fmt, field, include, exclude, out_dir, shard_tokens, overwrite,
@@ -275,6 +277,8 @@ def build_command(tokenizer_id, inputs, corpus, fmt, field, include, exclude, ou
     tokenizer = load_tokenizer_for_build(tokenizer_id)
     start = time.perf_counter()
     tokens = 0
+    if progress is None:
+        progress = sys.stderr.isatty()
     with BuildProgress(reader.summary.total_bytes, enabled=progress) as bar:
 
         def documents() -> Iterator[list[int]]:

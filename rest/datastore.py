@@ -47,7 +47,8 @@ def _as_list(tokens: Sequence[int]) -> list[int]:
 
 def _result(raw: tuple, shard: str = "", searched: Sequence[str] = ()) -> SearchResult:
     match_length, occurrences, tokens, parents, counts = raw
-    return SearchResult(match_length, occurrences, tuple(tokens), tuple(parents), tuple(counts), shard)
+    return SearchResult(match_length, occurrences, tuple(tokens), tuple(parents), tuple(counts), shard,
+                        searched_shards=tuple(searched))
 
 
 class Datastore:
@@ -141,13 +142,11 @@ class Datastore:
         params: SearchParams = SearchParams(),
         shards: Sequence[str] | None = None,
     ) -> SearchResult:
-        """The continuation tree of ``context``. ValueError for an empty context or an id outside
-        the vocabulary; KeyError for an unknown shard."""
-        raw = self._native.search(
-            _as_list(context),
-            *_engine_query(params, shards),
-        )
-        return _result(raw, ",".join(shards) if shards else "")
+        """The continuation tree of ``context``, over the shards in service (named in the
+        result's ``searched_shards``). ValueError for an empty context or an id outside the
+        vocabulary; KeyError for an unknown shard; ShardUnavailableError when a named shard (or
+        every shard) is out of service."""
+        return _result(*self._native.search(_as_list(context), *_engine_query(params, shards)))
 
     def try_search(
         self,
@@ -176,12 +175,8 @@ class Datastore:
         shards: Sequence[str] | None = None,
     ) -> list[SearchResult]:
         """Many searches at once, in parallel across the machine's cores."""
-        raws = self._native.search_batch(
-            [_as_list(c) for c in contexts],
-            *_engine_query(params, shards),
-        )
-        label = ",".join(shards) if shards else ""
-        return [_result(r, label) for r in raws]
+        raws = self._native.search_batch([_as_list(c) for c in contexts], *_engine_query(params, shards))
+        return [_result(*r) for r in raws]
 
     def verify(self) -> None:
         """The slow full check (checksums, suffix-array structure); raises DatastoreError."""

@@ -81,8 +81,19 @@ def make_loader(options: dict[str, Any], retriever: Any, served_name: str):
     return load
 
 
+def check_model_path(name_or_path: str) -> None:
+    """A value written as a path (absolute, or starting with . or ~) must exist: only hub ids
+    are looked up elsewhere. Checked before the port is bound and the model loads."""
+    from pathlib import Path
+
+    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
+        raise click.ClickException(f"--model {name_or_path}: no such directory")
+
+
 def serve(options: dict[str, Any]) -> None:
     import uvicorn
+
+    check_model_path(options["model_path"])
 
     retriever = options["retriever_options"].open()
     served_name = options["served_model_name"] or options["model_path"]

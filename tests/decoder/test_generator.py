@@ -13,11 +13,8 @@ from decoder import (
     DecodingConfig,
     RestGenerator,
     TokenizerMismatchError,
-    UnsupportedModelError,
 )
 from decoder.budget import CostModel
-from decoder.model_support import sequential_logits
-from decoder.sampling import SamplingParams, processed_probs
 from decoder.testing import InMemoryRetriever
 from rest.tokenizer import tokenizer_fingerprint
 from rest.types import EMPTY_RESULT
@@ -38,6 +35,8 @@ from tests.decoder.helpers import (
     oracle_source,
     prompts,
     random_source,
+    sampling_probs,
+    sampling_settings,
     scored_level,
 )
 
@@ -76,8 +75,8 @@ def test_greedy_output_equals_transformers_generate(arch: str, attn: str) -> Non
         assert results["empty"].stats.draft_tokens == 0
         plain = good.generate(prompt, MAX_NEW, plain=True)
         assert plain.tokens == want and plain.stats.steps == len(want)
-        if len(want) > 3:  # the good drafts were used: several tokens per step
-            assert results["good"].stats.steps <= math.ceil(len(want) / 6)
+        if len(want) > 3:  # the good drafts were used: several tokens per step (prefill: one)
+            assert results["good"].stats.steps <= 1 + math.ceil((len(want) - 1) / 6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -107,22 +106,20 @@ def test_same_seed_samples_the_same_tokens_with_or_without_drafts(arch: str) -> 
 
 def test_sampled_continuations_follow_plain_sampling_distribution() -> None:
     # End to end through generate(): two-token continuations from a tiny-vocabulary model, with
-    # a draft tree whose first token is shared by three paths. A one-token prompt: no prefill,
-    # so the many calls stay cheap.
+    # a draft tree whose first token is shared by three paths. The prefill draws the first
+    # token; the tree, drafted after the prompt's first token, is verified by the next step.
     vocab, prompt = 8, [3]
-    params = SamplingParams(temperature=1.0, top_k=3)
     model = make_model("qwen2", "sdpa", vocab_size=vocab, seed=5)
-    with torch.inference_mode():
-        first = processed_probs(sequential_logits(model, prompt)[None], params)[0]
-        second = [processed_probs(sequential_logits(model, prompt + [t])[None], params)[0]
-                  for t in range(vocab)]  # fmt: skip
+    settings = sampling_settings(model, prompt, dict(temperature=1.0, top_k=3))
+    first = sampling_probs(model, settings, prompt)
+    second = [sampling_probs(model, settings, prompt + [t]) for t in range(vocab)]
     exact = {(a, b): (first[a] * second[a][b]).item() for a in range(vocab) for b in range(vocab)}
     for b in range(vocab):  # plain sampling stops at EOS too
         exact[(EOS,)] = exact.get((EOS,), 0.0) + exact.pop((EOS, b))
     a = first.argmax().item()
     b, c, d = second[a].argsort(descending=True)[:3].tolist()
-    tree = scored_level((a, b, c, d), (-1, 0, 0, 0), (0.9, 0.3, 0.3, 0.3))
-    source = FunctionSource(lambda context: [tree] if list(context) == prompt else [])
+    tree = scored_level((b, c, d, a), (-1, -1, -1, 0), (0.3, 0.3, 0.3, 0.1))
+    source = FunctionSource(lambda context: [tree] if list(context) == prompt + [a] else [])
     generator = RestGenerator(
         model, make_tokenizer(vocab), config=DecodingConfig(budget=8, context_drafts=False),
         draft_sources=[source],
@@ -132,7 +129,7 @@ def test_sampled_continuations_follow_plain_sampling_distribution() -> None:
         result = generator.generate(prompt, 2, temperature=1.0, top_k=3, seed=seed)
         samples.append(tuple(result.tokens))
     assert chi_square_pvalue(samples, exact) > 0.01
-    assert sum(s[0] == a for s in samples) > 0.2 * len(samples)  # the tree was walked
+    assert sum(s[0] == a for s in samples) > 0.2 * len(samples)  # the tree was verified
 
 
 class Unreachable(FakeRetriever):
@@ -184,11 +181,11 @@ def test_adaptive_budget_picks_a_size_and_keeps_the_output() -> None:
     prompt = prompts()[2]
     want = hf_greedy(model, prompt, MAX_NEW)
     generator = RestGenerator(model, tokenizer, oracle_retriever([prompt + want]))
-    assert generator.config.adaptive and generator.cost_model is None
+    assert generator.config.adaptive and generator.costs.by_batch_size == {}
     result = generator.generate(prompt, MAX_NEW)
     assert result.tokens == want
-    cost = generator.cost_model
-    assert cost is not None and cost.sizes[-1] == generator.config.max_budget + 1
+    cost = generator.costs.by_batch_size[1]
+    assert cost.sizes[-1] == generator.config.max_budget + 1
     assert all(s > 0 for s in cost.seconds)
     # Confident drafts (score 1 along the true path) are worth verifying: steps emit several.
     assert 0 < result.stats.draft_tokens and result.stats.steps < len(want) / 2
@@ -213,10 +210,10 @@ def test_eos_inside_an_accepted_path_ends_the_output_there() -> None:
     generator = RestGenerator(model, tokenizer, oracle_retriever([prompt + full]), FIXED)
     result = generator.generate(prompt, MAX_NEW)
     assert result.tokens == want and result.finish_reason == "eos"
-    assert result.stats.steps == 1  # the EOS was inside the first step's accepted path
+    assert result.stats.steps == 2  # the prefill, then a step whose accepted path held the EOS
 
 
-def test_stop_sequences_and_strings_inside_an_accepted_path() -> None:
+def test_stop_sequences_inside_an_accepted_path() -> None:
     model, tokenizer = make_model("llama"), make_tokenizer()
     prompt = prompts()[0]
     full = hf_greedy(model, prompt, MAX_NEW)
@@ -228,11 +225,42 @@ def test_stop_sequences_and_strings_inside_an_accepted_path() -> None:
     seq = full[4:6]
     result = generator.generate(prompt, MAX_NEW, stop=[seq])
     assert result.tokens == full[: first_end(seq)] and result.finish_reason == "stop"
-    assert result.stats.steps == 1
-    text = tokenizer.decode(full[3:5])  # e.g. "w12 w40"
-    result = generator.generate(prompt, MAX_NEW, stop=["nothing like it", text])
-    assert result.tokens == full[: first_end(full[3:5])] and result.finish_reason == "stop"
-    assert text in result.text
+    assert result.stats.steps == 2  # the prefill, then one step that accepted past the stop
+
+
+def byte_level_setup():
+    """A byte-level BPE tokenizer (stop strings need real token strings) and a model over it."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["def stop(): return stopping + stopped\n"] * 20, vocab_size=300,
+                            min_frequency=2)  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    torch.manual_seed(11)
+    model = AutoModelForCausalLM.from_config(model_config("llama", len(tokenizer))).eval()
+    return model, tokenizer
+
+
+def test_stop_strings_stop_where_transformers_stops_them() -> None:
+    model, tokenizer = byte_level_setup()
+    prompt = tokenizer("def stop(): re")["input_ids"]
+    full = hf_greedy(model, prompt, 40)
+    text = tokenizer.decode(full)
+    # A stop string made of the output's own characters, and one that starts in the prompt.
+    inside = text[5:8]
+    spanning = "re" + tokenizer.decode(full[:1])[:2]
+    retriever = InMemoryRetriever([prompt + full], tokenizer_fingerprint(tokenizer))
+    generator = RestGenerator(model, tokenizer, retriever, FIXED)
+    for stop in (inside, spanning):
+        want = hf_greedy(model, prompt, 40, stop_strings=[stop], tokenizer=tokenizer)
+        result = generator.generate(prompt, 40, stop=[stop])
+        assert result.tokens == want, stop
+        assert result.finish_reason == ("stop" if len(want) < 40 else "length")
+    assert len(hf_greedy(model, prompt, 40, stop_strings=[spanning], tokenizer=tokenizer)) <= 2
+    model.generation_config.stop_strings = [inside]  # the model's own generation config
+    want = hf_greedy(model, prompt, 40, tokenizer=tokenizer)
+    assert generator.generate(prompt, 40).tokens == want and len(want) < 40
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 5, 11, 13, 24])
@@ -330,17 +358,18 @@ def test_bad_requests_are_refused() -> None:
         generator.generate([5], 4, temperature=1.0, top_p=0.0)
 
 
-def test_generation_past_a_sliding_window_is_refused() -> None:
-    config = model_config("mistral", sliding_window=16)
-    torch.manual_seed(0)
+def test_generation_past_a_sliding_window_is_exact() -> None:
     from transformers import AutoModelForCausalLM
 
+    config = model_config("mistral", sliding_window=6)
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    generator = RestGenerator(model, make_tokenizer(), config=FIXED)
-    prompt = prompts()[1]  # 8 tokens
-    assert generator.generate(prompt, 8).tokens == hf_greedy(model, prompt, 8)  # inside: exact
-    with pytest.raises(UnsupportedModelError, match="last 16 positions"):
-        generator.generate(prompt, 9)
+    model.generation_config.eos_token_id = None
+    prompt = prompts()[1]  # 8 tokens: the prompt alone is wider than the window
+    want = hf_greedy(model, prompt, 40)
+    generator = RestGenerator(model, make_tokenizer(), oracle_retriever([prompt + want]), FIXED)
+    result = generator.generate(prompt, 40)
+    assert result.tokens == want and result.stats.steps < 20
 
 
 def test_drafts_from_a_real_datastore(tmp_path) -> None:
@@ -421,9 +450,10 @@ def test_over_confident_drafts_shrink_the_adaptive_budget() -> None:
         config = DecodingConfig(context_drafts=False, served_drafts=False, score_correction=correct)
         generator = RestGenerator(model, tokenizer, config=config,
                                   draft_sources=[FunctionSource(wrong)])  # fmt: skip
-        generator.cost_model = cost
+        generator.costs.by_batch_size[1] = cost
         result = generator.generate(prompt, MAX_NEW)
         assert result.tokens == want
         drafted[correct] = result.stats.draft_tokens
-    assert drafted[False] == 8 * MAX_NEW
+    # Every step after the prefill verifies the chain, cut to the tokens left minus one.
+    assert drafted[False] == sum(min(8, left - 1) for left in range(1, MAX_NEW))
     assert drafted[True] < drafted[False] / 2

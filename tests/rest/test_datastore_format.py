@@ -3,6 +3,7 @@
 import json
 import os
 import struct
+from dataclasses import replace
 
 import pytest
 
@@ -108,7 +109,9 @@ def test_many_shards_search_as_one(tmp_path):
     many = build(tmp_path / "many", docs, 10, shard_tokens=5)
     assert len(many.shard_names) == 4
     for context in ([1, 2], [5, 1, 2], [2, 3]):
-        assert one.search(context) == many.search(context)
+        result = many.search(context)
+        assert result.searched_shards == tuple(many.shard_names)
+        assert one.search(context) == replace(result, searched_shards=("shard-00000",))
 
 
 def test_missing_directory_and_manifest(tmp_path):

@@ -4,18 +4,32 @@
 //! built on a worker thread while the next shard fills; at most `parallel_shards` shards are in
 //! flight. Everything is written to `<out>.tmp-<pid>` and renamed to `<out>` only when complete,
 //! so an interrupted build never leaves a datastore that opens.
+//!
+//! Replacing an existing datastore (`overwrite`) swaps the two directories in one step
+//! (`renameat2(RENAME_EXCHANGE)`), then deletes the old one: at every instant `<out>` is the
+//! complete old or the complete new datastore. Where the file system cannot exchange, the old
+//! one is renamed aside first (`<out>` is then missing for the moment between two renames).
+//!
+//! A build holds an exclusive `flock` on `<out>.tmp-<pid>/.lock` while it runs; a build killed
+//! on the way leaves its temporary directory behind, and the next build for the same `<out>`
+//! removes every `<out>.tmp-*` whose lock nobody holds (whose owner is gone: a lock, unlike a
+//! process id, is never reused).
 
 use crate::error::{Error, Result};
 use crate::format::{
     checksum, separator_for, token_width_for, Manifest, ShardEntry, ShardHeader, FORMAT_VERSION,
     HEADER_LEN, MANIFEST_NAME, MAX_SHARD_TOKENS,
 };
-use crate::mmap::bytes_of;
+use crate::mmap::{bytes_of, exchange, try_lock_exclusive};
 use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::fs::{self, File};
 use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
+
+/// The lock file inside a build's temporary directory.
+const LOCK_NAME: &str = ".lock";
 
 #[derive(Clone, Debug)]
 pub struct BuildOptions {
@@ -45,6 +59,8 @@ impl Default for BuildOptions {
 pub struct Builder {
     out_dir: PathBuf,
     tmp_dir: PathBuf,
+    /// Holds the `flock` that tells later builds this one is alive.
+    _lock: File,
     opts: BuildOptions,
     buffer: Vec<u32>,
     buffer_docs: u64,
@@ -65,22 +81,37 @@ impl Builder {
                 opts.shard_tokens
             )));
         }
-        if out_dir.exists() && !opts.overwrite {
-            return Err(Error::InvalidInput(format!(
-                "{} already exists (pass overwrite to replace it)",
-                out_dir.display()
-            )));
+        if out_dir.symlink_metadata().is_ok() {
+            if !opts.overwrite {
+                return Err(Error::InvalidInput(format!(
+                    "{} already exists (pass overwrite to replace it)",
+                    out_dir.display()
+                )));
+            }
+            check_replaceable(out_dir)?;
         }
-        let mut tmp_name = out_dir.file_name().unwrap_or_default().to_os_string();
-        tmp_name.push(format!(".tmp-{}", std::process::id()));
-        let tmp_dir = out_dir.with_file_name(tmp_name);
-        if tmp_dir.exists() {
-            fs::remove_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        if out_dir.file_name().is_none() {
+            return Err(Error::InvalidInput(format!("{} names no directory to build", out_dir.display())));
         }
-        fs::create_dir_all(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        if let Some(parent) = out_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+        }
+        remove_dead_temporaries(out_dir);
+        let tmp_dir = temporary_name(out_dir, &std::process::id().to_string());
+        if tmp_dir.symlink_metadata().is_ok() {
+            // A previous process with our id left it: its lock is gone with it.
+            remove_any(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        }
+        fs::create_dir(&tmp_dir).map_err(|e| Error::io(&tmp_dir, e))?;
+        let lock_path = tmp_dir.join(LOCK_NAME);
+        let lock = File::create(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        if !try_lock_exclusive(&lock).map_err(|e| Error::io(&lock_path, e))? {
+            return Err(Error::InvalidInput(format!("{} is locked by another build", tmp_dir.display())));
+        }
         Ok(Builder {
             out_dir: out_dir.to_path_buf(),
             tmp_dir,
+            _lock: lock,
             opts,
             buffer: Vec::new(),
             buffer_docs: 0,
@@ -174,13 +205,106 @@ impl Builder {
         };
         let manifest_path = self.tmp_dir.join(MANIFEST_NAME);
         write_synced(&manifest_path, manifest.to_json().as_bytes())?;
-        if self.out_dir.exists() {
-            fs::remove_dir_all(&self.out_dir).map_err(|e| Error::io(&self.out_dir, e))?;
-        }
-        fs::rename(&self.tmp_dir, &self.out_dir).map_err(|e| Error::io(&self.out_dir, e))?;
+        // The lock file goes before publishing (the flock stays ours until `self` is dropped).
+        let lock_path = self.tmp_dir.join(LOCK_NAME);
+        fs::remove_file(&lock_path).map_err(|e| Error::io(&lock_path, e))?;
+        sync_dir(&self.tmp_dir)?;
+        self.publish()?;
         self.finished = true;
         Ok(manifest)
     }
+
+    /// Puts the finished temporary directory at `out_dir`, replacing what is there atomically.
+    fn publish(&self) -> Result<()> {
+        let out = &self.out_dir;
+        if out.symlink_metadata().is_err() {
+            fs::rename(&self.tmp_dir, out).map_err(|e| Error::io(out, e))?;
+        } else {
+            check_replaceable(out)?;
+            match exchange(&self.tmp_dir, out) {
+                Ok(()) => {} // the old datastore is now at tmp_dir
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS) | Some(libc::EXDEV)) => {
+                    // No exchange on this file system: rename aside, rename in.
+                    let aside = temporary_name(out, &format!("{}.old", std::process::id()));
+                    fs::rename(out, &aside).map_err(|e| Error::io(out, e))?;
+                    fs::rename(&self.tmp_dir, out).map_err(|e| Error::io(out, e))?;
+                    fs::rename(&aside, &self.tmp_dir).map_err(|e| Error::io(&aside, e))?;
+                }
+                Err(e) => return Err(Error::io(out, e)),
+            }
+            remove_any(&self.tmp_dir).map_err(|e| Error::io(&self.tmp_dir, e))?;
+        }
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+        Ok(())
+    }
+}
+
+/// `<out>.tmp-<suffix>` beside `out`.
+fn temporary_name(out: &Path, suffix: &str) -> PathBuf {
+    let mut name: OsString = out.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{suffix}"));
+    out.with_file_name(name)
+}
+
+/// Only a datastore (a directory with a manifest), an empty directory or a plain file may be
+/// replaced: `overwrite` must never delete a directory of other things given by mistake.
+fn check_replaceable(out: &Path) -> Result<()> {
+    let meta = out.symlink_metadata().map_err(|e| Error::io(out, e))?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    let is_datastore = out.join(MANIFEST_NAME).is_file();
+    let is_empty = fs::read_dir(out).map_err(|e| Error::io(out, e))?.next().is_none();
+    if is_datastore || is_empty {
+        Ok(())
+    } else {
+        Err(Error::InvalidInput(format!(
+            "{} is a directory but not a datastore (no {MANIFEST_NAME}); refusing to replace it",
+            out.display()
+        )))
+    }
+}
+
+/// Removes the `<out>.tmp-*` entries of builds that are gone: a directory whose lock file can
+/// be locked (its builder is dead), or, with no lock file (a build killed before it made one,
+/// or between publishing and cleaning up), whose process id names no running process.
+fn remove_dead_temporaries(out: &Path) {
+    let Some(name) = out.file_name() else { return };
+    let prefix = format!("{}.tmp-", name.to_string_lossy());
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let Ok(entries) = fs::read_dir(parent) else { return };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(suffix) = file_name.strip_prefix(&prefix) else { continue };
+        let path = entry.path();
+        let dead = match File::open(path.join(LOCK_NAME)) {
+            Ok(lock) => try_lock_exclusive(&lock).unwrap_or(false),
+            Err(_) => {
+                let pid = suffix.split('.').next().and_then(|p| p.parse::<u32>().ok());
+                pid.is_some_and(|pid| pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists())
+            }
+        };
+        if dead {
+            let _ = remove_any(&path);
+        }
+    }
+}
+
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    if path.symlink_metadata()?.is_dir() {
+        fs::remove_dir_all(path)
+    } else {
+        fs::remove_file(path)
+    }
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| Error::io(dir, e))
 }
 
 impl Drop for Builder {

@@ -2,12 +2,15 @@
 
 use crate::cancel::Cancel;
 use crate::error::{Error, Result};
-use crate::format::{Manifest, FORMAT_VERSION};
+use crate::format::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
 use crate::rest_policy::rest_tree_until;
 use crate::search::{exact_tree, exact_tree_until, Limits, Tree};
 use crate::shard::{Shard, ShardView};
 use crate::watch::{Events, ShardChange, Watching};
 use rayon::prelude::*;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
@@ -84,8 +87,24 @@ impl Datastore {
         Self::open_with(dir, &OpenOptions { only: only.map(<[String]>::to_vec), ..OpenOptions::default() })
     }
 
+    /// `open` with options. A build may swap the directory for a new one while it is opened
+    /// (`Builder` with `overwrite`): everything is read through one handle on the directory, and
+    /// an open that failed while the path stopped naming that directory starts again.
     pub fn open_with(dir: &Path, options: &OpenOptions) -> Result<Self> {
-        let manifest = Manifest::read(dir)?;
+        let mut attempts = 0;
+        loop {
+            let handle = File::open(dir).map_err(|e| Error::io(dir.join(MANIFEST_NAME), e))?;
+            let through = PathBuf::from(format!("/proc/self/fd/{}", handle.as_raw_fd()));
+            let through = if through.is_dir() { through } else { dir.to_path_buf() };
+            match Self::open_through(&through, dir, options) {
+                Err(_) if attempts < 3 && !still_at(&handle, dir) => attempts += 1,
+                result => return result,
+            }
+        }
+    }
+
+    fn open_through(through: &Path, dir: &Path, options: &OpenOptions) -> Result<Self> {
+        let manifest = Manifest::read_through(through, dir)?;
         let only = options.only.as_deref();
         if let Some(names) = only {
             for name in names {
@@ -102,7 +121,7 @@ impl Datastore {
                 continue;
             }
             let path = dir.join(&entry.file);
-            let opened = Shard::open(&entry.name, &path, events.clone(), options.watching)
+            let opened = Shard::open_through(&entry.name, &through.join(&entry.file), &path, events.clone(), options.watching)
                 .and_then(|shard| manifest.check_shard(entry, &shard.header, &path).map(|()| shard));
             match opened {
                 Ok(shard) => shards.push(shard),
@@ -315,8 +334,12 @@ impl Datastore {
     }
 
     /// Many searches in parallel (rayon).
-    pub fn search_batch(&self, contexts: &[Vec<i64>], q: &Query, only: Option<&[String]>) -> Result<Vec<Tree>> {
-        contexts.par_iter().map(|c| self.search(c, q, only)).collect()
+    pub fn search_batch(&self, contexts: &[Vec<i64>], q: &Query, only: Option<&[String]>) -> Result<Vec<Found>> {
+        let never = Cancel::never();
+        contexts
+            .par_iter()
+            .map(|c| Ok(self.search_cancellable(c, q, only, &never)?.expect("never cancelled")))
+            .collect()
     }
 
     /// The slow full check of every open shard: checksums and suffix-array structure.
@@ -331,5 +354,13 @@ impl Datastore {
             .par_iter()
             .filter_map(|shard| shard.verify().err().map(|err| (shard.name.clone(), err)))
             .collect()
+    }
+}
+
+/// Whether `dir` still names the directory `handle` was opened on.
+fn still_at(handle: &File, dir: &Path) -> bool {
+    match (handle.metadata(), std::fs::metadata(dir)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
     }
 }

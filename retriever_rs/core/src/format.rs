@@ -213,8 +213,14 @@ impl Manifest {
     /// Reads and checks `dir/manifest.json`: at most `MAX_MANIFEST_BYTES` of a regular file,
     /// a known version, consistent totals and token width, every shard listed once.
     pub fn read(dir: &Path) -> Result<Self> {
+        Self::read_through(dir, dir)
+    }
+
+    /// `read` through `open_dir`, a path to the same directory as `dir` (a handle's
+    /// `/proc/self/fd/N`); errors name `dir`.
+    pub fn read_through(open_dir: &Path, dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_NAME);
-        let bytes = crate::mmap::read_capped(&path, MAX_MANIFEST_BYTES)?;
+        let bytes = crate::mmap::read_capped(&open_dir.join(MANIFEST_NAME), &path, MAX_MANIFEST_BYTES)?;
         let manifest: Manifest = serde_json::from_slice(&bytes)
             .map_err(|e| Error::corrupt(&path, format!("unreadable manifest: {e}")))?;
         manifest.check(&path)?;

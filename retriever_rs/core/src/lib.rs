@@ -10,6 +10,7 @@ pub mod error;
 pub mod format;
 mod mmap;
 pub mod rest_policy;
+pub mod scrub;
 pub mod search;
 pub mod shard;
 pub mod watch;

@@ -37,14 +37,14 @@ use crate::error::{Error, Result};
 #[cfg(target_endian = "big")]
 compile_error!("datastore files are little-endian; big-endian targets are not supported");
 
-/// Opens `path` read-only without blocking (a FIFO would otherwise wait for a writer) and
+/// Opens `open` read-only without blocking (a FIFO would otherwise wait for a writer) and
 /// refuses anything but a regular file (a FIFO, a device such as `/dev/zero`, a directory).
-/// Returns the file and its length.
-pub fn open_regular(path: &Path) -> Result<(File, u64)> {
+/// Returns the file and its length; errors name `path` (what the user knows the file as).
+pub fn open_regular(open: &Path, path: &Path) -> Result<(File, u64)> {
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY)
-        .open(path)
+        .open(open)
         .map_err(|e| Error::io(path, e))?;
     let meta = file.metadata().map_err(|e| Error::io(path, e))?; // fstat: the file opened
     if !meta.file_type().is_file() {
@@ -53,10 +53,11 @@ pub fn open_regular(path: &Path) -> Result<(File, u64)> {
     Ok((file, meta.len()))
 }
 
-/// The whole of the regular file `path`, refused when it holds more than `cap` bytes.
-pub fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>> {
+/// The whole of the regular file `open` (known as `path`), refused when it holds more than
+/// `cap` bytes.
+pub fn read_capped(open: &Path, path: &Path, cap: u64) -> Result<Vec<u8>> {
     use std::io::Read;
-    let (file, len) = open_regular(path)?;
+    let (file, len) = open_regular(open, path)?;
     if len > cap {
         return Err(Error::corrupt(path, format!("{len} bytes is more than the {cap} bytes allowed")));
     }

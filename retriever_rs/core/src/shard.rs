@@ -57,11 +57,16 @@ impl Shard {
     /// Validates a shard file's header (sizes, offsets) and maps it; fast: it reads one page.
     /// A FIFO, a device or a directory is refused before anything is read from it.
     pub fn open(name: &str, path: &Path, events: Arc<Events>, watching: Watching) -> Result<Self> {
-        let (file, len) = open_regular(path)?;
+        Self::open_through(name, path, path, events, watching)
+    }
+
+    /// `open` of the file at `open` (a path through a directory handle), known as `path`.
+    pub fn open_through(name: &str, open: &Path, path: &Path, events: Arc<Events>, watching: Watching) -> Result<Self> {
+        let (file, len) = open_regular(open, path)?;
         let mut head = vec![0u8; HEADER_LEN.min(len as usize)];
         file.read_exact_at(&mut head, 0).map_err(|e| Error::io(path, e))?;
         let header = ShardHeader::decode(path, &head, len)?;
-        let file = Watched::new(name, path, file, len, events, watching)?;
+        let file = Watched::new(name, path, open, file, len, events, watching)?;
         let shard = Shard { name: name.to_string(), path: path.to_path_buf(), header, file };
         shard.view()?; // checks that the sections can be viewed
         Ok(shard)

@@ -96,10 +96,12 @@ pub struct Watched {
 }
 
 impl Watched {
-    /// Maps `file` (of `len` bytes) and puts it under watch as `watching` says.
+    /// Maps `file` (of `len` bytes, opened at `open_path`, known as `path`) and puts it under
+    /// watch as `watching` says.
     pub fn new(
         name: &str,
         path: &Path,
+        open_path: &Path,
         file: File,
         len: u64,
         events: Arc<Events>,
@@ -119,7 +121,7 @@ impl Watched {
             reason: Mutex::new(None),
             events,
         });
-        watcher().add(&shard, watching);
+        watcher().add(&shard, open_path, watching);
         Ok(shard)
     }
 
@@ -231,12 +233,12 @@ fn watcher() -> &'static Watcher {
 }
 
 impl Watcher {
-    fn add(&self, shard: &Arc<Watched>, watching: Watching) {
+    fn add(&self, shard: &Arc<Watched>, open_path: &Path, watching: Watching) {
         let mut registry = self.shards.lock().unwrap_or_else(|e| e.into_inner());
         registry.by_id.insert(shard.id, Arc::downgrade(shard));
         if watching.inotify {
             if let Some(inotify) = &self.inotify {
-                if let Ok(wd) = mmap::inotify_watch(inotify, &shard.path, libc::IN_MODIFY) {
+                if let Ok(wd) = mmap::inotify_watch(inotify, open_path, libc::IN_MODIFY) {
                     *shard.wd.lock().unwrap_or_else(|e| e.into_inner()) = Some(wd);
                     registry.by_wd.entry(wd).or_default().push(shard.id);
                 }

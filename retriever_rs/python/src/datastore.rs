@@ -166,7 +166,8 @@ impl Datastore {
         self.inner.manifest.to_json()
     }
 
-    /// The continuation tree of `context` as (match_length, occurrences, tokens, parents, counts).
+    /// The continuation tree of `context` as `(tree tuple, shard label, searched shards)`: the
+    /// tuple is (match_length, occurrences, tokens, parents, counts).
     #[pyo3(signature = (context, query, shards=None))]
     fn search(
         &self,
@@ -174,11 +175,18 @@ impl Datastore {
         context: Vec<i64>,
         query: QueryArgs,
         shards: Option<Vec<String>>,
-    ) -> PyResult<TreeTuple> {
+    ) -> PyResult<Py<PyAny>> {
         let q = query.to_query()?;
-        py.detach(|| self.inner.search(&context, &q, shards.as_deref()))
-            .map(to_tuple)
-            .map_err(to_py)
+        let never = rest_retriever::Cancel::never();
+        let answer = py
+            .detach(|| {
+                let found = self.inner.search_cancellable(&context, &q, shards.as_deref(), &never)?;
+                let found = found.expect("never cancelled");
+                let searched = Datastore::searched_names(&self.inner, &found);
+                Ok(Answer::new(found.tree, shards.as_deref(), searched, false))
+            })
+            .map_err(to_py)?;
+        answer.into_py(py)
     }
 
     /// `search` as `(tree tuple, shard label)`, or the serialized `SearchResponse` with
@@ -210,7 +218,7 @@ impl Datastore {
         answer.map(|a| a.into_py(py)).transpose()
     }
 
-    /// Many searches at once, in parallel, without the GIL.
+    /// Many searches at once, in parallel, without the GIL: `search`'s answer for each.
     #[pyo3(signature = (contexts, query, shards=None))]
     fn search_batch(
         &self,
@@ -218,11 +226,21 @@ impl Datastore {
         contexts: Vec<Vec<i64>>,
         query: QueryArgs,
         shards: Option<Vec<String>>,
-    ) -> PyResult<Vec<TreeTuple>> {
+    ) -> PyResult<Vec<Py<PyAny>>> {
         let q = query.to_query()?;
-        py.detach(|| self.inner.search_batch(&contexts, &q, shards.as_deref()))
-            .map(|trees| trees.into_iter().map(to_tuple).collect())
-            .map_err(to_py)
+        let answers = py
+            .detach(|| {
+                let found = self.inner.search_batch(&contexts, &q, shards.as_deref())?;
+                Ok(found
+                    .into_iter()
+                    .map(|f| {
+                        let searched = Datastore::searched_names(&self.inner, &f);
+                        Answer::new(f.tree, shards.as_deref(), searched, false)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .map_err(to_py)?;
+        answers.into_iter().map(|a| a.into_py(py)).collect()
     }
 
     /// The slow full check: checksums and suffix-array structure of every open shard.
