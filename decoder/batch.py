@@ -6,7 +6,7 @@ A ``BatchDecoder`` holds the running sequences of a ``RestGenerator``. Every ``s
    ``max_batch``: each joining prompt is prefilled alone, exactly as ``generate`` prefills it, and
    its first token is chosen from the prefill's logits;
 2. every other running sequence drafts its own tree (its own draft sources; a drafting step that
-   fails becomes a plain step), cut to what its positions allow (``max_tree_depth``) and to the
+   fails becomes a plain step), cut to what its positions allow (``tree_limits``) and to the
    budget, which adapts to the batch (``choose_batch_budget``: as the batch fills, nodes cost more
    verification and trees shrink, down to none);
 3. all the trees go through the model in one forward pass (padded, per-row positions, one 4D mask
@@ -42,11 +42,11 @@ from decoder.kv_cache import BatchedCache
 from decoder.model_support import (
     RopeState,
     check_request,
-    max_tree_depth,
     pristine_rope_state,
+    rebuild_inputs,
     restore_rope_state,
     save_rope_state,
-    wants_rebuild,
+    tree_limits,
 )
 from decoder.sampling import node_chooser
 from decoder.settings import GenerationSettings, resolve_settings
@@ -55,6 +55,7 @@ from decoder.stopping import StopChecker
 from decoder.verify import (
     RowTree,
     build_tree_batch,
+    forward_as_generate,
     forward_plain,
     forward_tree_batch,
     prefill,
@@ -266,9 +267,19 @@ class BatchDecoder:
         decoding = list(self._running)  # those that were running before this step
         joined = self._join(updates, totals)
         self._decode(decoding, updates, totals)
+        for seq, cache in joined:  # their rows come after the running ones'
+            if seq.finish_reason is not None:
+                self._close(seq, seq.finish_reason)
+                continue
+            if self.profile.shares_rope_state:
+                seq.cache = BatchedCache()
+                seq.cache.append(cache, len(seq.context) - 1)
+            else:
+                self._shared.append(cache, len(seq.context) - 1)
+            self._running.append(seq)
         self._leave_finished()
         stats = StepStats(
-            batch_size=len(decoding) + joined,
+            batch_size=len(decoding) + len(joined),
             draft_tokens=totals.draft_tokens,
             accepted_draft_tokens=totals.accepted,
             emitted_tokens=totals.emitted,
@@ -301,14 +312,14 @@ class BatchDecoder:
                 updates.append(SequenceUpdate(seq.id, [], "abort", seq.stats()))
         self._leave_finished()
 
-    def _join(self, updates: list[SequenceUpdate], totals: _Totals) -> int:
-        joined = 0
-        while self._waiting and len(self._running) < self.max_batch:
+    def _join(self, updates: list[SequenceUpdate], totals: _Totals) -> list:
+        """Prefill the requests that join: [(sequence, its one-row cache)]."""
+        joined = []
+        while self._waiting and len(self._running) + len(joined) < self.max_batch:
             seq = self._start(*self._waiting.pop(0))
-            joined += 1
             t0 = time.perf_counter()
             try:
-                self._prefill(seq)
+                cache = self._prefill(seq)
             except BaseException:
                 self._close(seq, None)
                 raise
@@ -316,10 +327,7 @@ class BatchDecoder:
             totals.verification_s += seq.prefill_s
             totals.emitted += len(seq.stopper.tokens)
             self._report(seq, list(seq.stopper.tokens), updates)
-            if seq.finish_reason is None:
-                self._running.append(seq)
-            else:
-                self._close(seq, seq.finish_reason)
+            joined.append((seq, cache))
         return joined
 
     def _start(
@@ -329,8 +337,8 @@ class BatchDecoder:
         sources = self.generator.open_sources() if drafting else []
         return _Sequence(request, settings, stopper, sources)
 
-    def _prefill(self, seq: _Sequence) -> None:
-        """``generate``'s prefill, alone; the first token from its logits."""
+    def _prefill(self, seq: _Sequence):
+        """``generate``'s prefill, alone; the first token from its logits. Returns the cache."""
         if self.profile.rope_kind == "dynamic":
             restore_rope_state(self.profile, pristine_rope_state(self.profile))
         cache, logits = prefill(self.model, seq.context)
@@ -338,15 +346,9 @@ class BatchDecoder:
         synchronize(self.model.device)
         token = self._choose(seq, logits[None], DraftTree.empty())(0)
         seq.steps += 1
-        length = len(seq.context)
         seq.stopper.extend([token])
         seq.context.append(token)
-        if seq.finish_reason is None:
-            if self.profile.shares_rope_state:
-                seq.cache = BatchedCache()
-                seq.cache.append(cache, length)
-            else:
-                self._shared.append(cache, length)
+        return cache
 
     def _leave_finished(self) -> None:
         staying = [seq for seq in self._running if seq.finish_reason is None]
@@ -401,10 +403,12 @@ class BatchDecoder:
         """Phi-3 longrope: at the crossing, the model's own input preparation drops the cache and
         ``generate`` feeds the whole context again; so does this (a plain step). Returns the
         emitted tokens, or None when no rebuild was wanted."""
-        if seq.cache is None or not wants_rebuild(self.model, self.profile, seq.context,
-                                                  seq.cache.cache):  # fmt: skip
+        if seq.cache is None:
             return None
-        cache, logits = prefill(self.model, seq.context)
+        inputs = rebuild_inputs(self.model, self.profile, seq.context, seq.cache.cache)
+        if inputs is None:
+            return None
+        cache, logits = forward_as_generate(self.model, inputs, len(seq.context))
         seq.cache = BatchedCache()
         seq.cache.append(cache, len(seq.context))
         token = self._choose(seq, logits[None], DraftTree.empty())(0)
@@ -419,7 +423,7 @@ class BatchDecoder:
         if not seq.sources:
             return
         prefix_len = len(seq.context) - 1
-        depth = max_tree_depth(self.profile, prefix_len, seq.stopper.tokens_left, seq.rope)
+        depth, nodes = tree_limits(self.profile, prefix_len, seq.stopper.tokens_left, seq.rope)
         t0 = time.perf_counter()
         failures = seq.failures()
         if depth > 0:
@@ -428,6 +432,8 @@ class BatchDecoder:
                     tree = draft_tree(seq.sources, seq.context,
                                       self.generator.config.tree_budget, self.generator.vocab_size)
                 seq.tree = limit_depth(tree, depth)
+                if nodes is not None:
+                    seq.tree = seq.tree.prune(nodes)
             except Exception:
                 # Retrieval is an optimisation: a drafting step that fails is a plain step.
                 level = logging.DEBUG if seq.drafting_failures else logging.WARNING
@@ -455,7 +461,7 @@ class BatchDecoder:
         for seq in group:
             scores = seq.tree.ranked_scores()
             ranked.append(correction.correct(scores) if correction is not None else scores)
-        cost = self.generator.cost_model(len(group))
+        cost = self.generator.verification_cost(len(group))
         retrieval_s = sum(seq.step_retrieval_s for seq in group)
         cap = choose_batch_budget(ranked, cost, retrieval_s, config.max_budget)
         for seq in group:

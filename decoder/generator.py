@@ -154,7 +154,7 @@ class RestGenerator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.retriever = retriever
-        self.config = config
+        self.config = config = config.resolved()
         self.draft_sources = tuple(draft_sources)
         self.served: ServedOutputs | None = served_outputs(config)
         self.score_correction: ScoreCorrection | None = None
@@ -172,13 +172,22 @@ class RestGenerator:
 
     # --- shared resources, used by BatchDecoder -------------------------------------------------
 
-    def cost_model(self, batch_size: int = 1) -> CostModel:
+    def verification_cost(self, batch_size: int = 1) -> CostModel:
         """Verification cost per tree size for ``batch_size`` rows (measured on first use)."""
         return self.costs.for_batch(batch_size)
 
+    @property
+    def cost_model(self) -> CostModel | None:
+        """The verification cost of a batch of one, once measured (or set)."""
+        return self.costs.by_batch_size.get(1)
+
+    @cost_model.setter
+    def cost_model(self, cost: CostModel) -> None:
+        self.costs.by_batch_size[1] = cost
+
     def calibrate(self) -> CostModel:
         """Measure the verification cost of a batch of one now rather than on first use."""
-        return self.cost_model(1)
+        return self.verification_cost(1)
 
     def check_retriever(self, first: bool = False) -> bool:
         """Whether the retriever can be used: it answered ``info()`` and its tokenizer matches.
@@ -291,7 +300,7 @@ class RestGenerator:
         decoder = BatchDecoder(self, max_batch=1)
         decoder.add(request, generation_config)
         if not plain and self.config.adaptive and self.config.tree_budget > 0:
-            self.cost_model(1)  # measured before the first step, not inside its timings
+            self.verification_cost(1)  # measured before the first step, not in its timings
         return self._steps(decoder)
 
     def _max_new_tokens(

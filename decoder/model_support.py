@@ -20,8 +20,9 @@ what plain decoding computes (a ``ModelProfile``):
   ``max(position_ids)`` (tree positions must never raise it above what plain decoding would feed:
   trees are cut short, down to plain steps past the threshold, and each sequence keeps its own
   rotary state in a batch); longrope switches from short to long factors once a forward pass
-  reaches ``original_max_position_embeddings`` (trees never straddle the switch, and a model whose
-  own input preparation rebuilds the cache at the crossing, Phi-3's, gets the same rebuild).
+  reaches ``original_max_position_embeddings`` (by position, or by cache index in PhiMoE: trees
+  never straddle the switch, and a model whose own input preparation rebuilds the cache at the
+  crossing, Phi-3's and PhiMoE's, gets the same rebuild, run by its own code).
 
 Whatever passes the static checks is then probed: small trees of two rows of different lengths
 are verified in one batch and compared with plain sequential forward passes.
@@ -29,6 +30,7 @@ are verified in one batch and compared with plain sequential forward passes.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -74,7 +76,9 @@ class ModelProfile:
     set aside during tree steps (the tree masks carry causality, by position).
     ``position_limit``: size of the model's position table. ``rope_kind``: ``"dynamic"``,
     ``"longrope"`` or None, with its ``rope_modules`` and ``rope_threshold`` (the original
-    maximum position count). ``rebuilds_cache``: the model's input preparation drops the cache
+    maximum position count); ``rope_by_cache_index``: the frequencies are chosen from the
+    largest cache index of a pass rather than the largest position (PhiMoE), so the tree's size
+    counts, not its depth. ``rebuilds_cache``: the model's input preparation drops the cache
     when the context crosses the threshold.
     """
 
@@ -85,6 +89,7 @@ class ModelProfile:
     rope_kind: str | None = None
     rope_modules: tuple[torch.nn.Module, ...] = ()
     rope_threshold: int | None = None
+    rope_by_cache_index: bool = False
     rebuilds_cache: bool = False
     name: str = field(default="model")
 
@@ -137,21 +142,7 @@ def profile_model(model: torch.nn.Module) -> ModelProfile:
     check_architecture(model.config)
     text = text_config(model.config)
     masks, hooked = attention_patterns(model, text)
-    rope_modules = tuple(
-        m for m in model.modules()
-        if hasattr(m, "rope_type") and hasattr(m, "original_max_seq_len")
-    )  # fmt: skip
-    kinds = {("dynamic" if "dynamic" in m.rope_type else m.rope_type) for m in rope_modules}
-    rope_kind = next((k for k in ("dynamic", "longrope") if k in kinds), None)
-    threshold = None
-    if rope_kind is not None:
-        rope_modules = tuple(m for m in rope_modules if rope_kind in m.rope_type)
-        threshold = int(rope_modules[0].original_max_seq_len)  # where dynamic NTK starts
-        if rope_kind == "longrope":  # where longrope switches factors (as transformers decides)
-            threshold = int(getattr(text, "original_max_position_embeddings", None)
-                            or text.max_position_embeddings)  # fmt: skip
-    else:
-        rope_modules = ()
+    rope_kind, rope_modules, threshold, by_cache_index = rope_scheme(model, text)
     overrides = type(model).prepare_inputs_for_generation is not (
         GenerationMixin.prepare_inputs_for_generation
     )
@@ -168,9 +159,37 @@ def profile_model(model: torch.nn.Module) -> ModelProfile:
         rope_kind=rope_kind,
         rope_modules=rope_modules,
         rope_threshold=threshold,
+        rope_by_cache_index=by_cache_index,
         rebuilds_cache=rope_kind == "longrope" and overrides,
         name=type(model).__name__,
     )
+
+
+def rope_scheme(
+    model: torch.nn.Module, text: Any
+) -> tuple[str | None, tuple[torch.nn.Module, ...], int | None, bool]:
+    """(kind, rotary modules, threshold, by cache index) of context-dependent RoPE, or
+    ``(None, (), None, False)``."""
+    modules = [m for m in model.modules() if isinstance(getattr(m, "rope_type", None), str)]
+    for kind in ("dynamic", "longrope"):
+        mine = tuple(m for m in modules if kind in m.rope_type)
+        if not mine:
+            continue
+        by_cache_index = not hasattr(mine[0], "original_max_seq_len")
+        if kind == "dynamic":
+            if by_cache_index:
+                raise UnsupportedModelError(
+                    f"{type(model).__name__} recomputes dynamic RoPE from cache positions in a "
+                    "way the decoder does not reproduce; use model.generate"
+                )
+            return kind, mine, int(mine[0].original_max_seq_len), False
+        # Where longrope switches to its long factors, as transformers decides it.
+        scaling = getattr(text, "rope_scaling", None) or {}
+        threshold = (getattr(text, "original_max_position_embeddings", None)
+                     or scaling.get("original_max_position_embeddings")
+                     or text.max_position_embeddings)  # fmt: skip
+        return kind, (() if by_cache_index else mine), int(threshold), by_cache_index
+    return None, (), None, False
 
 
 def attention_patterns(
@@ -278,46 +297,58 @@ def restore_rope_state(profile: ModelProfile, state: RopeState) -> None:
         module.attention_scaling = scaling
 
 
-def max_tree_depth(
+def tree_limits(
     profile: ModelProfile, prefix_len: int, tokens_left: int, rope: RopeState | None = None
-) -> int:
-    """The deepest draft node a step after ``prefix_len`` cached entries may verify so that it
-    computes what plain decoding computes. The root is at position ``prefix_len``; plain decoding
-    would feed it alone (``max(position_ids) + 1 == prefix_len + 1``)."""
+) -> tuple[int, int | None]:
+    """(deepest draft node, most draft nodes) a step after ``prefix_len`` cached entries may
+    verify so that it computes what plain decoding computes (None: no limit on nodes). The root
+    is at position ``prefix_len``; plain decoding would feed it alone (``max(position_ids) + 1
+    == prefix_len + 1``)."""
     depth = max(tokens_left - 1, 0)  # deeper nodes could never be emitted
+    nodes = None
     seq_len = prefix_len + 1
     if profile.position_limit is not None:
         depth = min(depth, profile.position_limit - 1 - prefix_len)
     if profile.rope_kind == "longrope" and seq_len <= profile.rope_threshold:
-        depth = min(depth, profile.rope_threshold - seq_len)  # stay on the short factors
+        room = profile.rope_threshold - seq_len  # stay on the short factors
+        if profile.rope_by_cache_index:
+            nodes = room  # the pass's last cache index decides, and every node takes one
+        depth = min(depth, room)
     if profile.rope_kind == "dynamic":
         assert rope is not None
         seen, original = rope.seen, profile.rope_threshold
         if seq_len > seen:
-            return 0  # plain decoding recomputes the frequencies at every step from here
+            return 0, 0  # plain decoding recomputes the frequencies at every step from here
         depth = min(depth, seen - seq_len)
         if seen > original and seq_len < original:
             depth = min(depth, original - 1 - seq_len)  # plain decoding resets them here
-    return max(depth, 0)
+    return max(depth, 0), nodes
 
 
-def wants_rebuild(model: torch.nn.Module, profile: ModelProfile, context: list[int],
-                  cache: Any) -> bool:  # fmt: skip
-    """Whether the model's own input preparation would drop the cache before feeding the root
-    (Phi-3 longrope, at the crossing of ``original_max_position_embeddings``): asked of the
-    model itself, with the arguments ``generate`` passes."""
+def rebuild_inputs(
+    model: torch.nn.Module, profile: ModelProfile, context: list[int], cache: Any
+) -> dict | None:
+    """The inputs of ``generate``'s next forward pass when the model's own input preparation
+    drops the cache (Phi-3 and PhiMoE longrope, at the crossing of
+    ``original_max_position_embeddings``), else None. Asked of the model itself, with the
+    arguments ``generate`` passes, so that the rebuild is the model's own (its eager attention,
+    for one, then runs without a causal mask, and the rebuilt cache with it)."""
     prefix_len = len(context) - 1
     if not profile.rebuilds_cache or prefix_len != profile.rope_threshold:
-        return False
+        return None
     device = model.device
+    extra = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        extra["logits_to_keep"] = 1
     inputs = model.prepare_inputs_for_generation(
         torch.tensor([context], device=device),
         past_key_values=cache,
         attention_mask=torch.ones((1, len(context)), dtype=torch.long, device=device),
         cache_position=torch.tensor([prefix_len], device=device),
         use_cache=True,
+        **extra,
     )
-    return inputs.get("past_key_values") is None
+    return inputs if inputs.get("past_key_values") is None else None
 
 
 # --- tree forward passes --------------------------------------------------------------------------

@@ -6,7 +6,9 @@ accepted path ends the output exactly where plain decoding would have ended it.
 Stop strings are matched by transformers' own ``StopStringCriteria``, as ``generate`` matches
 them: on the token strings of the whole sequence, prompt included, so a stop string that begins
 in the prompt and ends in the output stops it; it must end in the newest token (one that lies
-wholly inside the prompt never stops anything). Stop token sequences follow the same rule.
+wholly inside the prompt never stops anything). Stop token sequences follow the same rule. For a
+tokenizer whose vocabulary ``StopStringCriteria`` cannot read (where ``generate`` itself could not
+take stop strings), the same rule is applied to the decoded text of the last tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from typing import Any
 
 import torch
 from transformers.generation.stopping_criteria import StopStringCriteria
+
+# Tokens that may spell one character of decoded text: one per UTF-8 byte.
+_TOKENS_PER_CHAR = 4
 
 
 class StopChecker:
@@ -42,19 +47,21 @@ class StopChecker:
         if any(not s for s in stop_strings) or any(not s for s in self.stop_sequences):
             raise ValueError("stop strings and stop sequences must not be empty")
         self._strings = None
+        self._text_strings: tuple[str, ...] = ()
+        self.tokenizer = tokenizer
         if stop_strings:
             if tokenizer is None:
                 raise ValueError("stop strings need a tokenizer")
             try:
                 self._strings = StopStringCriteria(tokenizer, list(stop_strings))
-            except Exception as exc:  # transformers cannot read this tokenizer's vocabulary
-                raise ValueError(
-                    f"stop strings cannot be matched with this tokenizer ({exc}); "
-                    "pass the stop as token ids instead"
-                ) from exc
-        # The tail of prompt + output that any stop can span: one token per character at most.
+            except ValueError:  # transformers cannot read this tokenizer's vocabulary
+                self._text_strings = stop_strings
+        # The tail of prompt + output that any stop can span: one token per character at most
+        # (on decoded text, a byte-level tokenizer may need 4 tokens per character).
+        per_char = _TOKENS_PER_CHAR if self._text_strings else 1
         self._span = max(
-            [len(s) for s in stop_strings] + [len(s) for s in self.stop_sequences], default=0
+            [per_char * len(s) + 1 for s in stop_strings] + [len(s) for s in self.stop_sequences],
+            default=0,
         )
         self._recent: list[int] = [int(t) for t in prompt_ids][-self._span :] if self._span else []
         self.tokens: list[int] = []
@@ -99,6 +106,12 @@ class StopChecker:
         if self._strings is not None:
             recent = torch.tensor([self._recent])  # [1, span]
             if bool(self._strings(recent, None)[0]):
+                return "stop"
+        if self._text_strings:
+            # Found in the text with the newest token, and not without it: it ends there.
+            text = self.tokenizer.decode(self._recent)
+            before = self.tokenizer.decode(self._recent[:-1])
+            if any(s in text and s not in before for s in self._text_strings):
                 return "stop"
         if len(self.tokens) >= self.max_new_tokens:
             return "length"

@@ -60,6 +60,26 @@ def prefill(model: torch.nn.Module, ids: Sequence[int]) -> tuple[DynamicCache, t
     return cache, out.logits[0, -1]  # [vocab]
 
 
+def forward_as_generate(
+    model: torch.nn.Module, inputs: dict, length: int
+) -> tuple[DynamicCache, torch.Tensor]:
+    """A forward pass with the inputs the model's own ``prepare_inputs_for_generation`` made
+    (no cache: the model makes its own): (a cache of ``length`` entries in the decoder's layout,
+    the logits after the last token, [vocab])."""
+    out = model(**inputs, return_dict=True)
+    cache = new_cache()
+    for layer_idx, layer in enumerate(out.past_key_values.layers):
+        keys, values = layer.keys, layer.values  # [1, kv_heads, kept, head_dim]
+        missing = length - keys.shape[-2]  # a sliding layer kept only its window: the rest is
+        if missing > 0:  # never visible again, zeros stand in for it
+            keys = torch.cat([keys.new_zeros((*keys.shape[:2], missing, keys.shape[-1])), keys], 2)
+            values = torch.cat(
+                [values.new_zeros((*values.shape[:2], missing, values.shape[-1])), values], 2
+            )
+        cache.update(keys, values, layer_idx)
+    return cache, out.logits[0, -1]
+
+
 @dataclass(frozen=True)
 class RowTree:
     """One row's tree for a step: the root token and the draft nodes (parents before children,

@@ -2,9 +2,9 @@
 
 It binds its port first and prints ``decoder-server listening on HOST:PORT`` (``--port 0``
 picks a free port), then loads the model on a thread while ``/health`` answers 503 ("loading");
-``/health`` turns 200 when the model, the retriever and the decoder are ready. On SIGTERM (or
-SIGINT) it drains: ``/health`` and new requests get 503 and the port stops accepting
-connections, requests in flight finish (for at most ``--grace-s`` seconds), then it exits 0.
+``/health`` turns 200 when the model, the retriever and the decoder are ready. On SIGTERM it
+drains: ``/health`` and new requests get 503 and the port stops accepting connections, requests
+in flight finish (for at most ``--grace-s`` seconds), then it exits 0 (after SIGINT, 130).
 A model that fails to load ends the process with one line and exit status 1.
 """
 

@@ -104,13 +104,21 @@ def test_same_seed_samples_the_same_tokens_with_or_without_drafts(arch: str) -> 
     assert accepted > 6 * MAX_NEW / 2
 
 
-def test_sampled_continuations_follow_plain_sampling_distribution() -> None:
-    # End to end through generate(): two-token continuations from a tiny-vocabulary model, with
-    # a draft tree whose first token is shared by three paths. The prefill draws the first
-    # token; the tree, drafted after the prompt's first token, is verified by the next step.
+SAMPLING = [
+    dict(temperature=1.0, top_k=3),
+    # transformers' processors that read the history, each node fed its own
+    dict(temperature=0.9, top_k=0, repetition_penalty=3.0, min_p=0.05, typical_p=0.95),
+]
+
+
+@pytest.mark.parametrize("options", SAMPLING, ids=["top-k", "penalty-min-p-typical-p"])
+def test_sampled_continuations_follow_plain_sampling_distribution(options) -> None:
+    # End to end through generate(): two-token continuations from a tiny-vocabulary model. The
+    # prefill draws the first token; the second is drawn by walking a tree of three siblings
+    # (one with a child), drafted after the first token and verified by the next step.
     vocab, prompt = 8, [3]
     model = make_model("qwen2", "sdpa", vocab_size=vocab, seed=5)
-    settings = sampling_settings(model, prompt, dict(temperature=1.0, top_k=3))
+    settings = sampling_settings(model, prompt, options)
     first = sampling_probs(model, settings, prompt)
     second = [sampling_probs(model, settings, prompt + [t]) for t in range(vocab)]
     exact = {(a, b): (first[a] * second[a][b]).item() for a in range(vocab) for b in range(vocab)}
@@ -126,7 +134,7 @@ def test_sampled_continuations_follow_plain_sampling_distribution() -> None:
     )  # fmt: skip
     samples = []
     for seed in range(800):
-        result = generator.generate(prompt, 2, temperature=1.0, top_k=3, seed=seed)
+        result = generator.generate(prompt, 2, seed=seed, **options)
         samples.append(tuple(result.tokens))
     assert chi_square_pvalue(samples, exact) > 0.01
     assert sum(s[0] == a for s in samples) > 0.2 * len(samples)  # the tree was verified
@@ -181,11 +189,11 @@ def test_adaptive_budget_picks_a_size_and_keeps_the_output() -> None:
     prompt = prompts()[2]
     want = hf_greedy(model, prompt, MAX_NEW)
     generator = RestGenerator(model, tokenizer, oracle_retriever([prompt + want]))
-    assert generator.config.adaptive and generator.costs.by_batch_size == {}
+    assert generator.config.adaptive and generator.cost_model is None
     result = generator.generate(prompt, MAX_NEW)
     assert result.tokens == want
-    cost = generator.costs.by_batch_size[1]
-    assert cost.sizes[-1] == generator.config.max_budget + 1
+    cost = generator.cost_model
+    assert cost is not None and cost.sizes[-1] == generator.config.max_budget + 1
     assert all(s > 0 for s in cost.seconds)
     # Confident drafts (score 1 along the true path) are worth verifying: steps emit several.
     assert 0 < result.stats.draft_tokens and result.stats.steps < len(want) / 2
@@ -450,10 +458,112 @@ def test_over_confident_drafts_shrink_the_adaptive_budget() -> None:
         config = DecodingConfig(context_drafts=False, served_drafts=False, score_correction=correct)
         generator = RestGenerator(model, tokenizer, config=config,
                                   draft_sources=[FunctionSource(wrong)])  # fmt: skip
-        generator.costs.by_batch_size[1] = cost
+        generator.cost_model = cost
         result = generator.generate(prompt, MAX_NEW)
         assert result.tokens == want
         drafted[correct] = result.stats.draft_tokens
     # Every step after the prefill verifies the chain, cut to the tokens left minus one.
     assert drafted[False] == sum(min(8, left - 1) for left in range(1, MAX_NEW))
     assert drafted[True] < drafted[False] / 2
+
+
+# --- retrieval faults ---------------------------------------------------------------------------
+
+
+def test_an_answer_with_invalid_parents_costs_one_plain_step() -> None:
+    from rest.types import SearchResult
+
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    prompt = prompts()[1]
+    want = hf_greedy(model, prompt, MAX_NEW)
+    oracle = oracle_retriever([prompt + want])
+    calls = []
+
+    def search(context, params):
+        calls.append(1)
+        if len(calls) == 2:  # a child listed before its parent: the scorer refuses it
+            return SearchResult(match_length=1, occurrences=2, tokens=(5, 6), parents=(1, -1),
+                                counts=(1, 2))  # fmt: skip
+        return oracle.search(context, params)
+
+    config = DecodingConfig(budget=16, retrieval_levels=1)
+    generator = RestGenerator(model, tokenizer, FakeRetriever(search), config)
+    result = generator.generate(prompt, MAX_NEW)
+    assert result.tokens == want
+    assert result.stats.retrieval_failures == 1
+    assert result.stats.accepted_draft_tokens > 0  # the other steps drafted
+
+
+class DownAtFirst(FakeRetriever):
+    """A retriever that does not answer ``info()`` until ``up`` is set."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.up = False
+
+    def info(self):
+        from rest.retriever import RetrieverUnavailable
+
+        if not self.up:
+            raise RetrieverUnavailable("connection refused")
+        return super().info()
+
+
+def test_a_retriever_down_at_start_is_used_once_it_answers(caplog, monkeypatch) -> None:
+    import decoder.generator
+
+    monkeypatch.setattr(decoder.generator, "RETRIEVER_RETRY_S", 0.0)
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    prompt = prompts()[1]
+    want = hf_greedy(model, prompt, MAX_NEW)
+    oracle = oracle_retriever([prompt + want])
+    retriever = DownAtFirst(lambda c, p: oracle.search(c, p))
+    config = DecodingConfig(budget=16, context_drafts=False, served_drafts=False)
+    with caplog.at_level("WARNING"):
+        generator = RestGenerator(model, tokenizer, retriever, config)
+    assert sum("does not answer" in r.message for r in caplog.records) == 1
+    down = generator.generate(prompt, MAX_NEW)
+    assert down.tokens == want and down.stats.draft_tokens == 0
+    assert retriever.sessions_opened == 0
+    retriever.up = True
+    again = generator.generate(prompt, MAX_NEW)
+    assert again.tokens == want and again.stats.accepted_draft_tokens > 0
+    assert retriever.sessions_opened == 1
+    assert sum("does not answer" in r.message for r in caplog.records) == 1  # one warning
+
+
+def test_a_retriever_that_comes_up_with_another_tokenizer_is_refused(monkeypatch) -> None:
+    import decoder.generator
+
+    monkeypatch.setattr(decoder.generator, "RETRIEVER_RETRY_S", 0.0)
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    retriever = DownAtFirst(lambda c, p: EMPTY_RESULT, tokenizer=make_tokenizer(64))
+    generator = RestGenerator(model, tokenizer, retriever, FIXED)
+    retriever.up = True
+    with pytest.raises(TokenizerMismatchError):
+        generator.generate(prompts()[0], 4)
+
+
+def test_require_retriever_asks_for_the_error() -> None:
+    from rest.retriever import RetrieverUnavailable
+
+    retriever = DownAtFirst(lambda c, p: EMPTY_RESULT)
+    config = DecodingConfig(budget=4, require_retriever=True)
+    with pytest.raises(RetrieverUnavailable, match="refused"):
+        RestGenerator(make_model("llama"), make_tokenizer(), retriever, config)
+
+
+def test_reproducible_calls_draft_the_same_trees_in_bfloat16() -> None:
+    # In bfloat16 a tree step rounds differently from a plain one, so the trees may change the
+    # output; by default they change from call to call (the first output is served to the
+    # second). With reproducible=True both calls verify the same trees and give the same tokens.
+    model = make_model.__wrapped__("llama", "sdpa").to(torch.bfloat16)
+    tokenizer = make_tokenizer()
+    prompt = prompts()[2]
+    default = RestGenerator(model, tokenizer, config=DecodingConfig(budget=16))
+    first, second = (default.generate(prompt, MAX_NEW, seed=1) for _ in range(2))
+    assert first.stats.draft_tokens != second.stats.draft_tokens  # other trees the second time
+    steady = RestGenerator(model, tokenizer, config=DecodingConfig(reproducible=True))
+    runs = [steady.generate(prompt, MAX_NEW, seed=1) for _ in range(3)]
+    assert len({tuple(r.tokens) for r in runs}) == 1
+    assert len({r.stats.draft_tokens for r in runs}) == 1 and steady.served is None

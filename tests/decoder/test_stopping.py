@@ -72,3 +72,17 @@ def test_bad_stops_are_refused() -> None:
         StopChecker(5, stop=[""], tokenizer=make_tokenizer())
     with pytest.raises(ValueError, match="tokenizer"):
         StopChecker(5, stop=["x"])
+
+
+def test_stop_strings_on_decoded_text_where_transformers_cannot_read_the_vocabulary() -> None:
+    # The word-level test tokenizer: StopStringCriteria cannot clean its vocabulary, so the
+    # string is looked for in the decoded text of the last tokens, and must end in the newest.
+    tokenizer = make_tokenizer()
+    stopper = StopChecker(10, stop=["w7 w8"], tokenizer=tokenizer)
+    assert stopper.extend([5, 7]) == [5, 7] and stopper.finish_reason is None
+    assert stopper.extend([8, 9]) == [8]
+    assert stopper.finish_reason == "stop"
+    spanning = StopChecker(10, stop=["w7 w8"], tokenizer=tokenizer, prompt_ids=[5, 7])
+    assert spanning.extend([8]) == [8] and spanning.finish_reason == "stop"
+    inside = StopChecker(10, stop=["w7 w8"], tokenizer=tokenizer, prompt_ids=[7, 8])
+    assert inside.extend([9]) == [9] and inside.finish_reason is None

@@ -133,6 +133,9 @@ class ThreadSearchExecutor:
             done, self._done = self._done, []
         return done
 
+    def cancel(self, tag) -> None:
+        """The native executor gives a cancelled search up; these threads let it finish."""
+
     def close(self) -> None:
         self._jobs.put(None)
 

@@ -16,6 +16,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from rest.datastore import Datastore
+from rest.retriever import LocalRetriever
 from rest.types import SearchParams
 from retriever_service.client import SERVICE_NAME, IncompatibleEndpoints, RemoteRetriever
 from retriever_service.replicas import EjectionPolicy, ReplicaPolicy
@@ -384,3 +385,42 @@ def test_concurrent_sessions_share_replicas_without_losing_answers(layout, datas
             t.join(60)
         assert all(e["in_flight"] == 0 for e in retriever.stats()["endpoints"].values())
     assert wrong == []
+
+
+# --- back-off levels: one round trip per step -----------------------------------------------------
+
+def levels_tree(levels):
+    return None if levels is None else [tree(level) for level in levels]
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_search_levels_equal_the_in_process_levels(layout, datastore, datastore_dir, documents,
+                                                   levels):
+    """Every level of every replica set in one request each, merged level by level: what the
+    in-process retriever answers for the whole datastore."""
+    params = SearchParams(min_span=1, max_span=12, budget=4096, max_depth=4)
+    endpoints = [address(s) for replicas in layout for s in replicas]
+    local = LocalRetriever(str(datastore_dir)).session()
+    with RemoteRetriever(endpoints, deadline_s=5, policy=PATIENT) as retriever, \
+            retriever.session() as session:
+        for context in random_contexts(documents, 40, seed=40 + levels):
+            assert levels_tree(session.search_levels(context, params, levels)) == levels_tree(
+                local.search_levels(context, params, levels))
+        assert session.failures == 0
+
+
+def test_search_levels_is_one_request_per_replica_set(layout, datastore, documents):
+    endpoints = [address(replicas[0]) for replicas in layout]
+    params = SearchParams(min_span=1, max_span=12, budget=64, max_depth=4)
+    with RemoteRetriever(endpoints, deadline_s=5, policy=PATIENT) as retriever, \
+            retriever.session() as session:
+        context = documents[3][:30]
+        session.search_levels(context, params, 3)
+        if any(e.levels_supported is False for e in retriever._pool._endpoints.values()):
+            pytest.skip("this server answers one level per request (SearchRequest.levels is"
+                        " not served yet): the client falls back to a search per level")
+        before = sum(attempts(retriever, s) for s in (layout[0][0], layout[1][0]))
+        for context in random_contexts(documents, 20, seed=6):
+            assert session.search_levels(context, params, 3) is not None
+        after = sum(attempts(retriever, s) for s in (layout[0][0], layout[1][0]))
+        assert after - before == 2 * 20  # one request per replica set and step, all levels
