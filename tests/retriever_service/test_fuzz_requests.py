@@ -24,7 +24,7 @@ from retriever_service.searches import AsyncSearches
 from retriever_service.server import BackgroundServer, ServerConfig
 from retriever_service.servicer import RetrieverServicer
 from retriever_service.v1 import retriever_pb2 as pb
-from retriever_service.validation import MAX_MESSAGE_CHARS
+from retriever_service.validation import DEFAULT_POLICY_CAPS, MAX_MESSAGE_CHARS
 from tests.retriever_service.service_testing import USED_TOKENS, VOCAB
 
 EXAMPLES = int(os.environ.get("REST_FUZZ_EXAMPLES", "300"))
@@ -160,7 +160,11 @@ def expected_params(request: pb.SearchRequest) -> SearchParams:
         raise ValueError("policy")
     given = {name: getattr(wire_params, name) for name in wire.PARAM_FIELDS
              if wire_params.HasField(name)}
-    return SearchParams(**given, policy=policy)
+    params = SearchParams(**given, policy=policy)
+    caps = dict(DEFAULT_POLICY_CAPS)[policy]  # the server's own bounds on the work of a search
+    if params.budget > caps.max_budget or params.max_depth > caps.max_depth:
+        raise ValueError("over this server's caps")
+    return params
 
 
 def check_answer(datastore, data: bytes, outcome) -> None:
@@ -210,6 +214,8 @@ def regression_examples(test):
         pb.SearchRequest(context=[1], levels=UINT32).SerializeToString(),
         # The same field twice, packed then unpacked: protobuf concatenates them.
         b"\x0a\x02\x01\x02" + b"\x08\x03",
+        # Found by this test: within the protocol's range, over the server's cap for the policy.
+        b"\x12\x04 A(\x02",
         # A request merged with itself: context doubled, later scalars win.
         pb.SearchRequest(context=[1, 2], shard="shard-00000").SerializeToString() * 2,
     ]
