@@ -36,6 +36,7 @@ from transformers import GenerationConfig
 
 from decoder.budget import choose_batch_budget, synchronize
 from decoder.draft_sources import DraftSource, draft_tree
+from decoder.tracing import GenerationTrace
 from decoder.draft_tree import DraftTree
 from decoder.kv_cache import BatchedCache
 from decoder.model_support import (
@@ -143,6 +144,8 @@ class _Sequence:
         self.verification_s = 0.0
         self.tree = DraftTree.empty()  # this step's
         self.step_retrieval_s = 0.0
+        # One trace per generation: the span is current while this sequence drafts.
+        self.trace = GenerationTrace(len(request.prompt_ids), request.request_id)
 
     @property
     def id(self) -> str:
@@ -370,6 +373,7 @@ class BatchDecoder:
             except Exception:
                 log.warning("closing draft source %s failed", type(source).__name__, exc_info=True)
         seq.cache = None
+        seq.trace.end(reason, seq.stats() if reason is not None else None)
         if reason is not None and seq.request.drafting:
             self.generator.served_output(seq.stopper.tokens)
 
@@ -429,8 +433,9 @@ class BatchDecoder:
         failures = seq.failures()
         if depth > 0:
             try:
-                tree = draft_tree(seq.sources, seq.context, self.generator.config.tree_budget,
-                                  self.generator.vocab_size)  # fmt: skip
+                with seq.trace.drafting():
+                    tree = draft_tree(seq.sources, seq.context,
+                                      self.generator.config.tree_budget, self.generator.vocab_size)
                 seq.tree = limit_depth(tree, depth)
                 if nodes is not None:
                     seq.tree = seq.tree.prune(nodes)
