@@ -82,8 +82,9 @@ def humaneval_prompts(n: int) -> list[str]:
 
 
 def hf_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
+    input_ids = torch.tensor([ids], device=model.device)  # [1, prompt]
     with torch.inference_mode():
-        out = model.generate(torch.tensor([ids], device=model.device), do_sample=False,
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                              max_new_tokens=max_new_tokens, pad_token_id=0)  # fmt: skip
     return out[0, len(ids) :].tolist()
 

@@ -36,6 +36,7 @@ from transformers import GenerationConfig
 
 from decoder.budget import choose_batch_budget, synchronize
 from decoder.draft_sources import DraftSource, draft_tree
+from decoder.tracing import GenerationTrace
 from decoder.draft_tree import DraftTree
 from decoder.kv_cache import BatchedCache
 from decoder.model_support import (
@@ -143,6 +144,8 @@ class _Sequence:
         self.verification_s = 0.0
         self.tree = DraftTree.empty()  # this step's
         self.step_retrieval_s = 0.0
+        # One trace per generation: the span is current while this sequence drafts.
+        self.trace = GenerationTrace(len(request.prompt_ids), request.request_id)
 
     @property
     def id(self) -> str:
@@ -263,7 +266,12 @@ class BatchDecoder:
         self._leave_aborted(updates)
         decoding = list(self._running)  # those that were running before this step
         joined = self._join(updates, totals)
-        self._decode(decoding, updates, totals)
+        try:
+            self._decode(decoding, updates, totals)
+        except BaseException:
+            for seq, _ in joined:  # not in the batch yet: close() would not see them
+                self._close(seq, None)
+            raise
         for seq, cache in joined:  # their rows come after the running ones'
             if seq.finish_reason is not None:
                 self._close(seq, seq.finish_reason)
@@ -365,6 +373,7 @@ class BatchDecoder:
             except Exception:
                 log.warning("closing draft source %s failed", type(source).__name__, exc_info=True)
         seq.cache = None
+        seq.trace.end(reason, seq.stats() if reason is not None else None)
         if reason is not None and seq.request.drafting:
             self.generator.served_output(seq.stopper.tokens)
 
@@ -424,8 +433,9 @@ class BatchDecoder:
         failures = seq.failures()
         if depth > 0:
             try:
-                tree = draft_tree(seq.sources, seq.context, self.generator.config.tree_budget,
-                                  self.generator.vocab_size)  # fmt: skip
+                with seq.trace.drafting():
+                    tree = draft_tree(seq.sources, seq.context,
+                                      self.generator.config.tree_budget, self.generator.vocab_size)
                 seq.tree = limit_depth(tree, depth)
                 if nodes is not None:
                     seq.tree = seq.tree.prune(nodes)
@@ -478,8 +488,14 @@ class BatchDecoder:
         if group[0].cache is not None:
             group[0].rope = save_rope_state(self.profile)
         kept, emitted_by_row = [], []
+        argmax = None
+        if all(seq.settings.greedy and not len(seq.settings.processors) for seq in group):
+            argmax = logits.argmax(dim=-1).tolist()  # one device sync for the whole batch
         for row, seq in enumerate(group):
-            choose = self._choose(seq, logits[row], seq.tree)
+            if argmax is not None:
+                choose = argmax[row].__getitem__
+            else:
+                choose = self._choose(seq, logits[row], seq.tree)
             accepted, emitted = walk_tree(_children(seq.tree), choose)
             kept.append(accepted)
             emitted_by_row.append(emitted)

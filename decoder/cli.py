@@ -20,6 +20,7 @@ import click
 from decoder.config import AUTO, DecodingConfig
 from decoder.errors import DecoderError
 from decoder.generator import GenerationStats, RestGenerator
+from decoder.tracing import otel_from_env
 from decoder.model_support import load_model
 
 RETRIEVER_ENV = "REST_RETRIEVER"
@@ -350,6 +351,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print text, tokens and statistics as JSON.")
 @common_options
 @reports_errors
+@otel_from_env("rest-generate")
 def generate(prompt: str | None, prompt_file: str | None, as_json: bool, **options: Any) -> None:
     """Continue a prompt with retrieval-based speculative decoding (lossless)."""
     text = read_prompt(prompt, prompt_file)
@@ -463,6 +465,7 @@ def stream_answer(generator: RestGenerator, messages: list[dict[str, str]], opti
               help="Where line history is kept (default: $XDG_STATE_HOME/rest/chat_history).")
 @common_options
 @reports_errors
+@otel_from_env("rest-chat")
 def chat(system: str | None, show_stats: bool, history_file: str | None, **options: Any) -> None:
     """Talk with a model, answers streamed as they are verified.
 

@@ -14,6 +14,8 @@ retriever's, extra sources') with them, in one call per step; the Python sources
 from __future__ import annotations
 
 import abc
+import contextvars
+import functools
 import logging
 import queue
 import threading
@@ -328,7 +330,9 @@ class _Worker:
 
     def submit(self, fn: Callable[[], list[Level]]) -> Future:
         future: Future = Future()
-        self._calls.put((fn, future))
+        # In the caller's context (contextvars): the current trace span goes with the call, so
+        # that its searches are the generation's children.
+        self._calls.put((functools.partial(contextvars.copy_context().run, fn), future))
         return future
 
     def stop(self) -> None:

@@ -256,6 +256,7 @@ class RemoteSession(RetrievalSession):
         try:
             with r._telemetry.search("SearchStream") as record:
                 request = wire.search_request(context, params, levels=levels)
+                record.stamp(request)  # the server's span for this search becomes its child
                 answers = self._fan_out(request, params, levels)
                 if answers is None:
                     record.error = "no answer"

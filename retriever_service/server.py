@@ -272,13 +272,13 @@ async def start_health_server(
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     address = f"{host_for_address(config.host)}:{config.health_port}"
-    problem = why_bind_fails(config.host, config.health_port)
+    problem = why_bind_fails(config.host, config.health_port, port_option="--health-port")
     try:
         port = server.add_insecure_port(address) if problem is None else 0
     except RuntimeError:
         port = 0
     if port == 0:
-        problem = (problem or "gRPC could not bind it").replace("--port", "--health-port")
+        problem = problem or "gRPC could not bind it"
         raise OSError(f"could not listen on {address}: {problem}")
     await server.start()
     return server, port

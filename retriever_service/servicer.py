@@ -18,7 +18,7 @@ import grpc
 from rest.datastore import DatastoreError
 from retriever_service import wire
 from retriever_service.searches import AsyncSearches
-from retriever_service.telemetry import SearchTelemetry
+from retriever_service.telemetry import SearchTelemetry, search_context
 from retriever_service.v1 import retriever_pb2 as pb
 from retriever_service.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_service.validation import (
@@ -96,19 +96,31 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     async def _answer(self, request: bytes, context, method: str) -> bytes:
         try:
             if self._telemetry is None:
-                return await self._search(request, context)
-            with self._telemetry.search(method) as record:
-                response = await self._search(request, context)
-                if record.span.is_recording():  # the span's attributes need the result
-                    record.result = wire.search_result(pb.SearchResponse.FromString(response))
-                return response
+                return await self._search(decode(pb.SearchRequest, request), context)
+            return await self._traced_search(request, context, method)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def _search(self, request: bytes, context) -> bytes:
+    async def _traced_search(self, data: bytes, context, method: str) -> bytes:
+        malformed = request = None
+        try:
+            request = decode(pb.SearchRequest, data)
+        except RequestError as exc:
+            malformed = exc  # raised inside the span, so that it is counted like any refusal
+        # The client's span for this search is the parent, when the request carries it.
+        parent = search_context(request.trace_context) if request is not None else None
+        with self._telemetry.search(method, parent) as record:
+            if malformed is not None:
+                raise malformed
+            response = await self._search(request, context)
+            if record.span.is_recording():  # the span's attributes need the result
+                record.result = wire.search_result(pb.SearchResponse.FromString(response))
+            return response
+
+    async def _search(self, request: pb.SearchRequest, context) -> bytes:
         """The serialized ``SearchResponse``: the engine encodes it (``as_wire``), which saves
         building the message from Python objects on the event loop."""
-        parsed = self._parser.parse(decode(pb.SearchRequest, request))
+        parsed = self._parser.parse(request)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             self._rejected("deadline")

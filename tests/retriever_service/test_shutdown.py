@@ -118,5 +118,6 @@ def test_the_click_command_is_exposed_for_rest_serve():
     assert result.exit_code == 0
     for option in ("--datastore", "--shard", "--host", "--port", "--max-concurrent-searches",
                    "--max-message-bytes", "--keepalive-time-s", "--grace-s", "--tls-cert",
-                   "--tls-client-ca", "--token", "--max-context-tokens", "--workers"):
+                   "--tls-client-ca", "--token", "--max-context-tokens", "--workers",
+                   "--metrics-port", "--metrics-host"):
         assert option in result.output

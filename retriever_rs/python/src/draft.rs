@@ -20,7 +20,7 @@ fn score_error(err: ScoreError) -> PyErr {
 /// for a counted trie, `(match_length, occurrences, trust, rows)` for one continuation per
 /// occurrence.
 #[derive(FromPyObject)]
-enum LevelArgs {
+pub(crate) enum LevelArgs {
     Trie(u32, f64, f64, Vec<i64>, Vec<i64>, Vec<f64>),
     Rows(u32, f64, f64, Vec<Vec<i64>>),
 }
