@@ -158,7 +158,9 @@ class NativeDrafter(DraftSource):
     extended as tokens arrive, the datastore's back-off levels are searched there, and each step's
     levels, with those of the other sources (``draft_tree`` hands them over), are scored there, in
     one call. The levels and the tree are those of the Python sources and ``from_levels`` (the
-    reference); the deadline applies to the datastore searches (exact policy only).
+    reference); the deadline applies to the datastore searches. The datastore's answers for
+    short suffixes are cached across generations with the served outputs
+    (``ServedOutputs.search_cache``).
 
     A context that does not extend the last one starts the context index afresh.
     """
@@ -178,6 +180,7 @@ class NativeDrafter(DraftSource):
             levels=config.retrieval_levels,
             trust=float(config.retrieval_trust),
             deadline_us=None if deadline is None else max(int(deadline * 1e6), 1),
+            cache=served.search_cache if served is not None and datastore is not None else None,
         )
         self._known = 0  # context tokens the engine holds
         self._tail: list[int] = []  # their last few, to tell a context that extends them

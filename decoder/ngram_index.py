@@ -86,7 +86,9 @@ class ServedOutputs:
 
     ``native``: the indexes live in the engine (``rest._engine.ServedIndex``, in ``index``), where
     the native drafter reads them; otherwise they are ``NgramIndex`` segments, read by the
-    reference drafting in Python. ``add`` takes a lock, as a generator may serve several threads;
+    reference drafting in Python. Native served outputs also carry what else the engine keeps
+    from one generation to the next: ``search_cache`` (``rest._engine.LevelCache``), the
+    datastore's answers for short suffixes, which recur across generations. ``add`` takes a lock, as a generator may serve several threads;
     lookups need none (the structures only grow, or are replaced whole, and the GIL makes each
     change atomic; the engine's index has its own lock).
     """
@@ -100,10 +102,12 @@ class ServedOutputs:
         self._segments: list[NgramIndex] = []  # oldest first
         self._lock = threading.Lock()
         self.index = None
+        self.search_cache = None
         if native:
-            from rest._engine import ServedIndex
+            from rest._engine import LevelCache, ServedIndex
 
             self.index = ServedIndex(max_n, max_tokens, segments)
+            self.search_cache = LevelCache()
 
     @property
     def native(self) -> bool:

@@ -343,3 +343,22 @@ def test_native_drafting_counts_a_failed_search_and_drafts_without_it(tiny_datas
     # A token outside the datastore's vocabulary: the search is refused, the step has no drafts.
     assert len(draft_tree([native], [1, 2, 3, 99], 8, 8)) == 0
     assert native.failures == 1
+
+
+def test_short_suffix_answers_are_cached_across_generations_and_change_nothing(tiny_datastore) -> None:
+    contexts = [[1, 2, 3, 4, 5, 1, 2], [5, 4, 3, 2, 1, 2], [0, 3, 2, 1, 2]]
+    trees = {}
+    for drafting in ("native", "python"):
+        config = DecodingConfig(drafting=drafting, retrieval_deadline_s=None)
+        served = served_outputs(config)
+        trees[drafting] = []
+        for context in contexts:  # one generation each, sharing the served outputs
+            sources = open_draft_sources(config, tiny_datastore, served)
+            trees[drafting] += [draft_tree(sources, context[:end], 16, 8) for end in range(1, len(context) + 1)]
+            for source in sources:
+                source.close()
+        if drafting == "native":
+            held, hits, misses = served.search_cache.stats
+            assert held > 0 and hits > 0 and misses > 0
+    for native, reference in zip(trees["native"], trees["python"]):
+        assert_same_tree(native, reference)

@@ -73,6 +73,33 @@ pub(crate) fn score_levels(py: Python<'_>, levels: Vec<LevelArgs>, budget: Optio
     .map_err(score_error)
 }
 
+/// The datastore's answers for short suffixes (see `rest_retriever::draft::cache`), at most
+/// `capacity` of them, shared by the drafters of every generation of one generator.
+#[pyclass(frozen, module = "rest._engine")]
+pub struct LevelCache {
+    inner: Arc<Mutex<draft::LevelCache>>,
+}
+
+#[pymethods]
+impl LevelCache {
+    #[new]
+    #[pyo3(signature = (capacity=4096))]
+    fn new(capacity: usize) -> Self {
+        LevelCache { inner: Arc::new(Mutex::new(draft::LevelCache::new(capacity))) }
+    }
+
+    fn clear(&self) {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    /// (answers held, lookups answered, lookups missed)
+    #[getter]
+    fn stats(&self) -> (usize, u64, u64) {
+        let cache = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        (cache.len(), cache.hits, cache.misses)
+    }
+}
+
 /// The outputs a generator has served, indexed by n-grams of 1..`max_n` tokens, at most
 /// `max_tokens` tokens in `segments` parts (the oldest part dropped first). Shared by the
 /// drafters of every generation of one generator.
@@ -121,6 +148,7 @@ pub struct Drafter {
     inner: Mutex<draft::Drafter>,
     served: Option<Arc<RwLock<draft::ServedOutputs>>>,
     datastore: Option<Arc<rest_retriever::Datastore>>,
+    cache: Option<Arc<Mutex<draft::LevelCache>>>,
 }
 
 #[pymethods]
@@ -128,9 +156,9 @@ impl Drafter {
     /// `context`, `served_params`: n-gram parameters of the context and served-output sources
     /// (None: no such source). `datastore`, `query`, `levels`, `trust`, `deadline_us`: the
     /// datastore source (`levels` back-off searches with `query`, given up after `deadline_us`
-    /// microseconds).
+    /// microseconds); `cache`: its answers for short suffixes, shared with other drafters.
     #[new]
-    #[pyo3(signature = (context=None, served=None, served_params=None, datastore=None, query=None, levels=1, trust=0.0, deadline_us=None))]
+    #[pyo3(signature = (context=None, served=None, served_params=None, datastore=None, query=None, levels=1, trust=0.0, deadline_us=None, cache=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         context: Option<NgramArgs>,
@@ -141,6 +169,7 @@ impl Drafter {
         levels: usize,
         trust: f64,
         deadline_us: Option<u64>,
+        cache: Option<&LevelCache>,
     ) -> PyResult<Self> {
         let context = context.map(|p| p.params()).transpose()?;
         let served_params = match (served, served_params) {
@@ -173,6 +202,7 @@ impl Drafter {
             inner: Mutex::new(draft::Drafter::new(context, served_params, retrieval)),
             served: served.map(|s| s.inner.clone()),
             datastore: datastore.map(Datastore::shared),
+            cache: cache.map(|c| c.inner.clone()),
         })
     }
 
@@ -210,7 +240,7 @@ impl Drafter {
             drafter.extend(&new_tokens);
             let served = self.served.as_ref().map(|s| s.read().unwrap_or_else(|e| e.into_inner()));
             let extra: Vec<Level> = extra.iter().map(LevelArgs::level).collect();
-            drafter.draft(served.as_deref(), self.datastore.as_deref(), &extra, budget, vocab_size)
+            drafter.draft(served.as_deref(), self.datastore.as_deref(), self.cache.as_deref(), &extra, budget, vocab_size)
         })
         .map(|t| (t.tokens, t.parents, t.scores))
         .map_err(score_error)

@@ -23,6 +23,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<executor::SearchExecutor>()?;
     m.add_class::<draft::Drafter>()?;
     m.add_class::<draft::ServedIndex>()?;
+    m.add_class::<draft::LevelCache>()?;
     m.add_function(wrap_pyfunction!(draft::score_levels, m)?)?;
     m.add_class::<scrub::Scrub>()?;
     Ok(())

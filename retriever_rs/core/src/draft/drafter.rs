@@ -4,10 +4,14 @@
 //! levels in the same order (context, served outputs, datastore, then the given ones), the same
 //! scorer.
 
+use super::cache::{datastore_identity, CacheKey, LevelCache};
 use super::ngram::{NgramIndex, ServedOutputs};
 use super::score::{DraftTree, Level, LevelCounts, ScoreError, Scorer};
-use crate::datastore::{Datastore, Policy, Query};
+use crate::cancel::Cancel;
+use crate::datastore::{Datastore, Query};
 use crate::search::Tree;
+use crate::session::SearchSession;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// How an n-gram source drafts (`decoder.config.NgramParams`): for every n from `max_ngram` down
@@ -25,8 +29,7 @@ pub struct NgramParams {
 
 /// How the datastore drafts: `levels` back-off searches with `query` (the first for the longest
 /// matching suffix, each next one for the longest suffix shorter than the last match), each
-/// answer a level believed with `trust`; all of a step's searches given up after `deadline`
-/// (exact policy only: a REST-policy search cannot stop early).
+/// answer a level believed with `trust`; all of a step's searches given up after `deadline`.
 #[derive(Clone, Debug)]
 pub struct RetrievalParams {
     pub query: Query,
@@ -42,6 +45,8 @@ pub struct Drafter {
     retrieval: Option<RetrievalParams>,
     context: Vec<i64>,
     context_index: NgramIndex,
+    /// The datastore searches of this generation, which narrow what the last step found.
+    session: SearchSession,
     scorer: Scorer,
     /// Steps whose datastore levels were lost to an error or the deadline.
     pub failures: u64,
@@ -56,6 +61,7 @@ impl Drafter {
             retrieval,
             context: Vec::new(),
             context_index: NgramIndex::new(max_n),
+            session: SearchSession::new(),
             scorer: Scorer::new(),
             failures: 0,
         }
@@ -81,17 +87,20 @@ impl Drafter {
     }
 
     /// The draft tree continuing the context (whose last token is the root): at most `budget`
-    /// nodes (all when None), tokens outside `0..vocab_size` dropped.
+    /// nodes (all when None), tokens outside `0..vocab_size` dropped. `cache`: the datastore's
+    /// answers for short suffixes, shared with other generations.
+    #[allow(clippy::too_many_arguments)]
     pub fn draft(
         &mut self,
         served: Option<&ServedOutputs>,
         datastore: Option<&Datastore>,
+        cache: Option<&Mutex<LevelCache>>,
         extra: &[Level],
         budget: Option<usize>,
         vocab_size: Option<u64>,
     ) -> Result<DraftTree, ScoreError> {
         let trees = match (&self.retrieval, datastore) {
-            (Some(retrieval), Some(datastore)) => match datastore_levels(datastore, &self.context, retrieval) {
+            (Some(retrieval), Some(datastore)) => match datastore_levels(&mut self.session, cache, datastore, &self.context, retrieval) {
                 Some(trees) => trees,
                 None => {
                     self.failures += 1;
@@ -137,26 +146,63 @@ impl Drafter {
 }
 
 /// The datastore's back-off levels for `context`, or None when a search failed or ran past the
-/// deadline (the step then drafts without the datastore).
-fn datastore_levels(datastore: &Datastore, context: &[i64], retrieval: &RetrievalParams) -> Option<Vec<Tree>> {
+/// deadline (the step then drafts without the datastore). The first level goes through the
+/// generation's search session; each next one is the search whose `max_span` is one less than
+/// the last match (what `Datastore::search_levels` answers), taken from `cache` when it is short.
+fn datastore_levels(
+    session: &mut SearchSession,
+    cache: Option<&Mutex<LevelCache>>,
+    datastore: &Datastore,
+    context: &[i64],
+    retrieval: &RetrievalParams,
+) -> Option<Vec<Tree>> {
+    if context.is_empty() {
+        return Some(Vec::new());
+    }
     let query = &retrieval.query;
-    let stop_at = match query.policy {
-        Policy::Exact => retrieval.deadline.map(|d| Instant::now() + d),
-        Policy::Rest => None,
-    };
-    let mut trees: Vec<Tree> = Vec::new();
-    let mut span = query.max_span;
-    while trees.len() < retrieval.levels && span >= query.min_span && !context.is_empty() {
+    let cancel = Cancel::at(retrieval.deadline.map(|d| Instant::now() + d));
+    // Only the last max_span tokens can be matched (what a remote retriever is sent, too).
+    let tail = &context[context.len().saturating_sub(query.max_span)..];
+    let first = session.search_levels_cancellable(datastore, tail, query, 1, None, &cancel).ok()??.trees.swap_remove(0);
+    if first.match_length == 0 {
+        return Some(Vec::new());
+    }
+    let identity = cache.map(|_| datastore_identity(datastore));
+    let mut trees = vec![first];
+    while trees.len() < retrieval.levels {
+        let span = trees[trees.len() - 1].match_length as usize - 1;
+        if span < query.min_span.max(1) {
+            break;
+        }
+        let suffix = &tail[tail.len() - span..];
         let level_query = Query { max_span: span, ..query.clone() };
-        let tail = &context[context.len().saturating_sub(span)..];
-        let tree = datastore.search_until(tail, &level_query, None, stop_at).ok()??;
+        let key = identity.and_then(|id| CacheKey::new(id, &level_query, suffix));
+        let cached = match (cache, &key) {
+            (Some(c), Some(k)) => lock(c).get(k),
+            _ => None,
+        };
+        let tree = match cached {
+            Some(tree) => tree,
+            None => {
+                let found = datastore.search_levels_cancellable(suffix, &level_query, 1, None, &cancel).ok()??;
+                let tree = found.trees.into_iter().next()?;
+                if let (Some(c), Some(k)) = (cache, key) {
+                    lock(c).insert(k, tree.clone());
+                }
+                tree
+            }
+        };
         if tree.match_length == 0 {
             break;
         }
-        span = tree.match_length as usize - 1;
         trees.push(tree);
     }
     Some(trees)
+}
+
+fn lock(cache: &Mutex<LevelCache>) -> std::sync::MutexGuard<'_, LevelCache> {
+    // A cache left by a panicking thread holds whole answers only: still good.
+    cache.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn ngram_levels<'a>(indexes: &'a [NgramIndex], context: &[i64], params: &NgramParams, levels: &mut Vec<Level<'a>>) {
@@ -210,12 +256,12 @@ mod tests {
     fn the_context_drafts_what_followed_its_suffix_before() {
         let mut drafter = Drafter::new(Some(CONTEXT), None, None);
         drafter.extend(&[5, 6, 7, 8, 5, 6]);
-        let tree = drafter.draft(None, None, &[], None, None).unwrap();
+        let tree = drafter.draft(None, None, None, &[], None, None).unwrap();
         // 5 6 was followed by 7 8 5 6: the chain, best first.
         assert_eq!(&tree.tokens[..4], &[7, 8, 5, 6]);
         assert_eq!(&tree.parents[..4], &[-1, 0, 1, 2]);
         drafter.extend(&[9]);
-        assert!(drafter.draft(None, None, &[], None, None).unwrap().is_empty()); // 9 is new
+        assert!(drafter.draft(None, None, None, &[], None, None).unwrap().is_empty()); // 9 is new
     }
 
     #[test]
@@ -227,7 +273,7 @@ mod tests {
         served.add(&[1, 2, 5]);
         let mut drafter = Drafter::new(None, Some(served_params), None);
         drafter.extend(&[0, 1, 2]);
-        let tree = drafter.draft(Some(&served), None, &[], None, None).unwrap();
+        let tree = drafter.draft(Some(&served), None, None, &[], None, None).unwrap();
         // The two latest occurrences of 1 2 (all in one segment): 4 and 5; 3 is left out.
         let mut firsts: Vec<u32> = tree.tokens.iter().zip(&tree.parents).filter(|(_, &p)| p < 0).map(|(&t, _)| t).collect();
         firsts.sort();
@@ -244,7 +290,7 @@ mod tests {
             trust: 0.0,
             counts: LevelCounts::Trie { tokens: &[8, 9], parents: &[-1, 0], counts: &[2.0, 1.0] },
         }];
-        let tree = drafter.draft(None, None, &extra, Some(1), None).unwrap();
+        let tree = drafter.draft(None, None, None, &extra, Some(1), None).unwrap();
         assert_eq!((tree.tokens, tree.parents, tree.scores), (vec![8], vec![-1], vec![1.0]));
     }
 }

@@ -6,16 +6,19 @@
 //! scores every node by chain back-off; `ngram` keeps the n-gram indexes of the context and of the
 //! served outputs, extended as tokens arrive instead of rebuilt; `drafter` does a whole step (the
 //! context source, the served outputs, the datastore's back-off levels, levels given from outside,
-//! the scoring and the budget cut) for one generation.
+//! the scoring and the budget cut) for one generation; `cache` keeps the datastore's answers for
+//! short suffixes across generations.
 //!
 //! The Python package keeps the reference implementation of the same rules
 //! (`decoder.draft_tree`, `decoder.draft_sources`, `decoder.ngram_index`); property tests compare
 //! the two.
 
+pub mod cache;
 pub mod drafter;
 pub mod ngram;
 pub mod score;
 
+pub use cache::LevelCache;
 pub use drafter::{Drafter, NgramParams, RetrievalParams};
 pub use ngram::{NgramIndex, ServedOutputs};
 pub use score::{DraftTree, Level, LevelCounts, Scorer};
