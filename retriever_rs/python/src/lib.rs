@@ -6,6 +6,7 @@ mod build;
 mod datastore;
 mod errors;
 mod executor;
+mod format;
 mod scrub;
 mod wire;
 
@@ -15,6 +16,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ShardUnavailableError", m.py().get_type::<errors::ShardUnavailableError>())?;
     m.add("FORMAT_VERSION", rest_retriever::format::FORMAT_VERSION)?;
     m.add("MAX_SHARD_TOKENS", rest_retriever::format::MAX_SHARD_TOKENS)?;
+    m.add_function(wrap_pyfunction!(format::checksum, m)?)?;
     m.add_class::<datastore::Datastore>()?;
     m.add_class::<build::DatastoreBuilder>()?;
     m.add_class::<executor::SearchExecutor>()?;
