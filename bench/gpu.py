@@ -1,22 +1,27 @@
 """GPU figures in one prepared run: verification cost against draft-tree size, then the demo.
 
     python -m bench.gpu [--shape 7b] [--contexts 512,2048] [--sizes 1,2,4,8,16,32,64,128]
-        [--repeats 20] [--device cuda] [--demo/--no-demo] [--out bench/out/gpu]
+        [--repeats 20] [--device cuda] [--demo/--no-demo] [--server-bench/--no-server-bench]
+        [--out bench/out/gpu]
 
 Part 1, verification cost. A random-weight Llama of LLaMA-2-7B shape (hidden 4096, 32 layers,
 32 heads, intermediate 11008, vocabulary 32000) in bf16 with sdpa attention. For each context
 length the context is prefilled into the KV cache; then one verification forward pass of a
-draft tree of each size (root included) is timed through the decoder's own ``linearise`` and
-``verify_tree``, the path every decoding step takes, and the tree's keys and values are trimmed
-again (``keep_accepted``). The trees are chains: the tree's shape changes the mask, not the work.
+draft tree of each size (root included) is timed through the decoder's own ``build_tree_batch``
+and ``forward_tree_batch``, the path every decoding step takes, and the tree's keys and values
+are trimmed again (``BatchedCache.commit``). The trees are chains: the tree's shape changes the mask, not the work.
 After two warm-up rounds, ``--repeats`` rounds time every size in turn (so that a burst of load
 hits all sizes alike); the table gives the median per size and its ratio to a single token.
 
 Part 2, the demo end to end on the same device: ``rest demo --device cuda`` (model, datastore,
 ``retriever-server`` on loopback, 20 HumanEval prompts, REST against plain decoding).
 
-Writes ``verification.json``, ``verification.png`` and the demo's results under ``--out``, and
-prints the tables. ``--shape tiny`` runs part 1 with a toy model (for checking the script on a
+Part 3, the worker under load on the same device: ``python -m bench.decoder_server --device
+cuda`` (``decoder-server`` on the demo model and datastore, concurrency 1, 4 and 16, drafting on
+and off; ``--server-arg`` passes more arguments to it).
+
+Writes ``verification.json``, ``verification.png``, the demo's results and
+``decoder_server.json`` under ``--out``, and prints the tables. ``--shape tiny`` runs part 1 with a toy model (for checking the script on a
 CPU). For a GPU machine without network access whose Python lacks this project's packages (or
 has a newer transformers than the one pinned here), ``bash bench/gpu_wheels.sh`` prepares the
 wheels to take along, and its header gives the command to run there.
@@ -34,9 +39,9 @@ import click
 import numpy as np
 import torch
 
-from decoder.draft_tree import DraftTree
-from decoder.kv_cache import keep_accepted, new_cache
-from decoder.verify import prefill, verify_tree
+from decoder.kv_cache import BatchedCache
+from decoder.model_support import profile_model
+from decoder.verify import RowTree, build_tree_batch, forward_tree_batch, prefill
 
 SHAPES = {
     # LLaMA-2-7B.
@@ -74,24 +79,26 @@ def verification_cost(model, context_len: int, sizes: list[int], repeats: int) -
     vocab = model.get_input_embeddings().num_embeddings
     generator = torch.Generator().manual_seed(context_len)
     tokens = torch.randint(0, vocab, (context_len + max(sizes),), generator=generator).tolist()
-    cache = new_cache()
+    profile = profile_model(model)
+    kv = BatchedCache()
     prefix_len = context_len - 1  # the cache holds the context minus the root
-    prefill(model, cache, tokens[:prefix_len])
+    kv.append(prefill(model, tokens[:prefix_len])[0], prefix_len)
     trees = []
     for size in sizes:
-        chain = DraftTree(tokens[context_len : context_len + size - 1], list(range(-1, size - 2)),
-                          [1.0] * (size - 1))
-        trees.append(chain.linearise(tokens[prefix_len], prefix_len, model.dtype, model.device))
+        chain = RowTree(tokens[prefix_len], tokens[context_len : context_len + size - 1],
+                        list(range(-1, size - 2)))
+        trees.append(build_tree_batch([chain], [prefix_len], prefix_len, profile, model.dtype,
+                                      model.device))
     times: dict[int, list[float]] = {size: [] for size in sizes}
     for round_ in range(repeats + 2):
         for size, inputs in zip(sizes, trees):
             synchronize(model.device)
             start = time.perf_counter()
-            verify_tree(model, cache, inputs)
+            forward_tree_batch(model, profile, kv, inputs)
             synchronize(model.device)
             if round_ >= 2:
                 times[size].append(time.perf_counter() - start)
-            keep_accepted(cache, prefix_len, [])
+            kv.commit(prefix_len, [[]])
     return times
 
 
@@ -138,9 +145,13 @@ def table(results: dict) -> str:
               show_default=True)
 @click.option("--demo/--no-demo", default=True, show_default=True,
               help="Also run `rest demo` on the device (part 2).")
+@click.option("--server-bench/--no-server-bench", default=True, show_default=True,
+              help="Also run bench.decoder_server on the device (part 3).")
+@click.option("--server-arg", "server_args", multiple=True,
+              help="One more argument for bench.decoder_server (repeatable).")
 @click.option("--out", "out_dir", default="bench/out/gpu", show_default=True,
               type=click.Path(file_okay=False, path_type=Path))
-def main(shape, contexts, sizes, repeats, device, dtype, demo, out_dir):
+def main(shape, contexts, sizes, repeats, device, dtype, demo, server_bench, server_args, out_dir):
     """Verification cost against tree size (7B shape, bf16), then the demo, on one device."""
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -174,6 +185,14 @@ def main(shape, contexts, sizes, repeats, device, dtype, demo, out_dir):
         returncode = subprocess.call(command)
         if returncode != 0:
             raise click.ClickException(f"the demo failed (exit {returncode})")
+    if server_bench:
+        # A separate process too: it starts decoder-server, which loads the model itself.
+        command = [sys.executable, "-m", "bench.decoder_server", "--device", device,
+                   "--json", str(out_dir / "decoder_server.json"), *server_args]
+        print("$ " + " ".join(command), flush=True)
+        returncode = subprocess.call(command)
+        if returncode != 0:
+            raise click.ClickException(f"the decoder-server benchmark failed (exit {returncode})")
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import heapq
+import itertools
 import json
 import sys
 import time
@@ -297,6 +299,113 @@ class UnionPolicy(Policy):
             p.observe(sequence, prompt_len)
 
 
+class SuffixTrie:
+    """Every suffix of some token sequences, truncated to ``max_depth`` tokens, as a counted trie:
+    ``count`` of a node is how many times its path occurs (the suffix tree of SuffixDecoding,
+    uncompressed, with a count per node). A node is ``[count, children]``."""
+
+    def __init__(self, max_depth: int) -> None:
+        self.max_depth = max_depth
+        self.root: list = [0, {}]
+        self._open: list[list] = []  # the nodes of the current sequence's last suffixes
+
+    def extend(self, tokens: Iterable[int]) -> None:
+        """Append ``tokens`` to the current sequence: every suffix ending at each one is counted."""
+        for token in tokens:
+            advanced = []
+            for node in [*self._open, self.root]:
+                child = node[1].get(token)
+                if child is None:
+                    child = node[1][token] = [0, {}]
+                child[0] += 1
+                advanced.append(child)
+            # A node reached from max_depth tokens back has no more room below it.
+            self._open = advanced[-(self.max_depth - 1):] if self.max_depth > 1 else []
+
+    def end_sequence(self) -> None:
+        self._open = []
+
+    def find(self, pattern: Sequence[int]) -> list | None:
+        node = self.root
+        for token in pattern:
+            node = node[1].get(token)
+            if node is None:
+                return None
+        return node
+
+
+class SuffixDecodingPolicy(Policy):
+    """SuffixDecoding (Oliaro et al., "SuffixDecoding: Extreme Speculative Decoding for Emerging AI
+    Applications", arXiv 2411.04975), written from the paper's description: its baseline here.
+
+    Two suffix tries: one over the current sequence (prompt and output so far), one over the
+    outputs served before (its cross-request cache, the same outputs the decoder's served source
+    sees); no datastore. For every pattern length ``p`` (1..``max_depth`` - 1) whose pattern, the
+    context's last ``p`` tokens, occurs in a trie, a speculation tree is grown greedily from the
+    pattern's node: the candidate with the highest empirical path probability ``D(child) =
+    D(parent) * count(child) / count(parent)`` (``D`` = 1 at the pattern) is added next, until the
+    tree has ``max_spec_factor * p`` nodes (at most the budget) or the best candidate's ``D`` is
+    below ``min_token_prob``; paths end ``max_depth`` tokens below the pattern's start. The tree
+    with the highest score (the sum of its ``D``, its expected accepted length) is proposed; ties
+    go to the longer pattern, then to the current sequence's trie.
+    """
+
+    def __init__(self, budget: int, max_depth: int = 24, max_spec_factor: float = 1.0,
+                 min_token_prob: float = 0.1) -> None:
+        self.budget = budget
+        self.max_depth = max_depth
+        self.max_spec_factor = max_spec_factor
+        self.min_token_prob = min_token_prob
+        self.served = SuffixTrie(max_depth)
+        self._current = SuffixTrie(max_depth)
+        self._known: list[int] = []
+
+    def propose(self, context: Sequence[int]) -> Tree:
+        known = len(self._known)
+        if len(context) < known or list(context[:known]) != self._known:
+            self._current, self._known, known = SuffixTrie(self.max_depth), [], 0
+        self._current.extend(context[known:])
+        self._known.extend(context[known:])
+        best = (0.0, 0, EMPTY_TREE)
+        for p in range(1, min(self.max_depth - 1, len(context)) + 1):
+            for trie in (self.served, self._current):  # the current one wins ties
+                node = trie.find(context[-p:])
+                if node is None:
+                    continue
+                score, tree = self._grow(node, p)
+                if (score, p) >= best[:2] and len(tree):
+                    best = (score, p, tree)
+        return best[2]
+
+    def _grow(self, start: list, p: int) -> tuple[float, Tree]:
+        limit = min(self.budget, int(self.max_spec_factor * p))
+        tokens: list[int] = []
+        parents: list[int] = []
+        score = 0.0
+        frontier: list[tuple[float, int, int, int, list]] = []  # (-D, order, token, parent, node)
+        order = itertools.count()
+
+        def push(node: list, d: float, parent: int) -> None:
+            for token, child in node[1].items():  # none below max_depth: the trie is truncated
+                heapq.heappush(frontier, (-d * child[0] / node[0], next(order), token, parent, child))
+
+        push(start, 1.0, -1)
+        while frontier and len(tokens) < limit:
+            neg_d, _, token, parent, node = heapq.heappop(frontier)
+            if -neg_d < self.min_token_prob:
+                break
+            tokens.append(token)
+            parents.append(parent)
+            score -= neg_d
+            push(node, -neg_d, len(tokens) - 1)
+        return score, Tree(tuple(tokens), tuple(parents))
+
+    def observe(self, sequence: Sequence[int], prompt_len: int) -> None:
+        self.served.extend(sequence[prompt_len:])
+        self.served.end_sequence()
+        self._current, self._known = SuffixTrie(self.max_depth), []
+
+
 class DecoderPolicy(Policy):
     """The decoder's own drafting, called as ``RestGenerator`` calls it: each target is one
     generation, with the sources ``decoder.draft_sources.open_draft_sources`` opens for
@@ -304,7 +413,9 @@ class DecoderPolicy(Policy):
     ``config.tree_budget`` nodes (``draft_tree``); when a target ends, its output (the scored
     part, prompt excluded) joins the served outputs, for the next targets only.
 
-    The datastore is the decoder's retriever here, its searches timed (``search_seconds``).
+    The datastore is the decoder's retriever here. With the reference drafting
+    (``drafting="python"``) its searches are timed (``search_seconds``); native drafting searches
+    it inside the engine's one call per step, which is timed as a whole.
     ``use_datastore=False`` leaves it out.
     """
 
@@ -317,8 +428,10 @@ class DecoderPolicy(Policy):
         self.sources: list[DraftSource] | None = None
 
     @property
-    def search_seconds(self) -> float:
-        return self.retriever.seconds if self.retriever is not None else 0.0
+    def search_seconds(self) -> float | None:
+        if self.retriever is None:
+            return 0.0
+        return self.retriever.seconds if self.config.drafting == "python" else None
 
     def propose(self, context: Sequence[int]) -> Tree:
         if self.sources is None:
@@ -456,12 +569,23 @@ def load_workload(fraction: tuple[int, int] = (1, 1), cache_dir: Path = CACHE_DI
 # the policy's; every other key is a ``DecodingConfig`` field.
 DECODER_VARIANTS: dict[str, dict] = {
     "decoder": {},
+    "decoder-python": {"drafting": "python"},
     "decoder-no-served": {"served_drafts": False},
     "decoder-no-context": {"context_drafts": False},
     "decoder-no-datastore": {"use_datastore": False},
     "decoder-1-level": {"retrieval_levels": 1},
     "decoder-min-span-2": {"search": SearchParams(min_span=2)},
     "decoder-128-candidates": {"search": SearchParams(min_span=1, budget=128)},
+}
+
+
+# SuffixDecoding by its ``max_spec_factor`` (trees of at most factor x match length nodes): 1 is the
+# paper's and vLLM's default; larger factors give it larger trees, for comparisons at equal sizes.
+SUFFIX_DECODING_VARIANTS: dict[str, float] = {
+    "suffix-decoding": 1.0,
+    "suffix-decoding-x1.5": 1.5,
+    "suffix-decoding-x2": 2.0,
+    "suffix-decoding-x4": 4.0,
 }
 
 
@@ -490,6 +614,8 @@ def make_policy(name: str, datastore, budget: int, vocab_size: int | None = None
         return UnionPolicy(PromptLookupPolicy(), make_policy("exact", datastore, budget), budget=budget)
     if name == "none":
         return NoDraftPolicy()
+    if name in SUFFIX_DECODING_VARIANTS:
+        return SuffixDecodingPolicy(budget, max_spec_factor=SUFFIX_DECODING_VARIANTS[name])
     if name in DECODER_VARIANTS:
         changes = dict(DECODER_VARIANTS[name])
         use_datastore = changes.pop("use_datastore", True)
@@ -498,7 +624,8 @@ def make_policy(name: str, datastore, budget: int, vocab_size: int | None = None
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICY_NAMES)}")
 
 
-POLICY_NAMES = ("rest", "exact", "prompt-lookup", "exact+context", "none", *DECODER_VARIANTS)
+POLICY_NAMES = ("rest", "exact", "prompt-lookup", "exact+context", *SUFFIX_DECODING_VARIANTS, "none",
+                *DECODER_VARIANTS)
 DEFAULT_POLICIES = ("rest", "exact", "prompt-lookup", "exact+context", "decoder")
 
 
@@ -537,6 +664,14 @@ def result_json(r: ReplayResult, base: float | None) -> dict:
             "us_per_step": r.us_per_step, "search_us_per_step": r.search_us_per_step,
             "steps": r.steps, "scored_tokens": r.scored_tokens,
             "ratio_to_rest": r.m / base if base else None}
+
+
+def workload_json(workload: Workload, limit: int | None) -> dict:
+    from bench.environment import library_versions, machine
+
+    return {"datastore": str(workload.datastore_path), "corpus_tokens": workload.corpus_tokens,
+            "targets": len(workload.targets), "scored_tokens": workload.scored_tokens, "limit": limit,
+            "machine": machine(), "libraries": library_versions()}
 
 
 SWEEP_FRACTIONS = ((1, 8), (1, 4), (1, 2), (1, 1))
@@ -579,6 +714,66 @@ def _plot_sweep(rows: Sequence[dict], chart: Path) -> None:
     plt.close(fig)
 
 
+SWEEP_BUDGETS = (2, 4, 8, 16, 32, 64)
+
+
+def budget_sweep(workload: Workload, names: Sequence[str], budgets: Sequence[int],
+                 limit: int | None) -> list[dict]:
+    """Every policy at every budget (all on the same datastore): one row each."""
+    rows = []
+    for budget in budgets:
+        for r in run_policies(workload, names, budget, limit):
+            rows.append({"budget": budget, **result_json(r, None)})
+    return rows
+
+
+def format_budget_table(rows: Sequence[dict]) -> str:
+    """M (and mean tree nodes) of each policy at each budget: one line per policy."""
+    budgets = list(dict.fromkeys(r["budget"] for r in rows))
+    names = list(dict.fromkeys(r["policy"] for r in rows))
+    width = max([len("policy"), *(len(n) for n in names)])
+    lines = [f"{'policy':<{width}} " + " ".join(f"{'B=' + str(b):>14}" for b in budgets)]
+    for name in names:
+        cells = []
+        for b in budgets:
+            r = next(r for r in rows if r["policy"] == name and r["budget"] == b)
+            cells.append(f"{r['M']:6.3f} ({r['mean_nodes']:5.1f})")
+        lines.append(f"{name:<{width}} " + " ".join(f"{c:>14}" for c in cells))
+    return "\n".join(lines) + "\n(M, with the mean tree nodes per step in brackets)"
+
+
+def plot_budget_sweep(rows: Sequence[dict], chart: Path) -> None:
+    """Two panels: M against the budget, and M against the mean tree size actually drafted
+    (policies that stop short of the budget compare at their real size there)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (by_budget, by_nodes) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in dict.fromkeys(r["policy"] for r in rows):
+        mine = sorted((r for r in rows if r["policy"] == name), key=lambda r: r["budget"])
+        by_budget.plot([r["budget"] for r in mine], [r["M"] for r in mine], marker="o", label=name)
+        by_nodes.plot([max(r["mean_nodes"], 0.1) for r in mine], [r["M"] for r in mine], marker="o", label=name)
+    budgets = sorted({r["budget"] for r in rows})
+    for ax in (by_budget, by_nodes):
+        ax.set_xscale("log", base=2)
+        ax.set_ylabel("M (tokens per step)")
+        ax.grid(True, alpha=0.3)
+    by_budget.set_xticks(budgets, [str(b) for b in budgets])
+    by_budget.minorticks_off()
+    by_budget.set_xlabel("budget (most draft nodes per step)")
+    by_budget.set_title("M at each budget")
+    by_nodes.set_xlabel("mean draft nodes per step")
+    by_nodes.set_title("M against the tree size drafted")
+    by_nodes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
+    fig.suptitle("HumanEval replay, 3.39M-token standard-library datastore")
+    fig.tight_layout()
+    chart.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(chart, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.replay", description=__doc__.split("\n")[0])
     parser.add_argument("--budget", type=int, default=64, help="draft nodes per step (default 64)")
@@ -589,17 +784,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--sweep", type=Path, default=None, metavar="CHART.png",
                         help="also measure datastores of 1/8, 1/4, 1/2, 1 of the corpus; save a chart here")
+    parser.add_argument("--budgets", type=int, nargs="+", default=None, metavar="B",
+                        help=f"instead of one budget: every policy at each of these (e.g. "
+                             f"{' '.join(map(str, SWEEP_BUDGETS))}); a table, and a chart with --chart")
+    parser.add_argument("--chart", type=Path, default=None, metavar="CHART.png",
+                        help="the budget sweep's chart (with --budgets)")
     args = parser.parse_args(argv)
+    if args.chart and not args.budgets:
+        parser.error("--chart goes with --budgets")
 
     workload = load_workload()
     _log(f"corpus: {workload.corpus_tokens:,} tokens; targets: {len(workload.targets)}, "
          f"{workload.scored_tokens:,} scored tokens")
+    if args.budgets:
+        rows = budget_sweep(workload, args.policies, args.budgets, args.limit)
+        print(format_budget_table(rows))
+        if args.chart:
+            plot_budget_sweep(rows, args.chart)
+            print(f"chart: {args.chart}")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"workload": workload_json(workload, args.limit),
+                                             "budgets": list(args.budgets), "rows": rows}, indent=2))
+        return 0
     results = run_policies(workload, args.policies, args.budget, args.limit)
     print(format_table(results))
     base = next((r.m for r in results if r.policy == "rest"), None)
     out = {
-        "workload": {"corpus_tokens": workload.corpus_tokens, "targets": len(workload.targets),
-                     "scored_tokens": workload.scored_tokens, "limit": args.limit, "budget": args.budget},
+        "workload": {**workload_json(workload, args.limit), "budget": args.budget},
         "decoder_config": asdict(decoder_config(args.budget)),
         "decoder_variants": {
             name: {k: asdict(v) if is_dataclass(v) else v for k, v in changes.items()}

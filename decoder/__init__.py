@@ -18,9 +18,11 @@ Terms, used with these meanings throughout the package:
   levels of every source into one draft tree (``decoder.draft_tree``).
 - served outputs: the outputs of a generator's earlier calls, a draft source for later ones.
 - budget: the number of draft nodes one step verifies, fixed or chosen per step ("auto").
-- step: one forward pass over a draft tree; M = new tokens / steps.
+- step: one forward pass over a draft tree (or over every running sequence's tree, in a batch);
+  the prefill, which chooses the first token, counts as a step; M = new tokens / steps.
 """
 
+from decoder.batch import BatchDecoder, SequenceRequest, SequenceUpdate, StepStats
 from decoder.config import DecodingConfig, NgramParams
 from decoder.draft_sources import (
     ContextDraftSource,
@@ -30,17 +32,14 @@ from decoder.draft_sources import (
 )
 from decoder.draft_tree import DraftTree, Level
 from decoder.errors import DecoderError, TokenizerMismatchError, UnsupportedModelError
-from decoder.generator import (
-    GenerationResult,
-    GenerationStats,
-    GenerationStream,
-    RestGenerator,
-    StreamChunk,
-)
+from decoder.generator import GenerationResult, GenerationStream, RestGenerator, StreamChunk
 from decoder.model_support import load_model
 from decoder.ngram_index import ServedOutputs
+from decoder.settings import UnsupportedGenerationError
+from decoder.stats import GenerationStats
 
 __all__ = [
+    "BatchDecoder",
     "ContextDraftSource",
     "DecoderError",
     "DecodingConfig",
@@ -54,9 +53,13 @@ __all__ = [
     "RestGenerator",
     "RetrieverDraftSource",
     "ServedDraftSource",
+    "SequenceRequest",
+    "SequenceUpdate",
     "ServedOutputs",
+    "StepStats",
     "StreamChunk",
     "TokenizerMismatchError",
+    "UnsupportedGenerationError",
     "UnsupportedModelError",
     "load_model",
 ]

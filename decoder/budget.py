@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from decoder.draft_tree import DraftTree
-from decoder.kv_cache import keep_accepted, new_cache
-from decoder.verify import prefill, verify_tree
+from decoder.kv_cache import BatchedCache
+from decoder.model_support import ModelProfile
+from decoder.verify import RowTree, build_tree_batch, forward_plain, forward_tree_batch, prefill
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,30 @@ class ScoreCorrection:
         return [min(score * factor, 1.0) for score in scores]
 
 
+def choose_batch_budget(
+    ranked_scores: Sequence[Sequence[float]], cost: CostModel, retrieval_s: float, max_budget: int
+) -> int:
+    """The cap ``n`` on every row's tree (its ``n`` best nodes) that maximises expected tokens per
+    second for a batch verified in one forward pass.
+
+    The rows are padded to the widest tree, so the pass costs ``cost(widest + 1)`` for the whole
+    batch (``cost`` is measured at this batch size); each row gains ``1 + the sum of its kept
+    scores``. As the batch fills, a node costs more, and the cap shrinks, down to 0 (plain steps)
+    when no draft pays for its verification. For one row this is ``choose_budget``.
+    """
+    longest = min(max((len(s) for s in ranked_scores), default=0), max_budget)
+    caps = np.arange(longest + 1)  # [k + 1]
+    gain = np.zeros(longest + 1)
+    widest = np.zeros(longest + 1)
+    for scores in ranked_scores:
+        kept = np.minimum(caps, len(scores))
+        cumulative = np.concatenate([[0.0], np.cumsum(scores[:longest])])
+        gain += 1.0 + cumulative[kept]
+        widest = np.maximum(widest, kept)
+    seconds = cost.cost(widest + 1) + retrieval_s  # [k + 1]
+    return int(np.argmax(gain / seconds))
+
+
 def calibration_sizes(max_budget: int) -> tuple[int, ...]:
     """Tree sizes in tokens: 1, 2, 4, ... and the largest tree (``max_budget`` nodes + root)."""
     sizes = {1, 2, max_budget + 1}
@@ -107,9 +131,16 @@ def calibration_sizes(max_budget: int) -> tuple[int, ...]:
 
 @torch.inference_mode()
 def calibrate(
-    model: torch.nn.Module, max_budget: int, prefix_len: int = 32, repeats: int = 3
+    model: torch.nn.Module,
+    profile: ModelProfile,
+    max_budget: int,
+    batch_size: int = 1,
+    prefix_len: int = 32,
+    repeats: int = 3,
 ) -> CostModel:
-    """Time verification forward passes of every calibration size after a ``prefix_len`` prefix.
+    """Time verification forward passes of ``batch_size`` rows for every calibration size after a
+    ``prefix_len`` prefix, through the decoder's own step (a batch of one without drafts takes the
+    plain path, as decoding does).
 
     The trees are chains (the shape does not change the work of a forward pass). After one
     warm-up round, ``repeats`` rounds time every size in turn, so that a burst of load elsewhere
@@ -118,25 +149,58 @@ def calibrate(
     """
     vocab = model.get_input_embeddings().num_embeddings
     tokens = [(7 * i + 1) % vocab for i in range(prefix_len + max_budget + 1)]
-    cache = new_cache()
-    prefill(model, cache, tokens[:prefix_len])
+    kv = BatchedCache()
+    single, _ = prefill(model, tokens[:prefix_len])
+    for _ in range(batch_size):
+        kv.append(_copy_cache(single), prefix_len)
     sizes = calibration_sizes(max_budget)
-    trees = []
-    for size in sizes:
-        chain = DraftTree(tokens[prefix_len + 1 : prefix_len + size], list(range(-1, size - 2)),
-                          [1.0] * (size - 1))  # fmt: skip
-        trees.append(chain.linearise(tokens[prefix_len], prefix_len, model.dtype, model.device))
+    rows = [RowTree(tokens[prefix_len], tokens[prefix_len + 1 : prefix_len + size],
+                    list(range(-1, size - 2))) for size in sizes]  # fmt: skip
     best = np.full(len(sizes), np.inf)
     for round_ in range(repeats + 1):
-        for i, inputs in enumerate(trees):
+        for i, row in enumerate(rows):
             start = time.perf_counter()
-            verify_tree(model, cache, inputs)
+            width = kv.width
+            if batch_size == 1 and len(row) == 1:
+                forward_plain(model, kv, row.root)
+            else:
+                batch = build_tree_batch([row] * batch_size, kv.lengths, width, profile,
+                                         model.dtype, model.device)  # fmt: skip
+                forward_tree_batch(model, profile, kv, batch)
             synchronize(model.device)
             if round_ > 0:
                 best[i] = min(best[i], time.perf_counter() - start)
-            keep_accepted(cache, prefix_len, [])
+            kv.commit(width, [[] for _ in range(batch_size)])
     monotone = np.minimum.accumulate(best[::-1])[::-1]
     return CostModel(sizes, tuple(float(s) for s in monotone))
+
+
+def _copy_cache(cache):
+    from copy import deepcopy
+
+    return deepcopy(cache)
+
+
+class BatchCostModel:
+    """A ``CostModel`` per batch size, each measured (``calibrate``) the first time a batch of
+    that size needs one."""
+
+    def __init__(self, model: torch.nn.Module, profile: ModelProfile, max_budget: int,
+                 prefix_len: int = 32, repeats: int = 3) -> None:  # fmt: skip
+        self.model = model
+        self.profile = profile
+        self.max_budget = max_budget
+        self.prefix_len = prefix_len
+        self.repeats = repeats
+        self.by_batch_size: dict[int, CostModel] = {}
+
+    def for_batch(self, batch_size: int) -> CostModel:
+        if batch_size not in self.by_batch_size:
+            self.by_batch_size[batch_size] = calibrate(
+                self.model, self.profile, self.max_budget, batch_size, self.prefix_len,
+                self.repeats,
+            )  # fmt: skip
+        return self.by_batch_size[batch_size]
 
 
 def synchronize(device: torch.device) -> None:

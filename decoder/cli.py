@@ -49,6 +49,11 @@ class RetrieverOptions:
     def uses_tls(self) -> bool:
         return self.tls or any((self.tls_ca, self.tls_cert, self.tls_key, self.tls_server_name))
 
+    def check_tls_files(self) -> None:
+        for option, file in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key)):
+            if file:
+                check_pem(option, file)
+
     def open(self, deadline_s: float = 0.1) -> Any:
         """A ``rest.retriever.Retriever``, or None when no retriever was asked for. Errors a user
         can fix end as ``click.ClickException``."""
@@ -56,10 +61,7 @@ class RetrieverOptions:
             if self.datastore:
                 return _open_local(self.datastore)
             if self.endpoints:
-                for option, file in (("--tls-ca", self.tls_ca), ("--tls-cert", self.tls_cert),
-                                     ("--tls-key", self.tls_key)):  # fmt: skip
-                    if file:
-                        check_pem(option, file)
+                self.check_tls_files()
                 from retriever_service.client import RemoteRetriever
 
                 return RemoteRetriever(
@@ -153,15 +155,18 @@ def retriever_options(command: Callable) -> Callable:
             if not _from_environment(ctx, "endpoints"):
                 raise click.UsageError("use --datastore or --retriever, not both")
             endpoint_text = None  # an explicit --datastore beats $REST_RETRIEVER
-        if token is not None and not token.strip():
-            source = f"${TOKEN_ENV} is set but empty" if _from_environment(ctx, "token") else "--token is empty"
+        if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
+            raise click.UsageError("--tls-cert and --tls-key go together (mutual TLS)")
+        endpoints = parse_endpoints(endpoint_text)
+        # click reads an empty variable as unset; an empty secret is a mistake, not "no token".
+        empty_variable = token is None and TOKEN_ENV in os.environ and not os.environ[TOKEN_ENV].strip()
+        if endpoints and (empty_variable or (token is not None and not token.strip())):
+            source = f"${TOKEN_ENV} is set but empty" if token is None or _from_environment(ctx, "token") \
+                else "--token is empty"
             raise click.BadParameter(
                 f"{source}: give the retriever's token, or leave both unset for a retriever "
                 "without authentication", param_hint="--token",
             )  # fmt: skip
-        if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
-            raise click.UsageError("--tls-cert and --tls-key go together (mutual TLS)")
-        endpoints = parse_endpoints(endpoint_text)
         if not endpoints:
             given = [f"--{n.replace('_', '-')}" for n, v in tls.items() if v]
             if token is not None and not _from_environment(ctx, "token"):
@@ -169,7 +174,9 @@ def retriever_options(command: Callable) -> Callable:
             if given:
                 raise click.UsageError(f"{', '.join(given)}: only for --retriever")
             token = None  # $REST_RETRIEVER_TOKEN without a retriever: nothing to authenticate to
-        kwargs["retriever_options"] = RetrieverOptions(datastore, endpoints, token, **tls)
+        options = RetrieverOptions(datastore, endpoints, token, **tls)
+        options.check_tls_files()  # before a model loads for minutes
+        kwargs["retriever_options"] = options
         return command(*args, **kwargs)
 
     for option in reversed(options):
@@ -195,6 +202,37 @@ def parse_budget(ctx: click.Context, param: click.Parameter, value: str) -> int 
     return budget
 
 
+# Generation settings: GenerationConfig attributes, passed only when given, so that the model's own
+# generation config (generation_config.json) decides the rest, as in model.generate.
+GENERATION_OPTIONS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
+                      "typical_p", "repetition_penalty", "no_repeat_ngram_size", "seed")  # fmt: skip
+
+
+def generation_options(command: Callable) -> Callable:
+    """The ``GenerationConfig`` settings a user may give; unset ones come from the model."""
+    unit = click.FloatRange(0, 1, min_open=True)
+    options = [
+        click.option("--max-new-tokens", type=click.IntRange(min=1),
+                     help="Most tokens to generate (default: the model's generation config, else 128)."),
+        click.option("--min-new-tokens", type=click.IntRange(min=0), help="No EOS before this many tokens."),
+        click.option("--do-sample/--greedy", "do_sample", default=None,
+                     help="Sample, or take the most likely token (default: the model's generation config; "
+                          "a --temperature above 0 samples)."),
+        click.option("--temperature", type=click.FloatRange(min=0), help="0 decodes greedily."),
+        click.option("--top-p", type=unit, help="Nucleus sampling: the smallest set of tokens with this mass."),
+        click.option("--top-k", type=click.IntRange(min=0), help="Sample among the k most likely tokens (0: all)."),
+        click.option("--min-p", type=unit, help="Drop tokens less likely than this fraction of the most likely."),
+        click.option("--typical-p", type=unit, help="Locally typical sampling mass."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
+                     help="Divide the scores of tokens already in the context (1: none)."),
+        click.option("--no-repeat-ngram-size", type=click.IntRange(min=1), help="Never repeat an n-gram of this size."),
+        click.option("--seed", type=int, help="Makes sampling repeatable."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def common_options(command: Callable) -> Callable:
     """The options ``generate`` and ``chat`` share: model, draft sources, sampling."""
     options = [
@@ -202,15 +240,7 @@ def common_options(command: Callable) -> Callable:
         retriever_options,
         click.option("--require-retriever", is_flag=True,
                      help="Fail when the retriever cannot be reached, instead of decoding with plain steps."),
-        click.option("--max-new-tokens", default=128, show_default=True,
-                     type=click.IntRange(min=1)),
-        click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
-                     help="0 decodes greedily."),
-        click.option("--top-p", default=1.0, show_default=True,
-                     type=click.FloatRange(0, 1, min_open=True)),
-        click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
-                     help="0 keeps every token."),
-        click.option("--seed", type=int, help="Makes sampling repeatable."),
+        generation_options,
         click.option("--budget", default=AUTO, show_default=True, callback=parse_budget,
                      help="Draft nodes verified per step, or 'auto'."),
         click.option("--stop", multiple=True, help="A string that ends the output (repeatable)."),
@@ -246,6 +276,10 @@ def reports_errors(command: Callable) -> Callable:
 
 
 def load_model_for_cli(options: dict[str, Any]) -> tuple[Any, Any]:
+    from rest.tokenizer import missing_local_path
+
+    if missing_local_path(options["model_path"]):
+        raise click.ClickException(f"model {options['model_path']} does not exist: give a model directory or a hub id")
     try:
         return load_model(options["model_path"], options["dtype"], options["device"], options["attn_implementation"])
     except OSError as exc:
@@ -269,9 +303,10 @@ def build_generator(options: dict[str, Any]) -> RestGenerator:
     return RestGenerator(model, tokenizer, retriever, config)
 
 
-def sampling_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("temperature", "top_p", "top_k", "seed", "plain")
-    return {key: options[key] for key in keys} | {"stop": list(options["stop"])}
+def generation_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """``RestGenerator.generate``'s keyword arguments: the settings given, the stops, ``plain``."""
+    given = {key: options[key] for key in GENERATION_OPTIONS if options[key] is not None}
+    return given | {"stop": list(options["stop"]), "plain": options["plain"]}
 
 
 def format_stats(stats: GenerationStats) -> str:
@@ -319,7 +354,7 @@ def generate(prompt: str | None, prompt_file: str | None, as_json: bool, **optio
     """Continue a prompt with retrieval-based speculative decoding (lossless)."""
     text = read_prompt(prompt, prompt_file)
     generator = build_generator(options)
-    stream = generator.stream(text, options["max_new_tokens"], **sampling_kwargs(options))
+    stream = generator.stream(text, **generation_kwargs(options))
     for chunk in stream:
         if not as_json:
             click.echo(chunk.text, nl=False)
@@ -404,7 +439,7 @@ def stream_answer(generator: RestGenerator, messages: list[dict[str, str]], opti
     """Stream one answer to stdout; Ctrl-C stops it. Returns the text shown and the result (None
     when stopped)."""
     ids = chat_prompt(generator.tokenizer, messages)
-    stream = generator.stream(ids, options["max_new_tokens"], **sampling_kwargs(options))
+    stream = generator.stream(ids, **generation_kwargs(options))
     shown: list[str] = []
     try:
         for chunk in stream:

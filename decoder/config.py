@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from rest.types import SearchParams
 
 AUTO = "auto"
+DRAFTING_ENGINES = ("native", "python")
+REPRODUCIBLE_BUDGET = 16  # an "auto" budget under DecodingConfig(reproducible=True)
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,20 @@ class DecodingConfig:
 
     ``require_retriever``: fail when the retriever cannot be reached, instead of decoding with
     plain steps (one warning) and using it once it answers.
+
+    ``drafting``: ``"native"`` drafts each step in one engine call (the context and served-output
+    indexes kept in the engine, an in-process datastore searched there, every level scored
+    there); ``"python"`` runs the reference implementation of the same rules in Python (the same
+    trees, several times slower).
+    ``reproducible``: the same call gives the same trees, hence the same output, every time, in
+    any dtype. In float32 the output is the model's own whatever the trees; in bfloat16 and
+    float16 a tree step rounds differently from a plain step, so the trees can change the output
+    (rarely), and by default they change from call to call: earlier outputs feed the served
+    drafts, the adaptive budget follows measured timings, a late retrieval gives no drafts. With
+    ``reproducible``, trees depend only on the prompt and the datastore's answers: no served
+    drafts, an ``"auto"`` budget becomes ``REPRODUCIBLE_BUDGET`` nodes, and retrievals are awaited
+    (a remote retriever's own deadline still bounds them; one that fails still changes the
+    trees). A batch shares its forward passes, so the same holds for a sequence decoded alone.
     """
 
     budget: int | str = AUTO
@@ -88,6 +104,8 @@ class DecodingConfig:
     retrieval_deadline_s: float | None = 0.1
     allow_tokenizer_mismatch: bool = False
     require_retriever: bool = False
+    drafting: str = "native"
+    reproducible: bool = False
     calibration_prefix: int = 32
     calibration_repeats: int = 3
 
@@ -110,8 +128,17 @@ class DecodingConfig:
             raise ValueError(
                 f"retrieval_deadline_s must be > 0 or None, got {self.retrieval_deadline_s}"
             )
+        if self.drafting not in DRAFTING_ENGINES:
+            raise ValueError(f"drafting must be one of {DRAFTING_ENGINES}, got {self.drafting!r}")
         if self.calibration_prefix < 1 or self.calibration_repeats < 1:
             raise ValueError("calibration_prefix and calibration_repeats must be >= 1")
+
+    def resolved(self) -> DecodingConfig:
+        """The settings actually used: ``reproducible`` applied."""
+        if not self.reproducible:
+            return self
+        budget = REPRODUCIBLE_BUDGET if self.adaptive else self.budget
+        return replace(self, budget=budget, served_drafts=False, retrieval_deadline_s=None)
 
     @property
     def adaptive(self) -> bool:

@@ -1,76 +1,53 @@
 """Lossless retrieval-based speculative decoding for a Hugging Face causal LM.
 
-One step, top to bottom: the draft sources propose levels of counted continuations of the
-context; one scorer turns them into a draft tree, pruned to the budget; the root and the draft
-nodes go through the model in one forward pass with tree attention; the tree walk accepts the path
-the model itself would have produced and adds the bonus token; the KV cache keeps only the
-accepted path; stop conditions are checked token by token. When the call ends, its output joins
-the served outputs that later calls draft from. Terms are defined in the package docstring
-(``decoder/__init__.py``).
+``RestGenerator`` holds what every generation shares: the model (checked once, ``ModelProfile``),
+the tokenizer, the retriever, the draft sources, the served outputs, the verification costs and
+the score correction. ``generate`` and ``stream`` run one request through ``BatchDecoder`` with a
+batch of one, the same step the batched server runs (``decoder/batch.py``): prefill as ``generate``
+does, then per step the draft sources propose levels of counted continuations of the context, one
+scorer turns them into a draft tree, cut to what positions allow and to the budget; the root and
+the draft nodes go through the model in one forward pass with tree attention; the tree walk
+accepts the path the model itself would have produced and adds the bonus token; the KV cache
+keeps only the accepted path; stop conditions are checked token by token. When the call ends,
+its output joins the served outputs that later calls draft from. Terms are defined in the package
+docstring (``decoder/__init__.py``).
+
+Exactness: in float32 the output is ``model.generate``'s with the model's own generation config
+(greedy: token for token; sampled: the same distribution). In bfloat16 and float16 a plain step
+(no draft nodes) computes exactly what ``generate`` computes, but a tree step feeds several tokens
+at once, so its rounding differs, and a near-tie between two tokens can flip: outputs are usually,
+not always, identical (``bench/decoder_precision.py`` measures how often).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
-from decoder.budget import CostModel, ScoreCorrection, calibrate, choose_budget, synchronize
+from decoder.batch import BatchDecoder, SequenceRequest
+from decoder.budget import BatchCostModel, CostModel, ScoreCorrection
 from decoder.config import DecodingConfig
-from decoder.draft_sources import DraftSource, draft_tree, open_draft_sources, served_outputs
-from decoder.draft_tree import DraftTree
+from decoder.draft_sources import DraftSource, open_draft_sources, served_outputs
 from decoder.errors import TokenizerMismatchError
-from decoder.kv_cache import keep_accepted, new_cache
-from decoder.model_support import check_length, check_model
+from decoder.model_support import check_model
 from decoder.ngram_index import ServedOutputs
-from decoder.sampling import SamplingParams, node_chooser
-from decoder.stopping import StopChecker, eos_token_ids
-from decoder.verify import prefill, verify_tree, walk_tree
-from rest.retriever import Retriever
+from decoder.settings import DEFAULT_MAX_NEW_TOKENS
+from decoder.stats import GenerationStats
+from rest.retriever import Retriever, RetrieverUnavailable
 from rest.tokenizer import tokenizer_fingerprint, tokenizer_name
 from rest.types import DatastoreInfo
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class GenerationStats:
-    """What one ``generate`` call did. Times are wall-clock seconds; ``retrieval_s`` covers the
-    drafting (every source and the scoring), ``verification_s`` the forward passes over the trees
-    with their acceptance."""
-
-    prompt_tokens: int
-    new_tokens: int
-    steps: int
-    draft_tokens: int
-    retrieval_failures: int
-    prefill_s: float
-    retrieval_s: float
-    verification_s: float
-    total_s: float
-
-    @property
-    def accepted_draft_tokens(self) -> int:
-        """Tokens gained over plain decoding (which emits one per step)."""
-        return self.new_tokens - self.steps
-
-    @property
-    def mean_accepted(self) -> float:
-        """M: new tokens per step (1 for plain decoding)."""
-        return self.new_tokens / self.steps if self.steps else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / self.total_s if self.total_s > 0 else 0.0
-
-    def as_dict(self) -> dict[str, float | int]:
-        derived = ("accepted_draft_tokens", "mean_accepted", "tokens_per_s")
-        return {**asdict(self), **{name: getattr(self, name) for name in derived}}
-
+# How often a generator asks a retriever that did not answer whether it answers now.
+RETRIEVER_RETRY_S = 1.0
 
 @dataclass(frozen=True)
 class GenerationResult:
@@ -156,11 +133,14 @@ class RestGenerator:
     before, verified by the model so that the output is the model's own.
 
     ``retriever``: a ``rest.retriever.Retriever`` (local or remote) or None. Its tokenizer
-    fingerprint must match ``tokenizer``'s unless ``config.allow_tokenizer_mismatch``.
-    ``draft_sources``: more proposers, shared by every call (they must not keep per-call state).
-    ``served``: the outputs of earlier calls (prompts excluded), added as each call ends.
-    ``score_correction``: how far recent steps bore out the draft scores (the adaptive budget
-    uses it). Batch size is 1; the model must pass ``decoder.model_support.check_model``.
+    fingerprint must match ``tokenizer``'s unless ``config.allow_tokenizer_mismatch``. A
+    retriever that does not answer yet (``RetrieverUnavailable``) costs one warning: generations
+    decode without it and use it once it answers, its tokenizer checked then, unless
+    ``config.require_retriever``. ``draft_sources``: more proposers, shared by every call (they
+    must not keep per-call state). ``served``: the outputs of earlier calls (prompts excluded),
+    added as each call ends. ``score_correction``: how far recent steps bore out the draft
+    scores (the adaptive budget uses it). The model must pass
+    ``decoder.model_support.check_model``.
     """
 
     def __init__(
@@ -174,50 +154,102 @@ class RestGenerator:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.retriever = retriever
-        self.config = config
+        self.config = config = config.resolved()
         self.draft_sources = tuple(draft_sources)
-        self.cost_model: CostModel | None = None
         self.served: ServedOutputs | None = served_outputs(config)
         self.score_correction: ScoreCorrection | None = None
         if config.score_correction:
             self.score_correction = ScoreCorrection(config.score_correction_decay)
         self.vocab_size = model.get_input_embeddings().num_embeddings
-        self.eos_ids = eos_token_ids(model)
+        self.profile = check_model(model)
+        self.costs = BatchCostModel(model, self.profile, config.max_budget,
+                                    config.calibration_prefix, config.calibration_repeats)  # fmt: skip
+        self._retriever_ready = False
+        self._retriever_asked = float("-inf")
+        self._ids = itertools.count()
         if retriever is not None:
-            check_tokenizer(tokenizer, retriever.info(), config.allow_tokenizer_mismatch)
-        check_model(model)
+            self.check_retriever(first=True)
+
+    # --- shared resources, used by BatchDecoder -------------------------------------------------
+
+    def verification_cost(self, batch_size: int = 1) -> CostModel:
+        """Verification cost per tree size for ``batch_size`` rows (measured on first use)."""
+        return self.costs.for_batch(batch_size)
+
+    @property
+    def cost_model(self) -> CostModel | None:
+        """The verification cost of a batch of one, once measured (or set)."""
+        return self.costs.by_batch_size.get(1)
+
+    @cost_model.setter
+    def cost_model(self, cost: CostModel) -> None:
+        self.costs.by_batch_size[1] = cost
 
     def calibrate(self) -> CostModel:
-        """Measure verification cost per tree size (done once, on first use of the auto budget)."""
-        if self.cost_model is None:
-            self.cost_model = calibrate(
-                self.model,
-                self.config.max_budget,
-                self.config.calibration_prefix,
-                self.config.calibration_repeats,
-            )
-        return self.cost_model
+        """Measure the verification cost of a batch of one now rather than on first use."""
+        return self.verification_cost(1)
+
+    def check_retriever(self, first: bool = False) -> bool:
+        """Whether the retriever can be used: it answered ``info()`` and its tokenizer matches.
+
+        Raises ``TokenizerMismatchError`` for a datastore of another tokenizer (unless allowed),
+        and ``RetrieverUnavailable`` on the first check if ``config.require_retriever``.
+        """
+        if self.retriever is None or self._retriever_ready:
+            return self._retriever_ready
+        now = time.monotonic()
+        if not first and now - self._retriever_asked < RETRIEVER_RETRY_S:
+            return False
+        self._retriever_asked = now
+        try:
+            info = self.retriever.info()
+        except RetrieverUnavailable as exc:
+            if self.config.require_retriever:
+                raise
+            if first:
+                log.warning("the retriever does not answer (%s); decoding without its drafts "
+                            "until it does", exc)  # fmt: skip
+            return False
+        check_tokenizer(self.tokenizer, info, self.config.allow_tokenizer_mismatch)
+        if not first:
+            log.info("the retriever answers again; its drafts are used from now on")
+        self._retriever_ready = True
+        return True
+
+    def open_sources(self) -> list[DraftSource]:
+        """The draft sources of one generation (close them when it ends)."""
+        retriever = self.retriever if self.check_retriever() else None
+        return open_draft_sources(self.config, retriever, self.served, self.draft_sources)
+
+    def served_output(self, tokens: Sequence[int]) -> None:
+        """A generation that drafted has ended: later ones may draft from its output. Plain
+        calls leave no trace: a baseline run must not feed the drafted run it is compared with."""
+        if self.served is not None:
+            self.served.add(list(tokens))
+
+    # --- generation -----------------------------------------------------------------------
 
     def generate(
         self,
         prompt: str | Sequence[int],
-        max_new_tokens: int = 128,
+        generation_config: GenerationConfig | int | None = None,
         *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | torch.Generator | None = None,
         stop: Sequence[str | Sequence[int]] = (),
         plain: bool = False,
+        **kwargs: Any,
     ) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` tokens after ``prompt`` (text or token ids).
+        """Generate after ``prompt`` (text or token ids) as ``model.generate`` would.
 
-        ``temperature == 0`` is greedy; otherwise ``top_p``/``top_k`` filter as in transformers
-        and ``seed`` (an int, or a CPU ``torch.Generator``) makes the draws repeatable.
-        ``stop``: strings and/or token-id sequences that end the output (included). ``plain``:
-        no drafts at all, the autoregressive baseline running the same code.
+        ``generation_config``: a ``GenerationConfig`` (default: the model's own); an int is read
+        as ``max_new_tokens``, as the older positional form. ``kwargs``: ``GenerationConfig``
+        attributes overriding it (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``,
+        ``top_k``, ``min_p``, ``typical_p``, ``repetition_penalty``, ...) and ``seed`` (an int,
+        or a CPU ``torch.Generator`` that the draws advance). ``temperature=0`` is greedy and a
+        temperature above 0 samples unless ``do_sample`` is given. ``stop``: strings and/or
+        token-id sequences that end the output (kept in it). ``plain``: no drafts at all, the
+        autoregressive baseline running the same code.
         """
-        steps = self._start(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, plain)
+        steps = self._start(prompt, generation_config, stop, plain, kwargs)
         while True:
             try:
                 next(steps)
@@ -227,47 +259,15 @@ class RestGenerator:
     def stream(
         self,
         prompt: str | Sequence[int],
-        max_new_tokens: int = 128,
+        generation_config: GenerationConfig | int | None = None,
         *,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | torch.Generator | None = None,
         stop: Sequence[str | Sequence[int]] = (),
         plain: bool = False,
+        **kwargs: Any,
     ) -> GenerationStream:
         """Like ``generate``, as an iterator of ``StreamChunk``s (one per step)."""
-        steps = self._start(prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, plain)
+        steps = self._start(prompt, generation_config, stop, plain, kwargs)
         return GenerationStream(steps, self.tokenizer)
-
-    def _start(
-        self,
-        prompt: str | Sequence[int],
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        seed: int | torch.Generator | None,
-        stop: Sequence[str | Sequence[int]],
-        plain: bool,
-    ) -> Generator[list[int], None, GenerationResult]:
-        """Check the request and get its steps ready (they run as they are iterated)."""
-        ids = self.encode(prompt)
-        check_length(self.model.config, len(ids), max_new_tokens)
-        sampling = SamplingParams(temperature, top_p, top_k)
-        stopper = StopChecker(max_new_tokens, self.eos_ids, stop, self.tokenizer)
-        generator = None
-        if isinstance(seed, torch.Generator):
-            generator = seed  # the caller's CPU generator, which the draws advance
-        elif not sampling.greedy:
-            generator = torch.Generator()
-            if seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(seed)
-        if not plain and self.config.adaptive:
-            self.calibrate()
-        return self._steps(ids, sampling, generator, stopper, plain)
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
@@ -275,95 +275,70 @@ class RestGenerator:
             raise ValueError("the prompt is empty: generation needs at least one token to follow")
         return [int(i) for i in ids]
 
-    @torch.inference_mode()
-    def _steps(
+    def _start(
         self,
-        ids: list[int],
-        sampling: SamplingParams,
-        generator: torch.Generator | None,
-        stopper: StopChecker,
+        prompt: str | Sequence[int],
+        generation_config: GenerationConfig | int | None,
+        stop: Sequence[str | Sequence[int]],
         plain: bool,
+        options: dict[str, Any],
     ) -> Generator[list[int], None, GenerationResult]:
-        """Yield each step's new tokens; return the result."""
-        start = time.perf_counter()
-        sources = [] if plain else self._open_sources()
-        steps = draft_tokens = 0
-        retrieval_s = verification_s = 0.0
-        try:
-            cache = new_cache()
-            context = list(ids)  # prompt + output; the last token is the root, not yet in the cache
-            prefill(self.model, cache, context[:-1])
-            synchronize(self.model.device)
-            prefill_s = time.perf_counter() - start
-            while stopper.finish_reason is None:
-                t0 = time.perf_counter()
-                tree = self._draft(sources, context)
-                t1 = time.perf_counter()
-                tree = tree.prune(self._budget(tree, t1 - t0))
-                accepted, emitted = self._verify(cache, context, tree, sampling, generator)
-                if self.score_correction is not None and not plain:
-                    self.score_correction.observe(sum(tree.scores), accepted)
-                emitted = stopper.extend(emitted)
-                context.extend(emitted)
-                retrieval_s += t1 - t0
-                verification_s += time.perf_counter() - t1
-                steps += 1
-                draft_tokens += len(tree)
-                yield emitted
-        finally:
-            failures = sum(source.failures for source in sources)
-            for source in sources:
-                source.close()
-            if self.served is not None and not plain:
-                # Later calls may draft from it. Plain calls leave no trace: a baseline run must
-                # not feed the drafted run that it is compared with.
-                self.served.add(stopper.tokens)
-        stats = GenerationStats(
-            prompt_tokens=len(ids),
-            new_tokens=len(stopper.tokens),
-            steps=steps,
-            draft_tokens=draft_tokens,
-            retrieval_failures=failures,
-            prefill_s=prefill_s,
-            retrieval_s=retrieval_s,
-            verification_s=verification_s,
-            total_s=time.perf_counter() - start,
+        """Check the request and queue it (its steps run as they are iterated)."""
+        options = dict(options)
+        if isinstance(generation_config, int) and not isinstance(generation_config, bool):
+            options.setdefault("max_new_tokens", generation_config)
+            generation_config = None
+        ids = self.encode(prompt)
+        request = SequenceRequest(
+            request_id=f"generate-{next(self._ids)}",
+            prompt_ids=ids,
+            max_new_tokens=self._max_new_tokens(ids, generation_config, options),
+            generation=options,
+            stop=tuple(stop),
+            drafting=not plain,
         )
-        text = self.tokenizer.decode(stopper.tokens, skip_special_tokens=True)
-        return GenerationResult(list(stopper.tokens), text, stopper.finish_reason, stats)
+        decoder = BatchDecoder(self, max_batch=1)
+        decoder.add(request, generation_config)
+        if not plain and self.config.adaptive and self.config.tree_budget > 0:
+            self.verification_cost(1)  # measured before the first step, not in its timings
+        return self._steps(decoder)
 
-    def _open_sources(self) -> list[DraftSource]:
-        return open_draft_sources(self.config, self.retriever, self.served, self.draft_sources)
+    def _max_new_tokens(
+        self, ids: list[int], generation_config: GenerationConfig | None, options: dict[str, Any]
+    ) -> int:
+        """The call's, else the base generation config's, else ``max_length`` given in the call
+        minus the prompt, else 128."""
+        value = options.pop("max_new_tokens", None)
+        for source in (generation_config, self.model.generation_config):
+            if value is None and source is not None:
+                value = source.max_new_tokens
+        if value is None and options.get("max_length") is not None:
+            value = int(options["max_length"]) - len(ids)
+            if value < 1:
+                raise ValueError(
+                    f"max_length ({options['max_length']}) leaves no room after the prompt "
+                    f"({len(ids)} tokens); raise it or set max_new_tokens"
+                )
+        options.pop("max_length", None)
+        return int(value) if value is not None else DEFAULT_MAX_NEW_TOKENS
 
-    def _draft(self, sources: Sequence[DraftSource], context: list[int]) -> DraftTree:
-        return draft_tree(sources, context, self.config.tree_budget, self.vocab_size)
-
-    def _budget(self, tree: DraftTree, retrieval_s: float) -> int:
-        if not self.config.adaptive or not len(tree):
-            return self.config.tree_budget
-        assert self.cost_model is not None
-        scores = tree.ranked_scores()
-        if self.score_correction is not None:
-            scores = self.score_correction.correct(scores)
-        return choose_budget(scores, self.cost_model, retrieval_s, self.config.max_budget)
-
-    def _verify(
-        self,
-        cache: Any,
-        context: list[int],
-        tree: DraftTree,
-        sampling: SamplingParams,
-        generator: torch.Generator | None,
-    ) -> tuple[int, list[int]]:
-        """One forward pass over root + tree; the cache keeps the accepted path. Returns the
-        number of accepted draft nodes and the emitted tokens: the accepted path's, then the
-        bonus token."""
-        prefix_len = len(context) - 1
-        inputs = tree.linearise(context[-1], prefix_len, self.model.dtype, self.model.device)
-        logits = verify_tree(self.model, cache, inputs)  # [n_tree, vocab]
-        accepted, emitted = walk_tree(inputs.children, node_chooser(logits, sampling, generator))
-        keep_accepted(cache, prefix_len, accepted)
-        return len(accepted) - 1, emitted
+    def _steps(self, decoder: BatchDecoder) -> Generator[list[int], None, GenerationResult]:
+        """Yield each step's new tokens; return the result. One generation: a tracing wrapper
+        around it sees exactly one request from start to end."""
+        tokens: list[int] = []
+        try:
+            while True:
+                updates, _ = decoder.step()
+                for update in updates:
+                    tokens.extend(update.tokens)
+                    if update.finish_reason is not None:
+                        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                        if update.tokens:
+                            yield update.tokens
+                        return GenerationResult(tokens, text, update.finish_reason, update.stats)
+                    yield update.tokens
+        finally:
+            decoder.close()  # a consumer that stops early still releases the draft sources
 
 
 def check_tokenizer(tokenizer: Any, info: DatastoreInfo, allow_mismatch: bool = False) -> None:

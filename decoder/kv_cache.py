@@ -1,7 +1,15 @@
-"""The KV cache between steps: it holds exactly the context minus the root.
+"""The KV cache of a batch of sequences, one row each, between steps.
 
-After a step, the cache also holds keys and values for every node of the verified tree; only the
-root and the accepted path may stay, in that order, as if they had been fed one by one.
+Row ``i`` holds its sequence's context minus the root at cache indices ``[0, lengths[i])``,
+where cache index and position coincide. The cache is ``width`` entries wide, the longest row's
+length; a shorter row has stale entries in ``[lengths[i], width)`` that the tree masks hide. A
+step appends every row's draft tree (padded to the widest tree) at ``[width, width + n)``;
+``commit`` then moves each row's root and accepted path to its own end, as if they had been fed
+one by one, and drops the rest.
+
+The cache is a ``DynamicCache`` built without the model's config on purpose: a config with a
+sliding window would give layers that drop old keys on their own, and the tree positions must stay
+addressable; windows are applied by the masks instead, by position.
 """
 
 from __future__ import annotations
@@ -13,25 +21,111 @@ from transformers import DynamicCache
 
 
 def new_cache() -> DynamicCache:
-    # Built without the model's config on purpose: a config with a sliding window would give
-    # layers that drop old keys on their own, and the tree positions must stay addressable.
     return DynamicCache()
 
 
-def cache_length(cache: DynamicCache) -> int:
-    return cache.get_seq_length()
+class BatchedCache:
+    """The rows of a batch in one ``DynamicCache`` (batch dimension = rows, in order)."""
+
+    def __init__(self) -> None:
+        self.cache = new_cache()
+        self.lengths: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return self.cache.get_seq_length() if self.lengths else 0
+
+    def _layers(self) -> list:
+        return list(self.cache.layers) if self.lengths else []
+
+    def append(self, single: DynamicCache, length: int) -> int:
+        """Add a one-row cache holding ``length`` entries as the last row; return its row number."""
+        assert single.get_seq_length() == length
+        if not self.lengths:
+            self.cache = single
+            self.lengths = [length]
+            return 0
+        width = max(self.width, length)
+        for layer, new in zip(self.cache.layers, single.layers):
+            # keys, values: [rows, kv_heads, width, head_dim]
+            layer.keys = torch.cat([_pad(layer.keys, width), _pad(new.keys, width)], dim=0)
+            layer.values = torch.cat([_pad(layer.values, width), _pad(new.values, width)], dim=0)
+        self.lengths.append(length)
+        return len(self.lengths) - 1
+
+    def replace(self, row: int, single: DynamicCache, length: int) -> None:
+        """Put a one-row cache in place of row ``row`` (a sequence whose cache was rebuilt)."""
+        assert single.get_seq_length() == length
+        if len(self.lengths) == 1:
+            self.cache, self.lengths = single, [length]
+            return
+        width = max(self.width, length)
+        for layer, new in zip(self.cache.layers, single.layers):
+            keys, values = _pad(layer.keys, width), _pad(layer.values, width)
+            keys[row : row + 1], values[row : row + 1] = _pad(new.keys, width), _pad(new.values, width)
+            layer.keys, layer.values = keys, values
+        self.lengths[row] = length
+        self._shrink()
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in that order); the others leave the batch."""
+        rows = list(rows)
+        if rows == list(range(len(self.lengths))):
+            return
+        self.lengths = [self.lengths[r] for r in rows]
+        if not rows:
+            self.cache = new_cache()
+            return
+        index = torch.tensor(rows, device=self.cache.layers[0].keys.device)
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)
+            layer.values = layer.values.index_select(0, index)
+        self._shrink()
+
+    def commit(self, width_before: int, kept: Sequence[Sequence[int]]) -> None:
+        """After a step that appended its trees at ``[width_before, ...)``: row ``i`` keeps the
+        tree indices ``kept[i]`` (root = 0 first, then the accepted path in order) after its
+        ``lengths[i]`` entries; everything else is dropped."""
+        assert len(kept) == len(self.lengths)
+        new_lengths = [n + len(k) for n, k in zip(self.lengths, kept)]
+        in_place = all(
+            n == width_before and list(k) == list(range(len(k)))
+            for n, k in zip(self.lengths, kept)
+        )  # a chain accepted right after a full row needs no move, only the crop
+        if not in_place:
+            start = min(self.lengths)
+            end = max(new_lengths)
+            total = self.cache.get_seq_length()
+            # index[i, r]: the entry that lands at cache index start + r of row i
+            index = torch.empty((len(kept), end - start), dtype=torch.long)
+            for i, (n, k) in enumerate(zip(self.lengths, kept)):
+                index[i] = torch.arange(start, end).clamp_(max=total - 1)
+                if k:
+                    index[i, n - start : n - start + len(k)] = width_before + torch.tensor(k)
+            device = self.cache.layers[0].keys.device
+            index = index.to(device)
+            for layer in self.cache.layers:
+                rows, heads, _, dim = layer.keys.shape
+                gather = index[:, None, :, None].expand(rows, heads, -1, dim)
+                layer.keys[:, :, start:end] = layer.keys.gather(2, gather)
+                gather = index[:, None, :, None].expand(rows, layer.values.shape[1], -1,
+                                                        layer.values.shape[-1])  # fmt: skip
+                layer.values[:, :, start:end] = layer.values.gather(2, gather)
+        self.lengths = new_lengths
+        self.cache.crop(max(new_lengths))
+
+    def _shrink(self) -> None:
+        if self.lengths and self.cache.get_seq_length() > max(self.lengths):
+            self.cache.crop(max(self.lengths))
 
 
-def keep_accepted(cache: DynamicCache, prefix_len: int, accepted: Sequence[int]) -> None:
-    """Keep the first ``prefix_len`` positions, then the tree positions ``accepted`` (tree indices,
-    root = 0, in path order); drop everything else."""
-    kept = prefix_len + len(accepted)
-    if list(accepted) != list(range(len(accepted))):  # a chain needs no gather, only the crop
-        index = torch.tensor(accepted, device=cache.layers[0].keys.device) + prefix_len
-        for layer in cache.layers:
-            # keys, values: [batch, kv_heads, prefix + n_tree, head_dim]; the right-hand side is
-            # gathered into a copy before it is written, so overlapping ranges are safe.
-            layer.keys[..., prefix_len:kept, :] = layer.keys.index_select(-2, index)
-            layer.values[..., prefix_len:kept, :] = layer.values.index_select(-2, index)
-    cache.crop(kept)
-    assert cache_length(cache) == kept
+def _pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """``tensor`` [rows, heads, n, dim] right-padded with zeros to ``width`` entries."""
+    missing = width - tensor.shape[-2]
+    if missing <= 0:
+        return tensor
+    pad = tensor.new_zeros((*tensor.shape[:-2], missing, tensor.shape[-1]))
+    return torch.cat([tensor, pad], dim=-2)

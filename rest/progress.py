@@ -65,6 +65,8 @@ class BuildProgress:
             return
         if exc[0] is None and self.total:
             self._progress.update(self._task, completed=self.total)
+        if exc[0] is not None:
+            self._progress.live.transient = True  # the error's one line, not a stalled bar
         for handler, stream in self._handlers:
             handler.setStream(stream)
         self._handlers.clear()

@@ -31,6 +31,13 @@ def reloadable(name_or_path: str) -> str:
     return str(path.resolve()) if name_or_path and path.exists() else name_or_path
 
 
+def missing_local_path(name_or_path: str) -> bool:
+    """A name that can only be a local path (``/x``, ``./x``, ``~/x``, ``a/b/c``; a hub id is
+    ``name`` or ``org/name``) and does not exist: no point asking the hub about it."""
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.count("/") > 1
+    return looks_local and not Path(name_or_path).expanduser().exists()
+
+
 def load_tokenizer(name_or_path: str) -> Any:
     """A tokenizer loaded the way users load a model's tokenizer (``AutoTokenizer``); a local
     path is made absolute first, so that ``tokenizer_name`` records where it reloads from."""

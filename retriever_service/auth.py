@@ -65,11 +65,20 @@ def token_option(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
+# The variable the callback reads, for whoever lists what a command reads from the environment
+# (click's own ``envvar`` cannot be used: it treats an empty variable as unset).
+token_option.envvar = TOKEN_ENV
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, token: str) -> None:
+    """Lets through calls with the token (and health checks); ``on_reject`` is called for each
+    call refused (the server counts them)."""
+
+    def __init__(self, token: str, on_reject=None) -> None:
         if check_token(token) is None:
             raise ValueError("BearerTokenInterceptor needs a token")
         self._expected = f"Bearer {token}".encode()
+        self._on_reject = on_reject
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -77,6 +86,8 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if self._authorized(handler_call_details.invocation_metadata or ()):
             return handler
+        if self._on_reject is not None:
+            self._on_reject("unauthenticated")
         return _rejecting(handler)
 
     def _authorized(self, metadata) -> bool:

@@ -44,7 +44,7 @@ from retriever_service.searches import AsyncSearches
 from retriever_service.servicer import SERVICE, RetrieverServicer, add_to_server
 from retriever_service.shards import ServedShards, ShardOptions
 from retriever_service.shards import open_datastore as open_shards
-from retriever_service.telemetry import SearchTelemetry, providers_from_env
+from retriever_service.telemetry import SearchTelemetry, providers_from_env, serve_prometheus
 from retriever_service.validation import PolicyCaps
 
 log = logging.getLogger("retriever_service.server")
@@ -91,6 +91,9 @@ class ServerConfig:
     shards: tuple[str, ...] = ()  # empty: every shard of the datastore
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
+    # A second, plaintext port that serves only the health service (None: none), for probes that
+    # cannot speak TLS (the kubelet's gRPC probes) when the main port uses it.
+    health_port: int | None = None
     max_concurrent_searches: int = 64  # in flight at once, running or waiting for a worker
     workers: int = field(default_factory=default_workers)  # search threads
     max_context_tokens: int = 4096
@@ -105,6 +108,8 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None  # also require client certificates signed by this CA
     token: str | None = None  # require "authorization: Bearer <token>"; never empty
+    metrics_port: int | None = None  # serve Prometheus text on http://metrics_host:port/metrics
+    metrics_host: str | None = None  # None: the same as host
     verify: bool = False  # full checksums of every shard before serving; failing shards not served
     scrub_mib_per_s: int = 8  # background re-check of the shards' checksums (0: none)
     # The largest budget and max_depth accepted per policy (the cost of a search grows with both).
@@ -122,6 +127,14 @@ class ServerConfig:
                 raise ValueError(f"{option_name(name)} must be in {lowest}..{highest}, got {value}")
         if not self.host:
             raise ValueError("--host must not be empty (0.0.0.0 for every interface)")
+        if self.health_port is not None:
+            lowest, highest = OPTION_RANGES["port"]
+            if isinstance(self.health_port, bool) or not isinstance(self.health_port, int) or not (
+                lowest <= self.health_port <= highest
+            ):
+                raise ValueError(f"--health-port must be in {lowest}..{highest}, got {self.health_port}")
+            if self.health_port == self.port != 0:
+                raise ValueError(f"--health-port must differ from --port (both {self.port})")
         for shard in self.shards:
             if not shard:
                 raise ValueError("--shard must not be empty")
@@ -132,6 +145,10 @@ class ServerConfig:
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         check_token(self.token, "--token")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
+        if self.metrics_host is not None and self.metrics_port is None:
+            raise ValueError("--metrics-host needs --metrics-port")
 
     def shard_options(self) -> ShardOptions:
         return ShardOptions(datastore=self.datastore, shards=self.shards, verify=self.verify,
@@ -221,15 +238,17 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 class RetrieverServer:
-    """A started server: its bound ``port``, its health service, a ``reload`` of its datastore
-    and a graceful ``shutdown``."""
+    """A started server: its bound ``port``, its health service (also on ``health_port`` when
+    configured), a ``reload`` of its datastore and a graceful ``shutdown``."""
 
     def __init__(self, server: grpc.aio.Server, port: int, health: HealthServicer,
-                 shards: ServedShards):
+                 shards: ServedShards, health_server: tuple[grpc.aio.Server, int] | None = None):
         self.server = server
         self.port = port
         self.health = health
         self.shards = shards
+        self._health_server = health_server[0] if health_server else None
+        self.health_port = health_server[1] if health_server else None
 
     async def reload(self) -> None:
         """Reopens the datastore from its files and serves it (SIGHUP)."""
@@ -239,7 +258,30 @@ class RetrieverServer:
         # NOT_SERVING first, so health watchers (load balancers) stop sending before refusals.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
+        if self._health_server is not None:  # probes see NOT_SERVING until the very end
+            await self._health_server.stop(0)
         self.shards.close()
+
+
+async def start_health_server(
+    config: ServerConfig, health: HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """The plaintext server on ``config.health_port`` that answers only ``grpc.health.v1``
+    (no Retriever, no reflection: it reveals nothing but SERVING or NOT_SERVING), sharing the
+    main server's health statuses."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{host_for_address(config.host)}:{config.health_port}"
+    problem = why_bind_fails(config.host, config.health_port)
+    try:
+        port = server.add_insecure_port(address) if problem is None else 0
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        problem = (problem or "gRPC could not bind it").replace("--port", "--health-port")
+        raise OSError(f"could not listen on {address}: {problem}")
+    await server.start()
+    return server, port
 
 
 async def start_server(
@@ -252,6 +294,8 @@ async def start_server(
     """
     datastore = datastore if datastore is not None else open_datastore(config)
     searches = AsyncSearches(datastore.search_executor(config.workers, as_wire=True))
+    traced = tracer_provider is not None or meter_provider is not None
+    telemetry = SearchTelemetry("server", tracer_provider, meter_provider) if traced else None
     interceptors = []
     if tracer_provider is not None:
         from opentelemetry.instrumentation.grpc import aio_server_interceptor
@@ -263,11 +307,9 @@ async def start_server(
         interceptors.append(aio_server_interceptor(tracer_provider=tracer_provider,
                                                    filter_=negate(health_check())))
     if config.token is not None:
-        interceptors.append(BearerTokenInterceptor(config.token))
+        on_reject = telemetry.rejected if telemetry is not None else None
+        interceptors.append(BearerTokenInterceptor(config.token, on_reject))
     server = grpc.aio.server(interceptors=interceptors, options=config.channel_options())
-
-    traced = tracer_provider is not None or meter_provider is not None
-    telemetry = SearchTelemetry("server", tracer_provider, meter_provider) if traced else None
     servicer = RetrieverServicer(
         datastore,
         searches,
@@ -290,11 +332,14 @@ async def start_server(
 
     try:
         port = _bind(server, config)
+        health_server = None
+        if config.health_port is not None:
+            health_server = await start_health_server(config, health)
         await server.start()
     except BaseException:
         shards.close()
         raise
-    return RetrieverServer(server, port, health, shards)
+    return RetrieverServer(server, port, health, shards, health_server)
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -316,15 +361,16 @@ def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
     raise OSError(f"could not listen on {address}: {problem}")
 
 
-def why_bind_fails(host: str, port: int) -> str | None:
+def why_bind_fails(host: str, port: int, *, port_option: str = "--port",
+                   host_option: str = "--host") -> str | None:
     """What keeps ``host:port`` from being bound, found by binding it with a plain socket the way
     gRPC will; ``None`` when nothing does."""
     try:
         addresses = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        return (f"--host {host} does not resolve ({exc.strerror}); give an address or a name of"
-                " this machine (127.0.0.1, 0.0.0.0 for every interface, ::)")
+        return (f"{host_option} {host} does not resolve ({exc.strerror}); give an address or a"
+                " name of this machine (127.0.0.1, 0.0.0.0 for every interface, ::)")
     for family, kind, proto, _, sockaddr in addresses:
         with socket.socket(family, kind, proto) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
@@ -332,13 +378,14 @@ def why_bind_fails(host: str, port: int) -> str | None:
                 probe.bind(sockaddr)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
-                    return (f"--port {port} is in use (another retriever-server?); choose another"
-                            " port, 0 for a free one, or stop the process that holds it")
+                    return (f"{port_option} {port} is in use (another retriever-server?); choose"
+                            " another port, 0 for a free one, or stop the process that holds it")
                 if exc.errno == errno.EADDRNOTAVAIL:
-                    return f"--host {host} is not an address of this machine"
+                    return f"{host_option} {host} is not an address of this machine"
                 if exc.errno == errno.EACCES:
-                    return f"--port {port}: permission denied (ports below 1024 need privileges)"
-                return f"{exc.strerror} (--host {host}, --port {port})"
+                    return (f"{port_option} {port}: permission denied (ports below 1024 need"
+                            " privileges)")
+                return f"{exc.strerror} ({host_option} {host}, {port_option} {port})"
     return None
 
 
@@ -349,13 +396,22 @@ def host_for_address(host: str) -> str:
 
 async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None:
     """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    providers = providers_from_env("rest-retriever")
-    running = await start_server(
-        config,
-        datastore,
-        tracer_provider=providers.tracer_provider,
-        meter_provider=providers.meter_provider,
-    )
+    providers = providers_from_env("rest-retriever", prometheus=config.metrics_port is not None)
+    metrics_http = None
+    try:
+        if config.metrics_port is not None:
+            metrics_http = _serve_metrics(config)
+        running = await start_server(
+            config,
+            datastore,
+            tracer_provider=providers.tracer_provider,
+            meter_provider=providers.meter_provider,
+        )
+    except BaseException:
+        if metrics_http is not None:
+            metrics_http.shutdown()
+        providers.shutdown()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -365,12 +421,31 @@ async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None
     # Tests and scripts read the port from this line; keep its shape.
     address = f"{host_for_address(config.host)}:{running.port}"
     print(f"retriever-server listening on {address}", file=out, flush=True)
+    if running.health_port is not None:
+        log.info("health service alone, in plaintext, on %s:%d", host_for_address(config.host),
+                 running.health_port)
+    if metrics_http is not None:
+        host, port = metrics_http.server_address[:2]
+        print(f"retriever-server metrics on http://{host_for_address(host)}:{port}/metrics",
+              file=out, flush=True)
     log.info("serving %s (%s) on %s", config.datastore, scheme, address)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, up to %.1f s for calls in flight", config.grace_s)
     await running.shutdown(config.grace_s)
+    if metrics_http is not None:
+        metrics_http.shutdown()
     providers.shutdown()
     log.info("stopped")
+
+
+def _serve_metrics(config: ServerConfig):
+    host = config.metrics_host or config.host
+    problem = why_bind_fails(host, config.metrics_port, port_option="--metrics-port",
+                             host_option="--metrics-host" if config.metrics_host else "--host")
+    if problem is not None:
+        raise OSError(f"could not serve metrics on {host_for_address(host)}:"
+                      f"{config.metrics_port}: {problem}")
+    return serve_prometheus(host.strip("[]"), config.metrics_port)
 
 
 class BackgroundServer:
@@ -391,6 +466,7 @@ class BackgroundServer:
             raise
         self.port = self._running.port
         self.health = self._running.health
+        self.health_port = self._running.health_port
 
     def _call(self, coroutine, timeout: float = 30.0):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
@@ -444,6 +520,9 @@ def option_range(field_name: str) -> click.ParamType:
               help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=50051, show_default=True, type=option_range("port"),
               help="0 picks a free port.")
+@click.option("--health-port", type=option_range("port"), default=None,
+              help="Also serve the gRPC health service alone, in plaintext, on this port: for "
+                   "probes that cannot use TLS (the kubelet's). Default: no such port.")
 @click.option("--max-concurrent-searches", default=64, show_default=True,
               type=option_range("max_concurrent_searches"),
               help="Searches in flight at once; more get RESOURCE_EXHAUSTED.")
@@ -476,6 +555,10 @@ def option_range(field_name: str) -> click.ParamType:
               help=f"Require 'authorization: Bearer TOKEN'. Default: the {TOKEN_ENV} variable, "
                    "which is better: a command line is visible to other users. Never empty: "
                    "leave both out for no authentication.")
+@click.option("--metrics-port", type=option_range("port"),
+              help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port, "
+                   "printed at start). Default: no metrics endpoint.")
+@click.option("--metrics-host", help="Address of the metrics endpoint. Default: --host.")
 @click.option("--verify", is_flag=True,
               help="Check every shard in full (checksums, suffix-array order) before serving; a "
                    "shard that fails is not served (one log line says why).")
@@ -501,8 +584,9 @@ def option_range(field_name: str) -> click.ParamType:
 def serve_command(log_level: str, shards: tuple[str, ...], **options) -> None:
     """Serve a REST datastore over gRPC (rest.retriever.v1).
 
-    Traces and metrics are exported as the standard OTEL_TRACES_EXPORTER and
-    OTEL_METRICS_EXPORTER variables say (otlp, console or none; default none).
+    Traces, metrics and logs are exported as the OpenTelemetry SDK's variables say
+    (OTEL_TRACES_EXPORTER, OTEL_METRICS_EXPORTER, OTEL_LOGS_EXPORTER: otlp, console, prometheus,
+    none; OTEL_EXPORTER_OTLP_PROTOCOL grpc or http/protobuf; default none).
 
     Errors are one line (exit status 1; 2 for a bad option); --debug or REST_DEBUG=1 shows the
     traceback.
@@ -529,7 +613,9 @@ def serve_command(log_level: str, shards: tuple[str, ...], **options) -> None:
         ) from exc
     try:
         asyncio.run(serve(config, datastore))
-    except OSError as exc:  # the address cannot be bound
+    except OSError as exc:  # an address that cannot be bound
+        raise click.ClickException(str(exc)) from exc
+    except ValueError as exc:  # OTEL_* variables the OpenTelemetry SDK cannot satisfy
         raise click.ClickException(str(exc)) from exc
 
 

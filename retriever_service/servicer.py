@@ -59,6 +59,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._max_context_tokens = max_context_tokens
         self._policy_caps = policy_caps
         self._telemetry = telemetry
+        if telemetry is not None:
+            telemetry.observe_in_flight(lambda: self._in_flight)
         self.use_datastore(datastore, searches)
 
     def use_datastore(self, datastore, searches: AsyncSearches) -> None:
@@ -97,7 +99,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 return await self._search(request, context)
             with self._telemetry.search(method) as record:
                 response = await self._search(request, context)
-                record.result = wire.search_result(pb.SearchResponse.FromString(response))
+                if record.span.is_recording():  # the span's attributes need the result
+                    record.result = wire.search_result(pb.SearchResponse.FromString(response))
                 return response
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
@@ -108,8 +111,10 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         parsed = self._parser.parse(decode(pb.SearchRequest, request))
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
+            self._rejected("deadline")
             raise deadline_expired()
         if self._in_flight >= self._max_in_flight:
+            self._rejected("overloaded")
             raise RequestError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"server busy: {self._in_flight} searches in flight (limit"
@@ -133,9 +138,20 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             finally:
                 self._in_flight -= 1
         except TimeoutError:  # still queued for a worker when the deadline passed
+            self._rejected("deadline")
             raise deadline_expired() from None
         except (KeyError, ValueError, DatastoreError) as exc:  # DatastoreError: shard out of service
             raise engine_error(exc) from exc
+
+
+    def _rejected(self, reason: str) -> None:
+        if self._telemetry is not None:
+            self._telemetry.rejected(reason)
+
+    @property
+    def in_flight(self) -> int:
+        """Searches admitted to the executor and not answered yet."""
+        return self._in_flight
 
 
 def add_to_server(servicer: RetrieverServicer, server: grpc.aio.Server) -> None:

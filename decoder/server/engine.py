@@ -41,6 +41,10 @@ class EngineFailed(Exception):
     """A decoding step raised; every request in flight ends with this error."""
 
 
+class RequestRefused(Exception):
+    """The decoder refused one request when it was added (its other requests go on)."""
+
+
 @dataclass
 class RequestStream:
     """One admitted request: the updates the engine thread hands over, read on the event loop.
@@ -175,6 +179,13 @@ class AsyncEngine:
                 self.metrics.request_latency.observe(now - stream.admitted_at)
             stream.updates.put_nowait(update)
 
+    def _fail_one(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream.finished = True
+            self.metrics.requests.labels("error").inc()
+            stream.updates.put_nowait(error)
+
     def _fail_all(self, error: BaseException) -> None:
         for stream in self._streams.values():
             stream.finished = True
@@ -213,7 +224,12 @@ class AsyncEngine:
         if command is _STOP:
             return False
         if isinstance(command, _Add):
-            self.decoder.add(command.request)
+            try:
+                self.decoder.add(command.request)
+            except Exception as exc:  # noqa: BLE001 - this request's error, not the engine's
+                assert self._loop is not None
+                error = RequestRefused(str(exc) or type(exc).__name__)
+                self._loop.call_soon_threadsafe(self._fail_one, command.request.request_id, error)
         elif isinstance(command, _Abort):
             self.decoder.abort(command.request_id)
         return True

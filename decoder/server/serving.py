@@ -31,7 +31,14 @@ from decoder.errors import DecoderError
 from decoder.generator import IncrementalDetokenizer
 from decoder.server import protocol
 from decoder.server.decoding import BATCHED, SequenceRequest
-from decoder.server.engine import AsyncEngine, EngineFailed, Overloaded, RequestStream, Unavailable
+from decoder.server.engine import (
+    AsyncEngine,
+    EngineFailed,
+    Overloaded,
+    RequestRefused,
+    RequestStream,
+    Unavailable,
+)
 from decoder.server.metrics import ServerMetrics
 from decoder.server.protocol import ChatCompletionRequest, CompletionRequest
 
@@ -330,6 +337,8 @@ async def event_stream(
             yield sse(usage_chunk(protocol.usage(prompt_tokens, tokens)))
     except EngineFailed as exc:
         yield sse(protocol.error_body(str(exc), 500))
+    except RequestRefused as exc:
+        yield sse(protocol.error_body(str(exc), 400))
     yield sse("[DONE]")
 
 
@@ -479,6 +488,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(EngineFailed)
     async def failed(request: Request, exc: EngineFailed):
         return error_response(500, str(exc))
+
+    @app.exception_handler(RequestRefused)
+    async def refused(request: Request, exc: RequestRefused):
+        return error_response(400, str(exc))
 
     @app.exception_handler(ClientGone)
     async def gone(request: Request, exc: ClientGone):

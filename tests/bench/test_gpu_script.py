@@ -11,7 +11,7 @@ from bench import gpu
 def test_verification_cost_runs_every_size_and_leaves_the_cache_as_it_was(tmp_path):
     result = CliRunner().invoke(gpu.main, [
         "--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--contexts", "16,40",
-        "--sizes", "1,3,8", "--repeats", "2", "--no-demo", "--out", str(tmp_path)])
+        "--sizes", "1,3,8", "--repeats", "2", "--no-demo", "--no-server-bench", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "verification.json").read_text())
     assert data["device"] == "cpu" and data["shape"] == "tiny"
@@ -27,17 +27,19 @@ def test_verification_cost_runs_every_size_and_leaves_the_cache_as_it_was(tmp_pa
 def test_a_timed_pass_gives_the_logits_of_a_fresh_cache():
     """The trim after each pass must leave the cache as the prefill left it: a later pass then
     gives the same logits as the first one."""
-    from decoder.draft_tree import DraftTree
-    from decoder.kv_cache import cache_length, keep_accepted, new_cache
-    from decoder.verify import prefill, verify_tree
+    from decoder.kv_cache import BatchedCache
+    from decoder.model_support import profile_model
+    from decoder.verify import RowTree, build_tree_batch, forward_tree_batch, prefill
 
     model = gpu.random_model("tiny", "cpu", torch.float32)
-    cache = new_cache()
-    prefill(model, cache, list(range(1, 20)))
-    inputs = DraftTree([5, 6, 7], [-1, 0, 1], [1.0] * 3).linearise(20, 19, model.dtype, model.device)
+    profile = profile_model(model)
+    kv = BatchedCache()
     with torch.inference_mode():
-        first = verify_tree(model, cache, inputs)
-        keep_accepted(cache, 19, [])
-        assert cache_length(cache) == 19
-        again = verify_tree(model, cache, inputs)
+        kv.append(prefill(model, list(range(1, 20)))[0], 19)
+        inputs = build_tree_batch([RowTree(20, [5, 6, 7], [-1, 0, 1])], [19], 19, profile,
+                                  model.dtype, model.device)
+        first = forward_tree_batch(model, profile, kv, inputs)
+        kv.commit(19, [[]])
+        assert kv.width == 19
+        again = forward_tree_batch(model, profile, kv, inputs)
     torch.testing.assert_close(first, again)

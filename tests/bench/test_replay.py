@@ -242,7 +242,11 @@ def test_decoder_policy_learns_from_served_outputs_only_after_serving_them(tmp_p
     assert first.m == 1.0
     again = replay(served, [target])  # the same output served before: now predictable
     assert again.m > 3.0
-    assert again.search_seconds > 0  # the datastore was searched, and timed
+    assert again.search_seconds is None  # searched inside the engine's one call per step
+    reference = DecoderPolicy(ds, decoder_config(budget=16, drafting="python"))
+    assert replay(reference, [target]).m == first.m
+    again = replay(reference, [target])
+    assert again.m > 3.0 and again.search_seconds > 0  # the datastore was searched, and timed
     blind = DecoderPolicy(ds, decoder_config(budget=16, served_drafts=False))
     replay(blind, [target])
     assert replay(blind, [target]).m == 1.0
@@ -278,14 +282,84 @@ def test_cli_prints_the_table_and_writes_json_and_a_sweep_chart(tmp_path, monkey
     monkeypatch.setattr(R, "load_workload", lambda fraction=(1, 1): workload)
     out_json = tmp_path / "out.json"
     chart = tmp_path / "sweep.png"
-    assert R.main(["--policies", "rest", "exact", "decoder", "--json", str(out_json), "--sweep", str(chart)]) == 0
+    assert R.main(["--policies", "rest", "exact", "decoder", "decoder-python", "--json", str(out_json),
+                   "--sweep", str(chart)]) == 0
     printed = capsys.readouterr().out
     assert "policy" in printed and "decoder" in printed and "search" in printed
     data = json.loads(out_json.read_text())
     rows = {r["policy"]: r for r in data["results"]}
     assert rows["rest"]["ratio_to_rest"] == pytest.approx(1.0)
     assert rows["exact"]["M"] >= 1.0 and rows["decoder"]["steps"] > 0
-    assert rows["decoder"]["search_us_per_step"] >= 0 and rows["rest"]["search_us_per_step"] is None
+    assert rows["decoder-python"]["search_us_per_step"] >= 0 and rows["rest"]["search_us_per_step"] is None
+    assert rows["decoder"]["M"] == rows["decoder-python"]["M"]  # the engine drafts the reference's trees
     assert data["decoder_config"]["retrieval_levels"] == 3
-    assert len(data["sweep"]) == 4 * 3
+    assert len(data["sweep"]) == 4 * 4
+    assert chart.read_bytes()[:4] == b"\x89PNG"
+
+
+# --- SuffixDecoding ---------------------------------------------------------------------------
+
+
+def test_suffix_trie_counts_every_suffix_up_to_its_depth():
+    trie = R.SuffixTrie(max_depth=3)
+    trie.extend([1, 2])
+    trie.extend([1, 2, 3])  # the sequence is 1 2 1 2 3, added in two parts
+    assert trie.find([1])[0] == 2 and trie.find([1, 2])[0] == 2 and trie.find([2])[0] == 2
+    assert trie.find([1, 2, 3])[0] == 1 and trie.find([2, 1, 2])[0] == 1
+    assert trie.find([1, 2, 1]) is not None and trie.find([1, 2, 1, 2]) is None  # depth 3 at most
+    assert trie.find([3, 1]) is None
+    trie.end_sequence()
+    trie.extend([3, 1])  # a new sequence: 3 1 occurs now, 2 3 1 still does not
+    assert trie.find([3, 1])[0] == 1 and trie.find([2, 3, 1]) is None
+
+
+def test_suffix_decoding_grows_by_empirical_path_probability():
+    policy = R.SuffixDecodingPolicy(budget=64, max_depth=8, max_spec_factor=2.0, min_token_prob=0.2)
+    # Served: after 5 6, three times 7 8 and once 9.
+    for output in ([5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 7, 8], [5, 6, 9]):
+        policy.observe([0, *output], 1)
+    tree = policy.propose([40, 5, 6])
+    # Pattern 5 6 (p = 2): D(7) = 3/4, D(7 8) = 3/4, D(9) = 1/4; at most 2 * 2 = 4 nodes.
+    assert sorted(tree.paths()) == [(7,), (7, 8), (9,)]
+    assert tree.tokens[:2] == (7, 8)
+    short = R.SuffixDecodingPolicy(budget=64, max_depth=8, max_spec_factor=1.0, min_token_prob=0.2)
+    for output in ([5, 6, 7, 8], [5, 6, 9]):
+        short.observe([0, *output], 1)
+    # Pattern 5 6: 1 x 2 = 2 nodes, D(7) = D(9) = 1/2, D(7 8) = 1/2: the first two by order.
+    assert len(short.propose([40, 5, 6])) == 2
+
+
+def test_suffix_decoding_stops_below_the_min_token_prob_and_at_the_budget():
+    policy = R.SuffixDecodingPolicy(budget=1, max_depth=8, max_spec_factor=4.0, min_token_prob=0.3)
+    for output in ([5, 6, 7, 8], [5, 6, 7, 9], [5, 6, 1], [5, 6, 2]):
+        policy.observe([0, *output], 1)
+    assert policy.propose([5, 6]).tokens == (7,)  # D(7) = 1/2; the budget allows one node
+    policy.budget = 64
+    assert sorted(policy.propose([5, 6]).paths()) == [(7,)]  # 1/4 for 1, 2, 7 8 and 7 9: < 0.3
+
+
+def test_suffix_decoding_drafts_from_the_current_sequence_and_forgets_it_after():
+    policy = R.SuffixDecodingPolicy(budget=8)
+    assert len(policy.propose([3, 4, 5, 3])) == 1  # 3 was followed by 4: D = 1/2
+    assert policy.propose([3, 4, 5, 3, 4]).tokens[:1] == (5,)  # pattern 3 4 (p = 2): 5
+    policy.observe([3, 4, 5, 3, 4], 5)  # nothing scored: nothing served
+    assert len(policy.propose([9, 3])) == 0  # a new sequence; 3 was in the old one only
+
+
+def test_budget_sweep_prints_a_table_and_draws_the_curve(tmp_path, monkeypatch, capsys):
+    ds_path = tmp_path / "ds"
+    build_datastore(ds_path, [[1, 2, 3, 4, 5, 6, 7], [3, 4, 5, 9]], vocab_size=16, tokenizer_name="t",
+                    tokenizer_fingerprint="fp")
+    targets = (Target((1, 2, 3, 4, 5, 6, 7, 3, 4, 5), 2), Target((9, 3, 4, 5, 6, 7), 1))
+    workload = R.Workload(ds_path, corpus_tokens=11, targets=targets, vocab_size=16)
+    monkeypatch.setattr(R, "load_workload", lambda fraction=(1, 1): workload)
+    out_json, chart = tmp_path / "budgets.json", tmp_path / "budgets.png"
+    assert R.main(["--policies", "exact", "suffix-decoding", "decoder", "--budgets", "1", "4",
+                   "--json", str(out_json), "--chart", str(chart)]) == 0
+    printed = capsys.readouterr().out
+    assert "B=1" in printed and "B=4" in printed and "suffix-decoding" in printed
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["budget"], r["policy"]) for r in rows] == [
+        (1, "exact"), (1, "suffix-decoding"), (1, "decoder"), (4, "exact"), (4, "suffix-decoding"), (4, "decoder")]
+    assert all(r["max_nodes"] <= r["budget"] for r in rows)
     assert chart.read_bytes()[:4] == b"\x89PNG"

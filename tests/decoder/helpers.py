@@ -20,6 +20,8 @@ from transformers import (
 
 from decoder.draft_sources import DraftSource
 from decoder.draft_tree import Level
+from decoder.model_support import sequential_logits
+from decoder.settings import GenerationSettings, resolve_settings
 from rest.retriever import RetrievalSession, Retriever
 from rest.tokenizer import tokenizer_fingerprint
 from rest.types import DatastoreInfo, SearchParams, SearchResult
@@ -81,6 +83,19 @@ def hf_greedy(model, prompt: Sequence[int], max_new_tokens: int, **kwargs) -> li
             pad_token_id=0, **kwargs,
         )  # fmt: skip
     return out[0, len(prompt) :].tolist()
+
+
+def sampling_settings(model, prompt: Sequence[int], options: dict) -> GenerationSettings:
+    """The settings ``generate(do_sample=True, **options)`` resolves for ``prompt``."""
+    return resolve_settings(model, prompt, None, {"do_sample": True, **options})
+
+
+def sampling_probs(model, settings: GenerationSettings, ids: Sequence[int]) -> torch.Tensor:
+    """The distribution plain sampling draws the token after ``ids`` from: [vocab]."""
+    with torch.inference_mode():
+        logits = sequential_logits(model, list(ids))[None]  # [1, vocab]
+        scores = settings.processors(torch.tensor([list(ids)]), logits)
+    return torch.softmax(scores[0], dim=-1)
 
 
 def prompts(n: int = 3, seed: int = 0) -> list[list[int]]:

@@ -6,12 +6,15 @@ import numpy as np
 import pytest
 
 from decoder.budget import (
+    BatchCostModel,
     CostModel,
     ScoreCorrection,
     calibrate,
     calibration_sizes,
+    choose_batch_budget,
     choose_budget,
 )
+from decoder.model_support import profile_model
 from tests.decoder.helpers import make_model
 
 # A device where up to 4 tokens cost the same (1 ms), then every token costs 0.25 ms more.
@@ -55,10 +58,50 @@ def test_calibration_sizes_cover_the_range() -> None:
 
 
 def test_calibrate_times_every_size_on_the_model() -> None:
-    cost = calibrate(make_model("llama"), max_budget=8, prefix_len=4, repeats=1)
+    model = make_model("llama")
+    cost = calibrate(model, profile_model(model), max_budget=8, prefix_len=4, repeats=1)
     assert cost.sizes == (1, 2, 4, 8, 9)
     assert all(0 < s < 1.0 for s in cost.seconds)
     assert list(cost.seconds) == sorted(cost.seconds)  # noise never makes a smaller tree dearer
+    batched = calibrate(model, profile_model(model), 8, batch_size=3, prefix_len=4, repeats=1)
+    assert batched.sizes == cost.sizes and all(0 < s < 1.0 for s in batched.seconds)
+
+
+def test_batch_cost_models_are_measured_once_per_batch_size() -> None:
+    model = make_model("llama")
+    costs = BatchCostModel(model, profile_model(model), max_budget=4, prefix_len=4, repeats=1)
+    first = costs.for_batch(2)
+    assert costs.for_batch(2) is first and set(costs.by_batch_size) == {2}
+
+
+# --- the budget of a batch ---------------------------------------------------------------------
+
+
+def test_a_batch_of_one_chooses_as_a_single_sequence() -> None:
+    scores = [0.9, 0.8, 0.7, 0.6, 0.5, 0.01, 0.01]
+    for retrieval_s in (0.0, 5e-3):
+        assert choose_batch_budget([scores], FLAT_THEN_LINEAR, retrieval_s, 64) == choose_budget(
+            scores, FLAT_THEN_LINEAR, retrieval_s, 64
+        )
+
+
+def test_trees_shrink_as_the_batch_fills_down_to_none() -> None:
+    # Per-token cost grows with the batch: 1 ms for the pass, then 0.1 ms per token and row.
+    def cost_for(rows: int) -> CostModel:
+        return CostModel((1, 65), (1e-3 + rows * 1e-4, 1e-3 + rows * 65e-4))
+
+    scores = [0.6, 0.4, 0.3, 0.2, 0.1, 0.05]
+    caps = [choose_batch_budget([scores] * rows, cost_for(rows), 0.0, 64) for rows in (1, 4, 16, 64)]
+    assert caps[0] > 0 and caps[-1] == 0
+    assert caps == sorted(caps, reverse=True)
+
+
+def test_a_row_without_drafts_does_not_hold_the_others_back() -> None:
+    # The pass costs what its widest tree costs; a row with nothing to verify adds its bonus
+    # token to every choice alike.
+    assert choose_batch_budget([[0.9] * 10, []], FLAT_THEN_LINEAR, 0.0, 64) == choose_budget(
+        [0.9] * 10, FLAT_THEN_LINEAR, 0.0, 64
+    ) > 0
 
 
 # --- the online correction of scores ----------------------------------------------------------

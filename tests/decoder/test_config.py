@@ -54,3 +54,11 @@ def test_defaults_use_the_adaptive_budget() -> None:
 def test_invalid_settings_are_refused(kwargs) -> None:
     with pytest.raises(ValueError):
         DecodingConfig(**kwargs)
+
+
+def test_reproducible_settings_leave_nothing_to_timing_or_history() -> None:
+    config = DecodingConfig(reproducible=True).resolved()
+    assert not config.adaptive and config.tree_budget == 16
+    assert not config.served_drafts and config.retrieval_deadline_s is None
+    assert DecodingConfig(budget=8, reproducible=True).resolved().tree_budget == 8
+    assert DecodingConfig().resolved() == DecodingConfig()

@@ -13,11 +13,8 @@ from decoder import (
     DecodingConfig,
     RestGenerator,
     TokenizerMismatchError,
-    UnsupportedModelError,
 )
 from decoder.budget import CostModel
-from decoder.model_support import sequential_logits
-from decoder.sampling import SamplingParams, processed_probs
 from decoder.testing import InMemoryRetriever
 from rest.tokenizer import tokenizer_fingerprint
 from rest.types import EMPTY_RESULT
@@ -38,6 +35,8 @@ from tests.decoder.helpers import (
     oracle_source,
     prompts,
     random_source,
+    sampling_probs,
+    sampling_settings,
     scored_level,
 )
 
@@ -76,8 +75,8 @@ def test_greedy_output_equals_transformers_generate(arch: str, attn: str) -> Non
         assert results["empty"].stats.draft_tokens == 0
         plain = good.generate(prompt, MAX_NEW, plain=True)
         assert plain.tokens == want and plain.stats.steps == len(want)
-        if len(want) > 3:  # the good drafts were used: several tokens per step
-            assert results["good"].stats.steps <= math.ceil(len(want) / 6)
+        if len(want) > 3:  # the good drafts were used: several tokens per step (prefill: one)
+            assert results["good"].stats.steps <= 1 + math.ceil((len(want) - 1) / 6)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -105,34 +104,40 @@ def test_same_seed_samples_the_same_tokens_with_or_without_drafts(arch: str) -> 
     assert accepted > 6 * MAX_NEW / 2
 
 
-def test_sampled_continuations_follow_plain_sampling_distribution() -> None:
-    # End to end through generate(): two-token continuations from a tiny-vocabulary model, with
-    # a draft tree whose first token is shared by three paths. A one-token prompt: no prefill,
-    # so the many calls stay cheap.
+SAMPLING = [
+    dict(temperature=1.0, top_k=3),
+    # transformers' processors that read the history, each node fed its own
+    dict(temperature=0.9, top_k=0, repetition_penalty=3.0, min_p=0.05, typical_p=0.95),
+]
+
+
+@pytest.mark.parametrize("options", SAMPLING, ids=["top-k", "penalty-min-p-typical-p"])
+def test_sampled_continuations_follow_plain_sampling_distribution(options) -> None:
+    # End to end through generate(): two-token continuations from a tiny-vocabulary model. The
+    # prefill draws the first token; the second is drawn by walking a tree of three siblings
+    # (one with a child), drafted after the first token and verified by the next step.
     vocab, prompt = 8, [3]
-    params = SamplingParams(temperature=1.0, top_k=3)
     model = make_model("qwen2", "sdpa", vocab_size=vocab, seed=5)
-    with torch.inference_mode():
-        first = processed_probs(sequential_logits(model, prompt)[None], params)[0]
-        second = [processed_probs(sequential_logits(model, prompt + [t])[None], params)[0]
-                  for t in range(vocab)]  # fmt: skip
+    settings = sampling_settings(model, prompt, options)
+    first = sampling_probs(model, settings, prompt)
+    second = [sampling_probs(model, settings, prompt + [t]) for t in range(vocab)]
     exact = {(a, b): (first[a] * second[a][b]).item() for a in range(vocab) for b in range(vocab)}
     for b in range(vocab):  # plain sampling stops at EOS too
         exact[(EOS,)] = exact.get((EOS,), 0.0) + exact.pop((EOS, b))
     a = first.argmax().item()
     b, c, d = second[a].argsort(descending=True)[:3].tolist()
-    tree = scored_level((a, b, c, d), (-1, 0, 0, 0), (0.9, 0.3, 0.3, 0.3))
-    source = FunctionSource(lambda context: [tree] if list(context) == prompt else [])
+    tree = scored_level((b, c, d, a), (-1, -1, -1, 0), (0.3, 0.3, 0.3, 0.1))
+    source = FunctionSource(lambda context: [tree] if list(context) == prompt + [a] else [])
     generator = RestGenerator(
         model, make_tokenizer(vocab), config=DecodingConfig(budget=8, context_drafts=False),
         draft_sources=[source],
     )  # fmt: skip
     samples = []
     for seed in range(800):
-        result = generator.generate(prompt, 2, temperature=1.0, top_k=3, seed=seed)
+        result = generator.generate(prompt, 2, seed=seed, **options)
         samples.append(tuple(result.tokens))
     assert chi_square_pvalue(samples, exact) > 0.01
-    assert sum(s[0] == a for s in samples) > 0.2 * len(samples)  # the tree was walked
+    assert sum(s[0] == a for s in samples) > 0.2 * len(samples)  # the tree was verified
 
 
 class Unreachable(FakeRetriever):
@@ -213,10 +218,10 @@ def test_eos_inside_an_accepted_path_ends_the_output_there() -> None:
     generator = RestGenerator(model, tokenizer, oracle_retriever([prompt + full]), FIXED)
     result = generator.generate(prompt, MAX_NEW)
     assert result.tokens == want and result.finish_reason == "eos"
-    assert result.stats.steps == 1  # the EOS was inside the first step's accepted path
+    assert result.stats.steps == 2  # the prefill, then a step whose accepted path held the EOS
 
 
-def test_stop_sequences_and_strings_inside_an_accepted_path() -> None:
+def test_stop_sequences_inside_an_accepted_path() -> None:
     model, tokenizer = make_model("llama"), make_tokenizer()
     prompt = prompts()[0]
     full = hf_greedy(model, prompt, MAX_NEW)
@@ -228,11 +233,42 @@ def test_stop_sequences_and_strings_inside_an_accepted_path() -> None:
     seq = full[4:6]
     result = generator.generate(prompt, MAX_NEW, stop=[seq])
     assert result.tokens == full[: first_end(seq)] and result.finish_reason == "stop"
-    assert result.stats.steps == 1
-    text = tokenizer.decode(full[3:5])  # e.g. "w12 w40"
-    result = generator.generate(prompt, MAX_NEW, stop=["nothing like it", text])
-    assert result.tokens == full[: first_end(full[3:5])] and result.finish_reason == "stop"
-    assert text in result.text
+    assert result.stats.steps == 2  # the prefill, then one step that accepted past the stop
+
+
+def byte_level_setup():
+    """A byte-level BPE tokenizer (stop strings need real token strings) and a model over it."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["def stop(): return stopping + stopped\n"] * 20, vocab_size=300,
+                            min_frequency=2)  # fmt: skip
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    torch.manual_seed(11)
+    model = AutoModelForCausalLM.from_config(model_config("llama", len(tokenizer))).eval()
+    return model, tokenizer
+
+
+def test_stop_strings_stop_where_transformers_stops_them() -> None:
+    model, tokenizer = byte_level_setup()
+    prompt = tokenizer("def stop(): re")["input_ids"]
+    full = hf_greedy(model, prompt, 40)
+    text = tokenizer.decode(full)
+    # A stop string made of the output's own characters, and one that starts in the prompt.
+    inside = text[5:8]
+    spanning = "re" + tokenizer.decode(full[:1])[:2]
+    retriever = InMemoryRetriever([prompt + full], tokenizer_fingerprint(tokenizer))
+    generator = RestGenerator(model, tokenizer, retriever, FIXED)
+    for stop in (inside, spanning):
+        want = hf_greedy(model, prompt, 40, stop_strings=[stop], tokenizer=tokenizer)
+        result = generator.generate(prompt, 40, stop=[stop])
+        assert result.tokens == want, stop
+        assert result.finish_reason == ("stop" if len(want) < 40 else "length")
+    assert len(hf_greedy(model, prompt, 40, stop_strings=[spanning], tokenizer=tokenizer)) <= 2
+    model.generation_config.stop_strings = [inside]  # the model's own generation config
+    want = hf_greedy(model, prompt, 40, tokenizer=tokenizer)
+    assert generator.generate(prompt, 40).tokens == want and len(want) < 40
 
 
 @pytest.mark.parametrize("max_new", [1, 2, 5, 11, 13, 24])
@@ -330,17 +366,18 @@ def test_bad_requests_are_refused() -> None:
         generator.generate([5], 4, temperature=1.0, top_p=0.0)
 
 
-def test_generation_past_a_sliding_window_is_refused() -> None:
-    config = model_config("mistral", sliding_window=16)
-    torch.manual_seed(0)
+def test_generation_past_a_sliding_window_is_exact() -> None:
     from transformers import AutoModelForCausalLM
 
+    config = model_config("mistral", sliding_window=6)
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    generator = RestGenerator(model, make_tokenizer(), config=FIXED)
-    prompt = prompts()[1]  # 8 tokens
-    assert generator.generate(prompt, 8).tokens == hf_greedy(model, prompt, 8)  # inside: exact
-    with pytest.raises(UnsupportedModelError, match="last 16 positions"):
-        generator.generate(prompt, 9)
+    model.generation_config.eos_token_id = None
+    prompt = prompts()[1]  # 8 tokens: the prompt alone is wider than the window
+    want = hf_greedy(model, prompt, 40)
+    generator = RestGenerator(model, make_tokenizer(), oracle_retriever([prompt + want]), FIXED)
+    result = generator.generate(prompt, 40)
+    assert result.tokens == want and result.stats.steps < 20
 
 
 def test_drafts_from_a_real_datastore(tmp_path) -> None:
@@ -425,5 +462,108 @@ def test_over_confident_drafts_shrink_the_adaptive_budget() -> None:
         result = generator.generate(prompt, MAX_NEW)
         assert result.tokens == want
         drafted[correct] = result.stats.draft_tokens
-    assert drafted[False] == 8 * MAX_NEW
+    # Every step after the prefill verifies the chain, cut to the tokens left minus one.
+    assert drafted[False] == sum(min(8, left - 1) for left in range(1, MAX_NEW))
     assert drafted[True] < drafted[False] / 2
+
+
+# --- retrieval faults ---------------------------------------------------------------------------
+
+
+def test_an_answer_with_invalid_parents_costs_one_plain_step() -> None:
+    from rest.types import SearchResult
+
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    prompt = prompts()[1]
+    want = hf_greedy(model, prompt, MAX_NEW)
+    oracle = oracle_retriever([prompt + want])
+    calls = []
+
+    def search(context, params):
+        calls.append(1)
+        if len(calls) == 2:  # a child listed before its parent: the scorer refuses it
+            return SearchResult(match_length=1, occurrences=2, tokens=(5, 6), parents=(1, -1),
+                                counts=(1, 2))  # fmt: skip
+        return oracle.search(context, params)
+
+    config = DecodingConfig(budget=16, retrieval_levels=1)
+    generator = RestGenerator(model, tokenizer, FakeRetriever(search), config)
+    result = generator.generate(prompt, MAX_NEW)
+    assert result.tokens == want
+    assert result.stats.retrieval_failures == 1
+    assert result.stats.accepted_draft_tokens > 0  # the other steps drafted
+
+
+class DownAtFirst(FakeRetriever):
+    """A retriever that does not answer ``info()`` until ``up`` is set."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.up = False
+
+    def info(self):
+        from rest.retriever import RetrieverUnavailable
+
+        if not self.up:
+            raise RetrieverUnavailable("connection refused")
+        return super().info()
+
+
+def test_a_retriever_down_at_start_is_used_once_it_answers(caplog, monkeypatch) -> None:
+    import decoder.generator
+
+    monkeypatch.setattr(decoder.generator, "RETRIEVER_RETRY_S", 0.0)
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    prompt = prompts()[1]
+    want = hf_greedy(model, prompt, MAX_NEW)
+    oracle = oracle_retriever([prompt + want])
+    retriever = DownAtFirst(lambda c, p: oracle.search(c, p))
+    config = DecodingConfig(budget=16, context_drafts=False, served_drafts=False)
+    with caplog.at_level("WARNING"):
+        generator = RestGenerator(model, tokenizer, retriever, config)
+    assert sum("does not answer" in r.message for r in caplog.records) == 1
+    down = generator.generate(prompt, MAX_NEW)
+    assert down.tokens == want and down.stats.draft_tokens == 0
+    assert retriever.sessions_opened == 0
+    retriever.up = True
+    again = generator.generate(prompt, MAX_NEW)
+    assert again.tokens == want and again.stats.accepted_draft_tokens > 0
+    assert retriever.sessions_opened == 1
+    assert sum("does not answer" in r.message for r in caplog.records) == 1  # one warning
+
+
+def test_a_retriever_that_comes_up_with_another_tokenizer_is_refused(monkeypatch) -> None:
+    import decoder.generator
+
+    monkeypatch.setattr(decoder.generator, "RETRIEVER_RETRY_S", 0.0)
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    retriever = DownAtFirst(lambda c, p: EMPTY_RESULT, tokenizer=make_tokenizer(64))
+    generator = RestGenerator(model, tokenizer, retriever, FIXED)
+    retriever.up = True
+    with pytest.raises(TokenizerMismatchError):
+        generator.generate(prompts()[0], 4)
+
+
+def test_require_retriever_asks_for_the_error() -> None:
+    from rest.retriever import RetrieverUnavailable
+
+    retriever = DownAtFirst(lambda c, p: EMPTY_RESULT)
+    config = DecodingConfig(budget=4, require_retriever=True)
+    with pytest.raises(RetrieverUnavailable, match="refused"):
+        RestGenerator(make_model("llama"), make_tokenizer(), retriever, config)
+
+
+def test_reproducible_calls_draft_the_same_trees_in_bfloat16() -> None:
+    # In bfloat16 a tree step rounds differently from a plain one, so the trees may change the
+    # output; by default they change from call to call (the first output is served to the
+    # second). With reproducible=True both calls verify the same trees and give the same tokens.
+    model = make_model.__wrapped__("llama", "sdpa").to(torch.bfloat16)
+    tokenizer = make_tokenizer()
+    prompt = prompts()[2]
+    default = RestGenerator(model, tokenizer, config=DecodingConfig(budget=16))
+    first, second = (default.generate(prompt, MAX_NEW, seed=1) for _ in range(2))
+    assert first.stats.draft_tokens != second.stats.draft_tokens  # other trees the second time
+    steady = RestGenerator(model, tokenizer, config=DecodingConfig(reproducible=True))
+    runs = [steady.generate(prompt, MAX_NEW, seed=1) for _ in range(3)]
+    assert len({tuple(r.tokens) for r in runs}) == 1
+    assert len({r.stats.draft_tokens for r in runs}) == 1 and steady.served is None

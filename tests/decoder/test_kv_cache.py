@@ -1,39 +1,82 @@
-"""decoder/kv_cache.py: after a step, the cache is what feeding the accepted path gives."""
+"""decoder/kv_cache.py: after a step, each row holds what feeding its accepted path gives."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from decoder.draft_tree import DraftTree
-from decoder.kv_cache import cache_length, keep_accepted, new_cache
-from decoder.verify import prefill, verify_tree
+from decoder.kv_cache import BatchedCache
+from decoder.model_support import profile_model
+from decoder.verify import RowTree, build_tree_batch, forward_tree_batch, prefill
 from tests.decoder.helpers import ARCHS, make_model
 
-PREFIX = [11, 12, 13, 14]
-ROOT = 20
+PREFIXES = [[11, 12, 13, 14], [21, 22], [31, 32, 33, 34, 35, 36]]
+ROOTS = [20, 25, 37]
 # root -> 30 -> 31 -> 32; root -> 40 -> 41; 30 -> 50. Tree indices: 30=1, 31=2, 32=3, 40=4,
 # 41=5, 50=6.
-TREE = DraftTree([30, 31, 32, 40, 41, 50], [-1, 0, 1, -1, 3, 0], [1.0] * 6)
+TREE = RowTree(20, [30, 31, 32, 40, 41, 50], [-1, 0, 1, -1, 3, 0])
+PATHS = {(0, 4, 5): [40, 41], (0, 1, 6): [30, 50], (0, 1, 2): [30, 31], (0,): []}
+
+
+def row_entries(kv: BatchedCache, row: int, layer) -> tuple[torch.Tensor, torch.Tensor]:
+    n = kv.lengths[row]
+    return layer.keys[row, :, :n], layer.values[row, :, :n]
+
+
+def assert_rows_hold(model, kv: BatchedCache, sequences: list[list[int]]) -> None:
+    assert kv.lengths == [len(s) for s in sequences] and kv.width == max(kv.lengths)
+    for row, sequence in enumerate(sequences):
+        reference, _ = prefill(model, sequence)
+        for layer, want in zip(kv.cache.layers, reference.layers):
+            keys, values = row_entries(kv, row, layer)
+            torch.testing.assert_close(keys, want.keys[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(values, want.values[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize(
-    "accepted, path",
-    [([0, 4, 5], [40, 41]), ([0, 1, 6], [30, 50]), ([0, 1, 2], [30, 31]), ([0], [])],
-)
-def test_kept_cache_equals_the_sequential_cache(arch, accepted, path) -> None:
+def test_committed_rows_equal_the_sequential_cache(arch) -> None:
     model = make_model(arch)
+    profile = profile_model(model)
+    accepted = [(0, 4, 5), (0, 1, 6), (0,)]
     with torch.inference_mode():
-        cache = new_cache()
-        prefill(model, cache, PREFIX)
-        verify_tree(model, cache, TREE.linearise(ROOT, len(PREFIX), model.dtype, "cpu"))
-        assert cache_length(cache) == len(PREFIX) + 1 + len(TREE)
-        keep_accepted(cache, len(PREFIX), accepted)
+        kv = BatchedCache()
+        for prefix in PREFIXES:
+            kv.append(prefill(model, prefix)[0], len(prefix))
+        rows = [RowTree(root, TREE.tokens, TREE.parents) for root in ROOTS]
+        width = kv.width
+        batch = build_tree_batch(rows, kv.lengths, width, profile, model.dtype, "cpu")
+        forward_tree_batch(model, profile, kv, batch)
+        assert kv.cache.get_seq_length() == width + len(TREE)
+        kv.commit(width, accepted)
+        assert_rows_hold(model, kv, [p + [r] + PATHS[a]
+                                     for p, r, a in zip(PREFIXES, ROOTS, accepted)])  # fmt: skip
 
-        reference = new_cache()
-        prefill(model, reference, PREFIX + [ROOT] + path)
-    assert cache_length(cache) == len(PREFIX) + len(accepted)
-    for kept, want in zip(cache.layers, reference.layers):
-        torch.testing.assert_close(kept.keys, want.keys, atol=1e-5, rtol=0)
-        torch.testing.assert_close(kept.values, want.values, atol=1e-5, rtol=0)
+
+def test_rows_join_and_leave() -> None:
+    model = make_model("llama")
+    with torch.inference_mode():
+        kv = BatchedCache()
+        for prefix in PREFIXES:
+            kv.append(prefill(model, prefix)[0], len(prefix))
+        assert_rows_hold(model, kv, PREFIXES)
+        kv.keep_rows([1, 0])  # the longest leaves: the cache narrows to the longest left
+        assert_rows_hold(model, kv, [PREFIXES[1], PREFIXES[0]])
+        longer = list(range(3, 12))
+        kv.append(prefill(model, longer)[0], len(longer))  # a longer one joins: the others pad
+        assert_rows_hold(model, kv, [PREFIXES[1], PREFIXES[0], longer])
+        kv.replace(0, prefill(model, [7, 8, 9])[0], 3)
+        assert_rows_hold(model, kv, [[7, 8, 9], PREFIXES[0], longer])
+        kv.keep_rows([])
+        assert len(kv) == 0 and kv.width == 0
+
+
+def test_a_chain_accepted_by_a_single_full_row_is_only_cropped() -> None:
+    model = make_model("qwen3")
+    profile = profile_model(model)
+    with torch.inference_mode():
+        kv = BatchedCache()
+        kv.append(prefill(model, PREFIXES[0])[0], 4)
+        batch = build_tree_batch([TREE], kv.lengths, 4, profile, model.dtype, "cpu")
+        forward_tree_batch(model, profile, kv, batch)
+        kv.commit(4, [[0, 1, 2, 3]])
+    assert_rows_hold(model, kv, [PREFIXES[0] + [20, 30, 31, 32]])

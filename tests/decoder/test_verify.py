@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from decoder.draft_tree import DraftTree
-from decoder.kv_cache import new_cache
-from decoder.model_support import sequential_logits
-from decoder.sampling import SamplingParams, draw, node_chooser, processed_probs
-from decoder.verify import prefill, verify_tree, walk_tree
+from decoder.kv_cache import BatchedCache
+from decoder.model_support import profile_model, sequential_logits
+from decoder.sampling import draw, node_chooser, node_paths
+from decoder.verify import RowTree, build_tree_batch, forward_tree_batch, prefill, walk_tree
 from tests.decoder.helpers import (
     ARCHS,
     ATTENTIONS,
@@ -20,22 +20,29 @@ from tests.decoder.helpers import (
     chi_square_pvalue,
     make_model,
     random_level,
+    sampling_probs,
+    sampling_settings,
 )
 
 
 def tree_paths(tree: DraftTree) -> list[list[int]]:
-    """Token path from the root (excluded) to each tree index (the root's path is empty)."""
-    paths: list[list[int]] = [[]]
-    for token, parent in zip(tree.tokens, tree.parents):
-        paths.append(paths[parent + 1] + [token])
-    return paths
+    return node_paths(tree.tokens, tree.parents)
+
+
+def batch_logits(model, prefixes: list[list[int]], roots: list[int], trees: list[DraftTree]):
+    """Logits [rows, width, vocab] of one tree step over rows of different prefix lengths."""
+    profile = profile_model(model)
+    kv = BatchedCache()
+    with torch.inference_mode():
+        for prefix in prefixes:
+            kv.append(prefill(model, prefix)[0], len(prefix))
+        rows = [RowTree(root, t.tokens, t.parents) for root, t in zip(roots, trees)]
+        batch = build_tree_batch(rows, kv.lengths, kv.width, profile, model.dtype, "cpu")
+        return forward_tree_batch(model, profile, kv, batch).float()
 
 
 def tree_logits(model, prefix: list[int], root: int, tree: DraftTree) -> torch.Tensor:
-    cache = new_cache()
-    with torch.inference_mode():
-        prefill(model, cache, prefix)
-        return verify_tree(model, cache, tree.linearise(root, len(prefix), model.dtype, "cpu"))
+    return batch_logits(model, [prefix], [root], [tree])[0]
 
 
 @pytest.mark.parametrize("attn", ATTENTIONS)
@@ -43,28 +50,29 @@ def tree_logits(model, prefix: list[int], root: int, tree: DraftTree) -> torch.T
 def test_tree_logits_equal_sequential_logits(arch: str, attn: str) -> None:
     model = make_model(arch, attn)
     rng = random.Random(1)
-    prefix = [rng.randrange(3, VOCAB) for _ in range(7)]
-    # random parents: several branches and depths
-    tree = DraftTree.from_levels([random_level(rng, 15)])
-    assert max(tree.depths()) >= 3 and sum(p < 0 for p in tree.parents) >= 2
-    logits = tree_logits(model, prefix, 42, tree)  # [n_tree, vocab]
-    assert logits.shape == (len(tree) + 1, VOCAB)
+    # Three rows of different lengths and tree sizes: padding and stale entries stay invisible.
+    prefixes = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (7, 2, 12)]
+    trees = [DraftTree.from_levels([random_level(rng, size)]) for size in (15, 3, 0)]
+    assert max(trees[0].depths()) >= 3 and sum(p < 0 for p in trees[0].parents) >= 2
+    logits = batch_logits(model, prefixes, [42, 43, 44], trees)  # [rows, width, vocab]
+    assert logits.shape == (3, len(trees[0]) + 1, VOCAB)
     with torch.inference_mode():
-        for node, path in enumerate(tree_paths(tree)):
-            want = sequential_logits(model, prefix + [42] + path)
-            torch.testing.assert_close(logits[node], want, atol=1e-4, rtol=0)
+        for row, (prefix, root, tree) in enumerate(zip(prefixes, [42, 43, 44], trees)):
+            for node, path in enumerate(tree_paths(tree)):
+                want = sequential_logits(model, prefix + [root] + path)
+                torch.testing.assert_close(logits[row, node], want, atol=1e-4, rtol=0)
 
 
 def test_a_boolean_mask_would_be_silently_wrong_with_eager_attention() -> None:
     # Why the mask is additive: eager attention adds the mask to the scores, so True/False
     # become +1/+0 and every sibling stays visible, without any error.
     model = make_model("llama", "eager")
-    tree = DraftTree([10, 11, 12], [-1, -1, 1], [1.0, 1.0, 1.0])
-    cache = new_cache()
+    profile = profile_model(model)
+    tree = RowTree(8, [10, 11, 12], [-1, -1, 1])
     with torch.inference_mode():
-        prefill(model, cache, [5, 6, 7])
-        inputs = tree.linearise(8, 3, model.dtype, "cpu")
-        boolean = inputs.attention_mask == 0
+        cache, _ = prefill(model, [5, 6, 7])
+        inputs = build_tree_batch([tree], [3], 3, profile, model.dtype, "cpu")
+        boolean = inputs.masks[None] == 0
         wrong = model(
             input_ids=inputs.input_ids, attention_mask=boolean, position_ids=inputs.position_ids,
             past_key_values=cache, use_cache=True,
@@ -85,7 +93,7 @@ def test_walk_descends_while_the_model_agrees_then_adds_the_bonus_token() -> Non
 # Sampling exactness on a tiny-vocabulary model: the distribution of two-token continuations.
 SMALL_VOCAB = 8
 PROMPT = [3, 4, 5]
-PARAMS = SamplingParams(temperature=1.0, top_p=0.97)
+PARAMS = dict(temperature=1.0, top_p=0.97, top_k=0)
 
 
 @pytest.fixture(scope="module")
@@ -93,12 +101,9 @@ def setting():
     """The model, the exact two-token distribution of plain sampling, and a draft tree whose
     likeliest first token a is shared by three paths (where the independent scheme is biased)."""
     model = make_model("llama", "sdpa", vocab_size=SMALL_VOCAB, seed=3)
-    with torch.inference_mode():
-        first = processed_probs(sequential_logits(model, PROMPT)[None], PARAMS)[0]
-        second = [
-            processed_probs(sequential_logits(model, PROMPT + [t])[None], PARAMS)[0]
-            for t in range(SMALL_VOCAB)
-        ]
+    settings = sampling_settings(model, PROMPT, PARAMS)
+    first = sampling_probs(model, settings, PROMPT)
+    second = [sampling_probs(model, settings, PROMPT + [t]) for t in range(SMALL_VOCAB)]
     exact = {
         (a, b): first[a].item() * second[a][b].item()
         for a in range(SMALL_VOCAB)
@@ -110,7 +115,7 @@ def setting():
     # under the independent scheme the output starts with a exactly when a path accepts it.
     tree = DraftTree([a, b, c, d, e], [-1, 0, 0, 0, -1], [1.0] * 5)
     logits = tree_logits(model, PROMPT[:-1], PROMPT[-1], tree)
-    return model, first, second, exact, tree, logits
+    return settings, first, second, exact, tree, logits
 
 
 def two_tokens(emitted: list[int], second, generator) -> tuple[int, int]:
@@ -120,8 +125,14 @@ def two_tokens(emitted: list[int], second, generator) -> tuple[int, int]:
     return tuple(emitted[:2])
 
 
-def tree_walk_sample(children, logits, second, generator) -> tuple[int, int]:
-    _, emitted = walk_tree(children, node_chooser(logits, PARAMS, generator))
+def tree_walk_sample(settings, tree, logits, second, generator) -> tuple[int, int]:
+    context = torch.tensor(PROMPT)
+    choose = node_chooser(logits, context, tree.tokens, tree.parents, settings.processors, False,
+                          generator)  # fmt: skip
+    children = [{} for _ in range(len(tree) + 1)]
+    for node, (token, parent) in enumerate(zip(tree.tokens, tree.parents)):
+        children[parent + 1][token] = node + 1
+    _, emitted = walk_tree(children, choose)
     return two_tokens(emitted, second, generator)
 
 
@@ -150,10 +161,10 @@ N_SAMPLES = 4000
 
 
 def test_tree_walk_samples_exactly_the_plain_sampling_distribution(setting) -> None:
-    model, first, second, exact, tree, logits = setting
-    children = tree.linearise(0, 0, torch.float32, "cpu").children
+    settings, first, second, exact, tree, logits = setting
     generator = torch.Generator().manual_seed(0)
-    samples = [tree_walk_sample(children, logits, second, generator) for _ in range(N_SAMPLES)]
+    samples = [tree_walk_sample(settings, tree, logits, second, generator)
+               for _ in range(N_SAMPLES)]  # fmt: skip
     assert chi_square_pvalue(samples, exact) > 0.01
     # The drafts were used: most samples took their first token from the tree.
     shared = tree.tokens[0]
@@ -161,8 +172,10 @@ def test_tree_walk_samples_exactly_the_plain_sampling_distribution(setting) -> N
 
 
 def test_the_same_chi_square_test_detects_the_independent_draw_bias(setting) -> None:
-    model, first, second, exact, tree, logits = setting
-    node_probs = processed_probs(logits, PARAMS)
+    settings, first, second, exact, tree, logits = setting
+    context = torch.tensor(PROMPT)
+    node_probs = [torch.softmax(settings.processors(context[None], logits[i : i + 1].clone())[0], -1)
+                  for i in range(len(tree) + 1)]  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     samples = [
         independent_paths_sample(tree, node_probs, second, generator) for _ in range(N_SAMPLES)

@@ -199,3 +199,71 @@ def test_help_and_datastore_commands_import_neither_torch_nor_transformers(datas
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     assert "HEAVY: \n" in done.stderr, done.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors: one line that says what was wrong and what to do; status 1, or 2 for usage
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess, status: int, *fragments: str) -> None:
+    assert done.returncode == status, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    if status == 1:
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("rest: error: "), done.stderr
+        message = lines[0]
+    else:  # click's usage text, then the error on one line
+        message = next(line for line in done.stderr.splitlines() if line.startswith("Error: "))
+    for fragment in fragments:
+        assert fragment in message, message
+
+
+@pytest.fixture(scope="module")
+def damaged_datastore(tmp_path_factory, datastore_dir) -> Path:
+    import shutil
+
+    copy = tmp_path_factory.mktemp("damaged") / "ds"
+    shutil.copytree(datastore_dir, copy)
+    shard = next(copy.glob("*.rds"))
+    with shard.open("r+b") as f:
+        f.truncate(100)
+    return copy
+
+
+@pytest.mark.parametrize("args, status, fragments", [
+    (["datastore", "info", "{tmp}/missing"], 1, ["missing does not exist", "rest datastore build"]),
+    (["datastore", "query", "{tmp}/missing", "--tokens", "1"], 1, ["does not exist"]),
+    (["datastore", "info", "{jsonl}"], 1, ["is a file, not a datastore directory"]),
+    (["datastore", "info", "{damaged}"], 1, ["truncated", "build it again"]),
+    (["datastore", "verify", "{damaged}"], 1, ["truncated", "build it again"]),
+    (["datastore", "build", "--tokenizer", "{tok}", "--input", "{jsonl}", "--field", "body", "--out", "{tmp}/new"],
+     1, ["no field 'body'", "use --field"]),
+    (["datastore", "build", "--tokenizer", "{tok}", "--input", "{tmp}/missing.jsonl", "--out", "{tmp}/new"],
+     1, ["missing.jsonl does not exist"]),
+    (["datastore", "build", "--tokenizer", "{tmp}/no-tokenizer", "--input", "{jsonl}", "--out", "{tmp}/new"],
+     1, ["no-tokenizer does not exist"]),
+    (["datastore", "build", "--tokenizer", "{tok}", "--input", "{jsonl}", "--out", "{ds}"],
+     1, ["already exists", "--overwrite"]),
+    (["datastore", "build", "--tokenizer", "{tok}", "--input", "{jsonl}", "--out", "{tmp}/new", "--shard-tokens", "0"],
+     2, ["--shard-tokens", "must be between 2 and"]),
+    (["datastore", "query", "{ds}", "--tokens", "99999"], 1, ["outside the vocabulary"]),
+    (["datastore", "query", "{ds}", "--tokens", "1,x"], 2, ["--tokens", "comma-separated integers"]),
+    (["datastore", "query", "{ds}", "--tokens", "1", "--budget", "-1"], 2, ["--budget"]),
+    (["datastore", "serve", "--datastore", "{damaged}"], 1, ["truncated"]),
+    (["datastore", "nope"], 2, ["No such command 'nope'"]),
+    (["serve"], 2, ["'rest datastore serve'"]),
+])  # fmt: skip
+def test_errors_are_one_line(tmp_path, datastore_dir, damaged_datastore, tokenizer_dir, jsonl, args, status, fragments):
+    names = {"{tmp}": str(tmp_path), "{ds}": str(datastore_dir), "{damaged}": str(damaged_datastore),
+             "{tok}": str(tokenizer_dir), "{jsonl}": str(jsonl)}  # fmt: skip
+    for key, value in names.items():
+        args = [a.replace(key, value) for a in args]
+    assert_one_line_error(rest(*args), status, *fragments)
+    assert not (tmp_path / "new").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = rest("datastore", "info", str(tmp_path / "missing"), "--debug")
+    assert done.returncode == 1 and "Traceback" in done.stderr
+    done = rest("datastore", "info", str(tmp_path / "missing"), env={"REST_DEBUG": "1"})
+    assert done.returncode == 1 and "Traceback" in done.stderr

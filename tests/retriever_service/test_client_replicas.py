@@ -16,6 +16,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from rest.datastore import Datastore
+from rest.retriever import LocalRetriever
 from rest.types import SearchParams
 from retriever_service.client import SERVICE_NAME, IncompatibleEndpoints, RemoteRetriever
 from retriever_service.replicas import EjectionPolicy, ReplicaPolicy
@@ -32,6 +33,15 @@ from tests.retriever_service.service_testing import (
 
 PATIENT = ReplicaPolicy(min_deadline_s=5.0)  # compare every answer: no adaptive deadline
 WIDE = SearchParams(min_span=1, max_span=12, budget=4096, max_depth=4)  # no shard prunes
+
+
+def tree(result):
+    """What a search found, without ``searched_shards``: the service reports the shards an
+    answer covers, the in-process engine does not."""
+    if result is None:
+        return None
+    return (result.match_length, result.occurrences, result.tokens, result.parents,
+            result.counts, result.shard, result.cut_count)
 
 
 def serve(datastore, datastore_dir, **options) -> BackgroundServer:
@@ -80,7 +90,7 @@ def test_endpoints_serving_the_same_shards_are_replicas(layout, datastore, docum
             "shard-00000": sorted(endpoints[:2]), "shard-00001,shard-00002": sorted(endpoints[2:])}
         with retriever.session() as session:
             for context in random_contexts(documents, 40, seed=33):
-                assert session.search(context, WIDE) == datastore.search(context, WIDE)
+                assert tree(session.search(context, WIDE)) == tree(datastore.search(context, WIDE))
             assert (session.failures, session.partial) == (0, 0)
         firsts = sum(e.get("attempts_first", 0) for e in retriever.stats()["endpoints"].values())
         assert firsts == 2 * 40  # one replica of each set per step (and a hedge at times)
@@ -122,12 +132,12 @@ def test_a_killed_replica_fails_over_within_the_step(datastore_dir, datastore, d
                              policy=PATIENT) as retriever, retriever.session() as session:
             contexts = random_contexts(documents, 30, seed=5)
             for context in contexts[:10]:
-                assert session.search(context, WIDE) == datastore.search(context, WIDE)
+                assert tree(session.search(context, WIDE)) == tree(datastore.search(context, WIDE))
             used = max(servers, key=lambda s: attempts(retriever, s))
             other = next(s for s in servers if s is not used)
             used.kill()
             for context in contexts[10:]:
-                assert session.search(context, WIDE) == datastore.search(context, WIDE)
+                assert tree(session.search(context, WIDE)) == tree(datastore.search(context, WIDE))
             assert session.failures == 0
             stats = retriever.stats()
             assert stats["endpoints"][used.address].get("failures_UNAVAILABLE", 0) >= 1 or \
@@ -157,7 +167,8 @@ def test_a_slow_replica_is_hedged_to_the_other(datastore, datastore_dir, documen
         endpoint(retriever, a).ewma._rtt = 1e-6
         hedges_before = retriever.stats()["shards"]["shard-00000,shard-00001,shard-00002"]["hedges"]
         started = time.monotonic()
-        assert session.search(contexts[30], WIDE) == datastore.search(contexts[30], WIDE)
+        context = contexts[30]
+        assert tree(session.search(context, WIDE)) == tree(datastore.search(context, WIDE))
         assert time.monotonic() - started < 2.0  # not the stalled replica's 20 s, nor 10 s
         shard = retriever.stats()["shards"]["shard-00000,shard-00001,shard-00002"]
         assert shard["hedges"] == hedges_before + 1
@@ -189,7 +200,7 @@ def test_replicas_not_serving_get_no_searches(datastore, datastore_dir, document
         assert wait_until(lambda: not endpoint(retriever, a).fully_serving)
         before = attempts(retriever, a)
         for context in random_contexts(documents, 20, seed=2):
-            assert session.search(context, WIDE) == datastore.search(context, WIDE)
+            assert tree(session.search(context, WIDE)) == tree(datastore.search(context, WIDE))
         assert attempts(retriever, a) == before
         set_health(b, SERVICE_NAME, serving=False)
         assert wait_until(lambda: endpoint(retriever, b).health.value == "not_serving")
@@ -201,7 +212,7 @@ def test_replicas_not_serving_get_no_searches(datastore, datastore_dir, document
             assert session.search([1, 2], WIDE) is not None
         set_health(a, name, serving=True)
         assert wait_until(lambda: endpoint(retriever, a).fully_serving)
-        assert session.search([1, 2], WIDE) == datastore.search([1, 2], WIDE)
+        assert tree(session.search([1, 2], WIDE)) == tree(datastore.search([1, 2], WIDE))
 
 
 def test_a_stalled_server_costs_a_few_short_deadlines_then_nothing_until_it_answers(
@@ -233,7 +244,8 @@ def test_a_stalled_server_costs_a_few_short_deadlines_then_nothing_until_it_answ
         assert endpoint(retriever, server).counts["ejections"] >= 1
         gated.gate.set()  # the server answers again: the probes find it
         assert wait_until(lambda: session.search(contexts[50], WIDE) is not None, 5.0)
-        assert session.search(contexts[51], WIDE) == datastore.search(contexts[51], WIDE)
+        context = contexts[51]
+        assert tree(session.search(context, WIDE)) == tree(datastore.search(context, WIDE))
 
 
 def test_a_lost_shard_leaves_the_others(layout, datastore, documents, datastore_dir):
@@ -243,11 +255,11 @@ def test_a_lost_shard_leaves_the_others(layout, datastore, documents, datastore_
     with serve(Datastore.open(datastore_dir, shards=names[1:]), datastore_dir) as doomed, \
             RemoteRetriever([address(layout[0][0]), address(doomed)], deadline_s=5,
                             policy=PATIENT) as retriever, retriever.session() as session:
-        assert session.search([1, 2], WIDE) == datastore.search([1, 2], WIDE)
+        assert tree(session.search([1, 2], WIDE)) == tree(datastore.search([1, 2], WIDE))
         doomed.stop()
         first_shard = Datastore.open(datastore_dir, shards=names[:1])
         for context in random_contexts(documents, 20, seed=12):
-            assert session.search(context, WIDE) == first_shard.search(context, WIDE)
+            assert tree(session.search(context, WIDE)) == tree(first_shard.search(context, WIDE))
         assert session.failures == 0 and session.partial == 20
 
 
@@ -265,7 +277,7 @@ def test_a_name_with_several_addresses_is_several_replicas_resolved_again(
                              resolver=resolver) as retriever, retriever.session() as session:
             assert retriever.info() == datastore.info()
             assert sorted(retriever.stats()["endpoints"]) == sorted(map(address, servers[:2]))
-            assert session.search([1, 2], WIDE) == datastore.search([1, 2], WIDE)
+            assert tree(session.search([1, 2], WIDE)) == tree(datastore.search([1, 2], WIDE))
             kept = endpoint(retriever, servers[1])
             records["retrievers"] = [servers[1].port, servers[2].port]  # a pod replaced
             retriever.refresh()
@@ -275,7 +287,7 @@ def test_a_name_with_several_addresses_is_several_replicas_resolved_again(
             assert wait_until(lambda: len(retriever._pool.routing()[0].endpoints) == 2
                               and endpoint(retriever, servers[2]).fully_serving)
             for _ in range(5):
-                assert session.search([1, 2], WIDE) == datastore.search([1, 2], WIDE)
+                assert tree(session.search([1, 2], WIDE)) == tree(datastore.search([1, 2], WIDE))
     finally:
         for s in servers:
             s.stop()
@@ -352,7 +364,7 @@ def test_a_corrupt_replica_fails_over_to_a_sound_one(corrupt_server, datastore, 
             RemoteRetriever([corrupt_server, address(sound)], deadline_s=5,
                             policy=PATIENT) as retriever, retriever.session() as session:
         for _ in range(10):  # whichever replica it tries first, the answer is the sound one's
-            assert session.search([1, 2], WIDE) == one_shard.search([1, 2], WIDE)
+            assert tree(session.search([1, 2], WIDE)) == tree(one_shard.search([1, 2], WIDE))
         assert session.failures == 0
 
 
@@ -364,7 +376,7 @@ def test_concurrent_sessions_share_replicas_without_losing_answers(layout, datas
         def run() -> None:
             with retriever.session() as session:
                 for context in contexts:
-                    if session.search(context, WIDE) != datastore.search(context, WIDE):
+                    if tree(session.search(context, WIDE)) != tree(datastore.search(context, WIDE)):
                         wrong.append(context)
         threads = [threading.Thread(target=run) for _ in range(6)]
         for t in threads:
@@ -373,3 +385,42 @@ def test_concurrent_sessions_share_replicas_without_losing_answers(layout, datas
             t.join(60)
         assert all(e["in_flight"] == 0 for e in retriever.stats()["endpoints"].values())
     assert wrong == []
+
+
+# --- back-off levels: one round trip per step -----------------------------------------------------
+
+def levels_tree(levels):
+    return None if levels is None else [tree(level) for level in levels]
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_search_levels_equal_the_in_process_levels(layout, datastore, datastore_dir, documents,
+                                                   levels):
+    """Every level of every replica set in one request each, merged level by level: what the
+    in-process retriever answers for the whole datastore."""
+    params = SearchParams(min_span=1, max_span=12, budget=4096, max_depth=4)
+    endpoints = [address(s) for replicas in layout for s in replicas]
+    local = LocalRetriever(str(datastore_dir)).session()
+    with RemoteRetriever(endpoints, deadline_s=5, policy=PATIENT) as retriever, \
+            retriever.session() as session:
+        for context in random_contexts(documents, 40, seed=40 + levels):
+            assert levels_tree(session.search_levels(context, params, levels)) == levels_tree(
+                local.search_levels(context, params, levels))
+        assert session.failures == 0
+
+
+def test_search_levels_is_one_request_per_replica_set(layout, datastore, documents):
+    endpoints = [address(replicas[0]) for replicas in layout]
+    params = SearchParams(min_span=1, max_span=12, budget=64, max_depth=4)
+    with RemoteRetriever(endpoints, deadline_s=5, policy=PATIENT) as retriever, \
+            retriever.session() as session:
+        context = documents[3][:30]
+        session.search_levels(context, params, 3)
+        if any(e.levels_supported is False for e in retriever._pool._endpoints.values()):
+            pytest.skip("this server answers one level per request (SearchRequest.levels is"
+                        " not served yet): the client falls back to a search per level")
+        before = sum(attempts(retriever, s) for s in (layout[0][0], layout[1][0]))
+        for context in random_contexts(documents, 20, seed=6):
+            assert session.search_levels(context, params, 3) is not None
+        after = sum(attempts(retriever, s) for s in (layout[0][0], layout[1][0]))
+        assert after - before == 2 * 20  # one request per replica set and step, all levels

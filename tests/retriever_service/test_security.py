@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import grpc
 import pytest
@@ -13,7 +16,7 @@ from retriever_service import wire
 from retriever_service.client import RemoteRetriever, RetrieverUnavailable
 from retriever_service.v1 import retriever_pb2 as pb
 from retriever_service.v1 import retriever_pb2_grpc as pb_grpc
-from tests.retriever_service.service_testing import write_certs_with_openssl
+from tests.retriever_service.service_testing import ROOT, write_certs_with_openssl
 
 TOKEN = "s3cret-token"
 
@@ -106,3 +109,105 @@ def test_the_server_refuses_an_empty_token_in_code_too(datastore_dir):
     for token in ("", " "):
         with pytest.raises(ValueError, match="--token is empty"):
             ServerConfig(datastore=str(datastore_dir), token=token)
+
+
+def test_reflection_is_behind_the_token(datastore_dir, server_process):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    server = server_process("--datastore", str(datastore_dir), env={"REST_RETRIEVER_TOKEN": TOKEN})
+    listing = reflection_pb2.ServerReflectionRequest(list_services="")
+    with grpc.insecure_channel(server.address) as channel:
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            next(reflection.ServerReflectionInfo(iter([listing]), timeout=10))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        answer = next(reflection.ServerReflectionInfo(
+            iter([listing]), metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=10))
+        names = {s.name for s in answer.list_services_response.service}
+        assert names == {"rest.retriever.v1.Retriever", "grpc.health.v1.Health",
+                         "grpc.reflection.v1alpha.ServerReflection"}
+
+
+def test_no_request_reads_a_path(datastore_dir, datastore, server_process):
+    """The only string a request carries is a shard name, looked up among the served shards:
+    paths, even of the datastore's own files, are unknown shards. Reflection answers from the
+    compiled descriptors, never from files."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    string_fields = {
+        (message.full_name, f.name)
+        for message in (pb.SearchRequest.DESCRIPTOR, pb.InfoRequest.DESCRIPTOR,
+                        pb.SearchParams.DESCRIPTOR)
+        for f in message.fields if f.type == f.TYPE_STRING
+    }
+    assert string_fields == {("rest.retriever.v1.SearchRequest", "shard")}
+    server = server_process("--datastore", str(datastore_dir))
+    shard_file = next(p for p in datastore_dir.iterdir() if p.name != "manifest.json")
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.RetrieverStub(channel)
+        for name in ("/etc/passwd", str(shard_file), f"../{datastore_dir.name}/{shard_file.name}",
+                     shard_file.name, "manifest.json", f"{datastore.shard_names[0]}/../x"):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Search(pb.SearchRequest(context=[1], shard=name), timeout=10)
+            assert info.value.code() == grpc.StatusCode.NOT_FOUND, name
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        for filename in ("/etc/passwd", str(datastore_dir / "manifest.json")):
+            answer = next(reflection.ServerReflectionInfo(iter(
+                [reflection_pb2.ServerReflectionRequest(file_by_filename=filename)]), timeout=10))
+            assert answer.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+            assert not answer.file_descriptor_response.file_descriptor_proto
+
+
+IDLE_SESSIONS = """
+import asyncio, json, sys, grpc
+from retriever_service.v1 import retriever_pb2 as pb, retriever_pb2_grpc as pb_grpc
+
+address, pid, streams, channels = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), 10
+
+def rss_mib():
+    with open(f"/proc/{pid}/status") as status:
+        return int(next(l for l in status if l.startswith("VmRSS:")).split()[1]) / 1024
+
+async def main():
+    open_channels = [grpc.aio.insecure_channel(address) for _ in range(channels)]
+    stub = pb_grpc.RetrieverStub(open_channels[0])
+    await stub.Search(pb.SearchRequest(context=[1, 2]), timeout=10)  # warm
+    before = rss_mib()
+    calls = []
+    for i in range(streams):
+        call = pb_grpc.RetrieverStub(open_channels[i % channels]).SearchStream()
+        await call.write(pb.SearchRequest(context=[1, 2, 3]))
+        await call.read()
+        calls.append(call)
+    grown = rss_mib() - before
+    # With all of them open, a new search is answered.
+    answer = await stub.Search(pb.SearchRequest(context=[1, 2]), timeout=10)
+    answer = answer.SerializeToString().hex()
+    print(json.dumps({"before": before, "grown": grown, "answer": answer}))
+    for call in calls:
+        call.cancel()
+    await asyncio.sleep(0.5)
+    for channel in open_channels:
+        await channel.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_thousand_idle_streams_cost_bounded_memory(datastore_dir, datastore, server_process):
+    """Sessions that opened a stream, searched once and went quiet: the server keeps answering,
+    and holds them in a few tens of KiB each (measured about 23 MiB for 1,000). The sessions run
+    in their own process: grpc.aio wants one event loop per process."""
+    import json
+
+    server = server_process("--datastore", str(datastore_dir))
+    done = subprocess.run(
+        [sys.executable, "-c", IDLE_SESSIONS, server.address, str(server.proc.pid), "1000"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    measured = json.loads(done.stdout)
+    answer = pb.SearchResponse.FromString(bytes.fromhex(measured["answer"]))
+    assert wire.search_result(answer) == datastore.search([1, 2])
+    assert measured["grown"] < 64, f"1,000 idle streams grew the server by {measured['grown']} MiB"
+    assert server.proc.poll() is None

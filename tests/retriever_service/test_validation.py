@@ -97,7 +97,8 @@ def test_a_malformed_message_is_invalid_argument_naming_the_type():
         decode(pb.SearchRequest, b"\x0a\x05\x01")
     assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "rest.retriever.v1.SearchRequest" in info.value.message
-    assert decode(pb.SearchRequest, pb.SearchRequest(context=[3]).SerializeToString()).context == [3]
+    valid = pb.SearchRequest(context=[3]).SerializeToString()
+    assert decode(pb.SearchRequest, valid).context == [3]
 
 
 def test_refusals_stay_short_whatever_the_request_or_the_server_holds():

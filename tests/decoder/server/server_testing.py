@@ -1,5 +1,6 @@
 """Helpers for the server tests: a fake decoder with ``BatchDecoder``'s interface, the app on a
-uvicorn thread in this process, and ``decoder-server`` as a real subprocess.
+uvicorn thread in this process, and (``decoder.server.process``) ``decoder-server`` as a real
+subprocess.
 
 Every server listens on 127.0.0.1 with a port the OS picks.
 """
@@ -8,25 +9,20 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import openai
 
 from decoder.server.cli import bind
 from decoder.server.decoding import SequenceRequest, SequenceUpdate, StepStats
+from decoder.server.process import ServerProcess  # noqa: F401  (the tests' server process)
 from decoder.server.serving import ModelInfo, ServerState, build_app
 from decoder.stopping import StopChecker
 from tests.decoder.helpers import EOS, VOCAB, make_tokenizer
 
-ROOT = Path(__file__).resolve().parents[3]
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
 
 
@@ -96,6 +92,8 @@ class FakeDecoder:
         StopChecker(request.max_new_tokens, (EOS,), request.stop, self.tokenizer)
 
     def add(self, request: SequenceRequest) -> None:
+        if request.prompt_ids == [4, 4, 4]:
+            raise ValueError("refused when added")
         self.added.append(request)
         self._waiting.append(request)
 
@@ -181,61 +179,6 @@ def fake_state(decoder: FakeDecoder, *, name: str = "fake", max_model_len: int |
         return decoder, ModelInfo(name, tokenizer, encode, max_model_len)
 
     return ServerState(loader, metrics, max_in_flight=max_in_flight)
-
-
-class ServerProcess:
-    """``python -m decoder.server`` as a real subprocess on 127.0.0.1; stderr goes to a file."""
-
-    def __init__(self, *args: str, log_path: Path, env: dict | None = None,
-                 ready_timeout: float = 120.0) -> None:  # fmt: skip
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "decoder.server", "--host", "127.0.0.1", "--port", "0", *args],
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=self._log, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-        )  # fmt: skip
-        line = self.proc.stdout.readline()  # blocks until the port is bound
-        match = re.search(r"listening on 127\.0\.0\.1:(\d+)", line)
-        if match is None:
-            self.proc.kill()
-            raise AssertionError(f"server did not start: {line!r} {self.log()}")
-        self.port = int(match.group(1))
-        self.url = f"http://127.0.0.1:{self.port}"
-        if ready_timeout:
-            self.wait_ready(ready_timeout)
-
-    def wait_ready(self, timeout: float) -> None:
-        import httpx
-
-        def ready() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited with {self.proc.returncode}: {self.log()}")
-            try:
-                return httpx.get(f"{self.url}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        assert wait_until(ready, timeout, 0.1), f"server not ready: {self.log()}"
-
-    def client(self) -> openai.OpenAI:
-        return openai_client(self.url)
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text()
-
-    def terminate(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-
-    def wait(self, timeout: float = 60.0) -> int:
-        return self.proc.wait(timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
 
 
 @functools.lru_cache(maxsize=None)

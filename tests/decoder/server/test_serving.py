@@ -399,3 +399,12 @@ def test_metrics_speak_openmetrics_with_units_when_asked(server) -> None:
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert "# UNIT rest_decoder_step_retrieval_seconds seconds" in response.text
     assert "# UNIT rest_decoder_prompt_tokens tokens" in response.text
+
+
+def test_a_request_the_decoder_refuses_when_added_fails_alone(server) -> None:
+    client = server.client()
+    with pytest.raises(openai.BadRequestError, match="refused when added"):
+        client.completions.create(model="fake", prompt="w4 w4 w4")
+    with pytest.raises(openai.APIError, match="refused when added"):
+        list(client.completions.create(model="fake", prompt="w4 w4 w4", stream=True))
+    assert client.completions.create(model="fake", prompt="w5", max_tokens=2).choices[0].text
