@@ -112,9 +112,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ordinary_searches(stub, contexts: list[list[int]], n: int, interval_s: float) -> list[float]:
+def ordinary_searches(stub, contexts: list[list[int]], n: int, interval_s: float,
+                      errors: dict[str, int] | None = None) -> list[float]:
     """Latencies of ``n`` ordinary searches sent at a steady rate (one every ``interval_s``,
-    whether or not the previous ones were answered, as independent sessions would send them)."""
+    whether or not the previous ones were answered, as independent sessions would send them);
+    a refused search counts its status in ``errors`` (its latency is still the time to the
+    refusal)."""
     latencies: list[float] = [0.0] * n
     futures = []
     start = time.perf_counter()
@@ -131,7 +134,9 @@ def ordinary_searches(stub, contexts: list[list[int]], n: int, interval_s: float
         future.add_done_callback(done)
         futures.append(future)
     for future in futures:
-        future.result()
+        error = future.exception()
+        if error is not None and errors is not None:
+            errors[error.code().name] = errors.get(error.code().name, 0) + 1
     time.sleep(0.01)  # the last callbacks have run
     return latencies
 
@@ -173,12 +178,15 @@ def main(argv: list[str] | None = None) -> dict:
                 ordinary_searches(stub, contexts, 50, interval)  # warm up
                 rows: dict[str, list[float]] = {"idle": [], "after abandoned calls": []}
                 first_waits, codes, cpu = [], {}, []
+                errors: dict[str, dict[str, int]] = {row: {} for row in rows}
                 for _ in range(args.rounds):
-                    rows["idle"] += ordinary_searches(stub, contexts, args.searches, interval)
+                    rows["idle"] += ordinary_searches(stub, contexts, args.searches, interval,
+                                                      errors["idle"])
                     before = cpu_seconds(proc.pid)
                     for code, n in abandon(stub, args.calls, args.deadline_s).items():
                         codes[code] = codes.get(code, 0) + n
-                    after = ordinary_searches(stub, contexts, args.searches, interval)
+                    after = ordinary_searches(stub, contexts, args.searches, interval,
+                                              errors["after abandoned calls"])
                     cpu.append(cpu_seconds(proc.pid) - before)
                     first_waits.append(after[0])
                     rows["after abandoned calls"] += after
@@ -192,15 +200,16 @@ def main(argv: list[str] | None = None) -> dict:
     for row, values in rows.items():
         p50, p99 = float(np.percentile(values, 50)), float(np.percentile(values, 99))
         table.append({"row": row, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "max_ms": max(values) * 1e3,
-                      "p50_ratio": p50 / idle50, "p99_ratio": p99 / idle99, "n": len(values)})
+                      "p50_ratio": p50 / idle50, "p99_ratio": p99 / idle99, "n": len(values),
+                      "refused": errors[row]})
     print(f"one expensive search in-process: {one_expensive_s * 1e3:.0f} ms"
           f" ({one_expensive_cpu_s * 1e3:.0f} ms of CPU), peak memory +{one_expensive_mib:.0f} MiB;"
           f" {args.calls} abandoned calls per round, deadline {args.deadline_s} s: {codes}")
     print(f"{'ordinary searches':<24} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>9} {'p50 x':>7}"
-          f" {'p99 x':>7}")
+          f" {'p99 x':>7}  refused")
     for r in table:
         print(f"{r['row']:<24} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>9.1f}"
-              f" {r['p50_ratio']:>7.2f} {r['p99_ratio']:>7.2f}")
+              f" {r['p50_ratio']:>7.2f} {r['p99_ratio']:>7.2f}  {r['refused'] or '-'}")
     print(f"first ordinary search after the abandoned calls: "
           f"{', '.join(f'{w * 1e3:.1f} ms' for w in first_waits)}; server CPU per round "
           f"(abandoned calls + ordinary searches): {', '.join(f'{c:.2f} s' for c in cpu)}")
