@@ -8,15 +8,19 @@ documents that start with [0, 0, 0] and go on with distinct tokens (for the expe
 the REST policy at budget 4,096 and depth 256 on [0, 0], which counts 5,000 continuations through
 distinct prefixes). A real ``retriever-server`` subprocess serves it with its caps for the REST
 policy raised to those values (the default caps would refuse such a call outright: this measures
-what happens to the calls a server does accept).
+what happens to the calls a server does accept), and with ``--inline-search-us 0``: every search
+goes to the worker threads, as it does on a server that has other searches in flight (an idle
+server would try an ordinary search on its event loop first, beside busy workers).
 
 Rows, taking turns for ``--rounds`` rounds in the same run:
-- idle: ``--searches`` ordinary searches, one at a time, on an idle server;
+- idle: ``--searches`` ordinary searches sent at a steady rate (one every ``--interval-ms``,
+  answered or not, as independent sessions send them) to an idle server;
 - after abandoned calls: ``--calls`` expensive calls sent at once with a ``--deadline-s``
   deadline; once every one of them has ended (DEADLINE_EXCEEDED), the same ordinary searches.
 A server that ran abandoned searches to completion would keep its workers busy for calls x the
 cost of one, and the first ordinary search would wait for them. The report gives p50 and p99,
-the ratio to idle, the wait of the first ordinary search, and the server's CPU time per round.
+the ratio to idle, the wait of the first ordinary search, and the server's CPU time per round;
+and, measured first, the wall and CPU time and the peak memory of one expensive search in-process.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.environment import library_versions  # noqa: E402
-from rest.datastore import Datastore, build_datastore  # noqa: E402
+from rest.datastore import build_datastore  # noqa: E402
 from rest.types import SearchParams  # noqa: E402
 from retriever_service import wire  # noqa: E402
 from retriever_service.v1 import retriever_pb2_grpc as pb_grpc  # noqa: E402
@@ -66,7 +70,7 @@ def start_server(datastore: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "retriever_service.server", "--datastore", str(datastore),
          "--port", "0", "--rest-max-budget", "4096", "--rest-max-depth", "256",
-         "--scrub-mib-per-s", "0", "--log-level", "WARNING"],
+         "--scrub-mib-per-s", "0", "--inline-search-us", "0", "--log-level", "WARNING"],
         stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     match = re.search(r"listening on (\S+:\d+)", proc.stdout.readline())
     if not match:
@@ -75,19 +79,66 @@ def start_server(datastore: Path) -> tuple[subprocess.Popen, str]:
     return proc, match.group(1)
 
 
+ONE_SEARCH = """
+import json, sys, time
+from pathlib import Path
+from rest.datastore import Datastore
+from bench.abandoned_searches import EXPENSIVE
+
+def peak_mib():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+
+ds = Datastore.open(sys.argv[1])
+before, wall, cpu = peak_mib(), time.perf_counter(), time.process_time()
+ds.search([0, 0], EXPENSIVE)
+print(json.dumps([time.perf_counter() - wall, time.process_time() - cpu, peak_mib() - before]))
+"""
+
+
+def one_expensive_search(datastore: Path) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds and peak memory growth (MiB) of one expensive search, in a
+    fresh process so that nothing else has raised its peak."""
+    done = subprocess.run([sys.executable, "-c", ONE_SEARCH, str(datastore)], capture_output=True,
+                          text=True, check=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall, cpu, mib = json.loads(done.stdout)
+    return wall, cpu, mib
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def ordinary_searches(stub, contexts: list[list[int]], n: int) -> list[float]:
-    out = []
+def ordinary_searches(stub, contexts: list[list[int]], n: int, interval_s: float,
+                      errors: dict[str, int] | None = None) -> list[float]:
+    """Latencies of ``n`` ordinary searches sent at a steady rate (one every ``interval_s``,
+    whether or not the previous ones were answered, as independent sessions would send them);
+    a refused search counts its status in ``errors`` (its latency is still the time to the
+    refusal)."""
+    latencies: list[float] = [0.0] * n
+    futures = []
+    start = time.perf_counter()
     for i in range(n):
-        request = wire.search_request(contexts[i % len(contexts)], ORDINARY)
-        started = time.perf_counter()
-        stub.Search(request, timeout=60)
-        out.append(time.perf_counter() - started)
-    return out
+        delay = start + i * interval_s - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        sent = time.perf_counter()
+        future = stub.Search.future(wire.search_request(contexts[i % len(contexts)], ORDINARY),
+                                    timeout=600)
+
+        def done(_, i=i, sent=sent):
+            latencies[i] = time.perf_counter() - sent
+        future.add_done_callback(done)
+        futures.append(future)
+    for future in futures:
+        error = future.exception()
+        if error is not None and errors is not None:
+            errors[error.code().name] = errors.get(error.code().name, 0) + 1
+    time.sleep(0.01)  # the last callbacks have run
+    return latencies
 
 
 def abandon(stub, calls: int, deadline_s: float) -> dict:
@@ -105,7 +156,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=64)
     parser.add_argument("--deadline-s", type=float, default=1.0)
-    parser.add_argument("--searches", type=int, default=300, help="ordinary searches per row")
+    parser.add_argument("--searches", type=int, default=300,
+                        help="ordinary searches per row and round")
+    parser.add_argument("--interval-ms", type=float, default=5.0,
+                        help="one ordinary search sent every this many milliseconds")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--expensive-docs", type=int, default=6000)
     parser.add_argument("--seed", type=int, default=0)
@@ -115,22 +169,24 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ds"
         contexts = build(path, args.expensive_docs, args.seed)
-        started = time.perf_counter()
-        Datastore.open(path).search([0, 0], EXPENSIVE)
-        one_expensive_s = time.perf_counter() - started
+        one_expensive_s, one_expensive_cpu_s, one_expensive_mib = one_expensive_search(path)
         proc, address = start_server(path)
         try:
             with grpc.insecure_channel(address) as channel:
                 stub = pb_grpc.RetrieverStub(channel)
-                ordinary_searches(stub, contexts, 50)  # warm up
+                interval = args.interval_ms / 1e3
+                ordinary_searches(stub, contexts, 50, interval)  # warm up
                 rows: dict[str, list[float]] = {"idle": [], "after abandoned calls": []}
                 first_waits, codes, cpu = [], {}, []
+                errors: dict[str, dict[str, int]] = {row: {} for row in rows}
                 for _ in range(args.rounds):
-                    rows["idle"] += ordinary_searches(stub, contexts, args.searches)
+                    rows["idle"] += ordinary_searches(stub, contexts, args.searches, interval,
+                                                      errors["idle"])
                     before = cpu_seconds(proc.pid)
                     for code, n in abandon(stub, args.calls, args.deadline_s).items():
                         codes[code] = codes.get(code, 0) + n
-                    after = ordinary_searches(stub, contexts, args.searches)
+                    after = ordinary_searches(stub, contexts, args.searches, interval,
+                                              errors["after abandoned calls"])
                     cpu.append(cpu_seconds(proc.pid) - before)
                     first_waits.append(after[0])
                     rows["after abandoned calls"] += after
@@ -143,19 +199,24 @@ def main(argv: list[str] | None = None) -> dict:
     table = []
     for row, values in rows.items():
         p50, p99 = float(np.percentile(values, 50)), float(np.percentile(values, 99))
-        table.append({"row": row, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3,
-                      "p50_ratio": p50 / idle50, "p99_ratio": p99 / idle99, "n": len(values)})
-    print(f"one expensive search in-process: {one_expensive_s * 1e3:.0f} ms;"
+        table.append({"row": row, "p50_ms": p50 * 1e3, "p99_ms": p99 * 1e3, "max_ms": max(values) * 1e3,
+                      "p50_ratio": p50 / idle50, "p99_ratio": p99 / idle99, "n": len(values),
+                      "refused": errors[row]})
+    print(f"one expensive search in-process: {one_expensive_s * 1e3:.0f} ms"
+          f" ({one_expensive_cpu_s * 1e3:.0f} ms of CPU), peak memory +{one_expensive_mib:.0f} MiB;"
           f" {args.calls} abandoned calls per round, deadline {args.deadline_s} s: {codes}")
-    print(f"{'ordinary searches':<24} {'p50 ms':>8} {'p99 ms':>8} {'p50 x':>7} {'p99 x':>7}")
+    print(f"{'ordinary searches':<24} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>9} {'p50 x':>7}"
+          f" {'p99 x':>7}  refused")
     for r in table:
-        print(f"{r['row']:<24} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['p50_ratio']:>7.2f}"
-              f" {r['p99_ratio']:>7.2f}")
+        print(f"{r['row']:<24} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['max_ms']:>9.1f}"
+              f" {r['p50_ratio']:>7.2f} {r['p99_ratio']:>7.2f}  {r['refused'] or '-'}")
     print(f"first ordinary search after the abandoned calls: "
           f"{', '.join(f'{w * 1e3:.1f} ms' for w in first_waits)}; server CPU per round "
           f"(abandoned calls + ordinary searches): {', '.join(f'{c:.2f} s' for c in cpu)}")
     report = {"calls": args.calls, "deadline_s": args.deadline_s,
-              "one_expensive_search_s": one_expensive_s, "codes": codes, "rows": table,
+              "one_expensive_search_s": one_expensive_s,
+              "one_expensive_search_cpu_s": one_expensive_cpu_s,
+              "one_expensive_search_peak_mib": one_expensive_mib, "codes": codes, "rows": table,
               "first_wait_s": first_waits, "server_cpu_s_per_round": cpu,
               "versions": library_versions()}
     if args.json:

@@ -22,4 +22,5 @@ def test_abandoned_searches_bench_reports_rows(tmp_path):
     assert sum(report["codes"].values()) == 4
     assert [r["row"] for r in report["rows"]] == ["idle", "after abandoned calls"]
     assert all(r["n"] == 20 for r in report["rows"])
+    assert all(r["refused"] == {} for r in report["rows"])  # nothing refused as busy
     assert len(report["first_wait_s"]) == 1

@@ -219,6 +219,9 @@ impl Datastore {
     /// service. Indexes into `self.shards`.
     fn searchable(&self, only: Option<&[String]>) -> Result<Vec<usize>> {
         if let Some(names) = only {
+            if names.is_empty() {
+                return Err(Error::InvalidQuery("no shard named: leave the shards out to search every shard".into()));
+            }
             let mut picked = Vec::with_capacity(names.len());
             for name in names {
                 let Some(i) = self.shards.iter().position(|s| &s.name == name) else {
@@ -388,7 +391,12 @@ impl Datastore {
             }
             trees
         })?;
-        Ok(found.map(|(trees, searched)| FoundLevels { trees, searched }))
+        Ok(found.map(|(mut trees, searched)| {
+            for tree in &mut trees {
+                drop_foreign_tokens(tree, self.manifest.vocab_size);
+            }
+            FoundLevels { trees, searched }
+        }))
     }
 
     /// The names of `found.searched` shards, in search order.
@@ -418,6 +426,28 @@ impl Datastore {
             .filter_map(|shard| shard.verify().err().map(|err| (shard.name.clone(), err)))
             .collect()
     }
+}
+
+/// A shard whose bytes changed in place (found by `verify` or the scrub) can hold ids outside
+/// the vocabulary; they never reach a caller, whose model could not take them: such a node and
+/// its subtree are dropped.
+fn drop_foreign_tokens(tree: &mut Tree, vocab_size: u32) {
+    if tree.tokens.iter().all(|&t| t < vocab_size) {
+        return;
+    }
+    let mut new_index = vec![-1i32; tree.tokens.len()];
+    let (mut tokens, mut parents, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..tree.tokens.len() {
+        let parent = tree.parents[i];
+        let new_parent = if parent < 0 { -1 } else { new_index.get(parent as usize).copied().unwrap_or(-1) };
+        if tree.tokens[i] < vocab_size && (parent < 0 || new_parent >= 0) {
+            new_index[i] = tokens.len() as i32;
+            tokens.push(tree.tokens[i]);
+            parents.push(new_parent);
+            counts.push(tree.counts[i]);
+        }
+    }
+    (tree.tokens, tree.parents, tree.counts) = (tokens, parents, counts);
 }
 
 /// The REST policy's back-off levels: each level searched again with `max_span` one shorter than

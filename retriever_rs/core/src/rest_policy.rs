@@ -26,8 +26,9 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 pub const REST_MAX_OCCURRENCES: usize = 5_000;
-/// The occurrence walk asks whether it is cancelled once per this many occurrences.
-const CANCEL_CHECK_EVERY: usize = 64;
+/// The occurrence walk asks whether it is cancelled once per this many occurrences (at most
+/// 16 x max_depth trie steps between two looks: well under a millisecond).
+const CANCEL_CHECK_EVERY: usize = 16;
 
 pub fn rest_tree(views: &[ShardView], context: &[u32], limits: &Limits) -> Tree {
     rest_tree_until(views, context, limits, &Cancel::never()).expect("never cancelled")
@@ -42,6 +43,9 @@ pub fn rest_tree_until(views: &[ShardView], context: &[u32], limits: &Limits, ca
         return Some(tree);
     }
     let trie = count_prefixes(views, &spans, match_length, limits.max_depth, cancel)?;
+    if cancel.is_cancelled() {
+        return None;
+    }
     let ranked = trie.most_frequent(limits.budget);
     if cancel.is_cancelled() {
         return None;
@@ -192,7 +196,14 @@ fn count_prefixes(
     max_depth: usize,
     cancel: &Cancel,
 ) -> Option<Trie> {
-    let mut trie = Trie { nodes: Vec::new(), children: HashMap::default() };
+    // Sized for the most nodes the walk can make, so that it never stops to grow the map (a
+    // rehash of a million entries would be a pause without cancellation checks).
+    let walked: u64 = spans.iter().map(Span::len).sum::<u64>().min(REST_MAX_OCCURRENCES as u64);
+    let most_nodes = (walked as usize).saturating_mul(max_depth).min(REST_MAX_OCCURRENCES * 256);
+    let mut trie = Trie {
+        nodes: Vec::with_capacity(most_nodes),
+        children: HashMap::with_capacity_and_hasher(most_nodes, FastHash::default()),
+    };
     let mut taken = 0;
     'shards: for span in spans {
         let v = &views[span.shard as usize];

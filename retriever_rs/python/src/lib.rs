@@ -7,6 +7,7 @@ mod datastore;
 mod draft;
 mod errors;
 mod executor;
+mod format;
 mod scrub;
 mod wire;
 
@@ -16,6 +17,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ShardUnavailableError", m.py().get_type::<errors::ShardUnavailableError>())?;
     m.add("FORMAT_VERSION", rest_retriever::format::FORMAT_VERSION)?;
     m.add("MAX_SHARD_TOKENS", rest_retriever::format::MAX_SHARD_TOKENS)?;
+    m.add_function(wrap_pyfunction!(format::checksum, m)?)?;
     m.add_class::<datastore::Datastore>()?;
     m.add_class::<datastore::SearchSession>()?;
     m.add("MAX_LEVELS", datastore::MAX_LEVELS)?;
