@@ -15,7 +15,8 @@ level so that a change of load hits both alike.
 Per level and mode: tokens/s over the wall time of the run, speedup of drafting over plain at
 that concurrency, per-request latency (p50, p90) and time to the first token (p50), and from the
 server's own metrics (differences of ``/metrics`` before and after the run) M (tokens per
-sequence step), the acceptance rate of draft tokens and the mean batch size. "same" says whether
+sequence step), draft tokens verified per sequence step (the tree size the adaptive budget
+chose), the acceptance rate of draft tokens and the mean batch size. "same" says whether
 every drafted answer equals the plain one (greedy: it must).
 
 By default the server is started here (``python -m decoder.server``) on the demo model
@@ -98,6 +99,8 @@ class Run:
             "acceptance": round(c["spec_decode_num_accepted_tokens_total"]
                                 / max(c["spec_decode_num_draft_tokens_total"], 1), 3),
             "mean_batch": round(c["sequence_steps_total"] / max(c["steps_total"], 1), 2),
+            "draft_tokens_per_step": round(c["spec_decode_num_draft_tokens_total"]
+                                           / max(c["sequence_steps_total"], 1), 2),
             "same": [r.text for r in self.results] == [r.text for r in plain.results],
         }  # fmt: skip
 
@@ -133,13 +136,14 @@ def run_level(client, url: str, model: str, prompts: list[list[int]], concurrenc
 
 def table(rows: list[dict]) -> str:
     head = ("| concurrency | mode | tokens/s | speedup | p50 latency s | p90 latency s | "
-            "p50 first token s | M | acceptance | mean batch | same |")  # fmt: skip
-    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+            "p50 first token s | M | draft tokens / step | acceptance | mean batch | same |")
+    lines = [head, "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         lines.append(
             f"| {r['concurrency']} | {r['mode']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
             f"{r['p50_latency_s']:.2f} | {r['p90_latency_s']:.2f} | {r['p50_first_token_s']:.2f} | "
-            f"{r['M']:.2f} | {r['acceptance']:.2f} | {r['mean_batch']:.2f} | {r['same']} |"
+            f"{r['M']:.2f} | {r['draft_tokens_per_step']:.1f} | {r['acceptance']:.2f} | "
+            f"{r['mean_batch']:.2f} | {r['same']} |"
         )  # fmt: skip
     return "\n".join(lines)
 

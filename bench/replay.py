@@ -413,7 +413,9 @@ class DecoderPolicy(Policy):
     ``config.tree_budget`` nodes (``draft_tree``); when a target ends, its output (the scored
     part, prompt excluded) joins the served outputs, for the next targets only.
 
-    The datastore is the decoder's retriever here, its searches timed (``search_seconds``).
+    The datastore is the decoder's retriever here. With the reference drafting
+    (``drafting="python"``) its searches are timed (``search_seconds``); native drafting searches
+    it inside the engine's one call per step, which is timed as a whole.
     ``use_datastore=False`` leaves it out.
     """
 
@@ -426,8 +428,10 @@ class DecoderPolicy(Policy):
         self.sources: list[DraftSource] | None = None
 
     @property
-    def search_seconds(self) -> float:
-        return self.retriever.seconds if self.retriever is not None else 0.0
+    def search_seconds(self) -> float | None:
+        if self.retriever is None:
+            return 0.0
+        return self.retriever.seconds if self.config.drafting == "python" else None
 
     def propose(self, context: Sequence[int]) -> Tree:
         if self.sources is None:
@@ -565,6 +569,7 @@ def load_workload(fraction: tuple[int, int] = (1, 1), cache_dir: Path = CACHE_DI
 # the policy's; every other key is a ``DecodingConfig`` field.
 DECODER_VARIANTS: dict[str, dict] = {
     "decoder": {},
+    "decoder-python": {"drafting": "python"},
     "decoder-no-served": {"served_drafts": False},
     "decoder-no-context": {"context_drafts": False},
     "decoder-no-datastore": {"use_datastore": False},

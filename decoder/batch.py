@@ -54,6 +54,7 @@ from decoder.sampling import node_chooser
 from decoder.settings import GenerationSettings, resolve_settings
 from decoder.stats import GenerationStats
 from decoder.stopping import StopChecker
+from decoder.tracing import GenerationTrace
 from decoder.verify import (
     RowTree,
     build_tree_batch,
@@ -145,6 +146,8 @@ class _Sequence:
         self.retrieval_s = 0.0
         self.verification_s = 0.0
         self.tree = DraftTree.empty()  # this step's
+        # One trace per generation: the span is current while this sequence drafts.
+        self.trace = GenerationTrace(len(request.prompt_ids), request.request_id)
 
     @property
     def id(self) -> str:
@@ -376,6 +379,7 @@ class BatchDecoder:
             except Exception:
                 log.warning("closing draft source %s failed", type(source).__name__, exc_info=True)
         seq.cache = None
+        seq.trace.end(reason, seq.stats() if reason is not None else None)
         if reason is not None and seq.request.drafting:
             self.generator.served_output(seq.stopper.tokens)
 
@@ -449,8 +453,9 @@ class BatchDecoder:
         t0 = time.perf_counter()
         if depth > 0:
             try:
-                tree = draft_tree(seq.sources, seq.context, self.generator.config.tree_budget,
-                                  self.generator.vocab_size)  # fmt: skip
+                with seq.trace.drafting():
+                    tree = draft_tree(seq.sources, seq.context,
+                                      self.generator.config.tree_budget, self.generator.vocab_size)
                 seq.tree = limit_depth(tree, depth)
                 if nodes is not None:
                     seq.tree = seq.tree.prune(nodes)

@@ -20,6 +20,7 @@ import click
 from decoder.config import AUTO, DecodingConfig
 from decoder.errors import DecoderError
 from decoder.generator import GenerationStats, RestGenerator
+from decoder.tracing import otel_from_env
 from decoder.model_support import load_model
 
 RETRIEVER_ENV = "REST_RETRIEVER"
@@ -202,6 +203,37 @@ def parse_budget(ctx: click.Context, param: click.Parameter, value: str) -> int 
     return budget
 
 
+# Generation settings: GenerationConfig attributes, passed only when given, so that the model's own
+# generation config (generation_config.json) decides the rest, as in model.generate.
+GENERATION_OPTIONS = ("max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
+                      "typical_p", "repetition_penalty", "no_repeat_ngram_size", "seed")  # fmt: skip
+
+
+def generation_options(command: Callable) -> Callable:
+    """The ``GenerationConfig`` settings a user may give; unset ones come from the model."""
+    unit = click.FloatRange(0, 1, min_open=True)
+    options = [
+        click.option("--max-new-tokens", type=click.IntRange(min=1),
+                     help="Most tokens to generate (default: the model's generation config, else 128)."),
+        click.option("--min-new-tokens", type=click.IntRange(min=0), help="No EOS before this many tokens."),
+        click.option("--do-sample/--greedy", "do_sample", default=None,
+                     help="Sample, or take the most likely token (default: the model's generation config; "
+                          "a --temperature above 0 samples)."),
+        click.option("--temperature", type=click.FloatRange(min=0), help="0 decodes greedily."),
+        click.option("--top-p", type=unit, help="Nucleus sampling: the smallest set of tokens with this mass."),
+        click.option("--top-k", type=click.IntRange(min=0), help="Sample among the k most likely tokens (0: all)."),
+        click.option("--min-p", type=unit, help="Drop tokens less likely than this fraction of the most likely."),
+        click.option("--typical-p", type=unit, help="Locally typical sampling mass."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
+                     help="Divide the scores of tokens already in the context (1: none)."),
+        click.option("--no-repeat-ngram-size", type=click.IntRange(min=1), help="Never repeat an n-gram of this size."),
+        click.option("--seed", type=int, help="Makes sampling repeatable."),
+    ]  # fmt: skip
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def common_options(command: Callable) -> Callable:
     """The options ``generate`` and ``chat`` share: model, draft sources, sampling."""
     options = [
@@ -209,15 +241,7 @@ def common_options(command: Callable) -> Callable:
         retriever_options,
         click.option("--require-retriever", is_flag=True,
                      help="Fail when the retriever cannot be reached, instead of decoding with plain steps."),
-        click.option("--max-new-tokens", default=128, show_default=True,
-                     type=click.IntRange(min=1)),
-        click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(min=0),
-                     help="0 decodes greedily."),
-        click.option("--top-p", default=1.0, show_default=True,
-                     type=click.FloatRange(0, 1, min_open=True)),
-        click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0),
-                     help="0 keeps every token."),
-        click.option("--seed", type=int, help="Makes sampling repeatable."),
+        generation_options,
         click.option("--budget", default=AUTO, show_default=True, callback=parse_budget,
                      help="Draft nodes verified per step, or 'auto'."),
         click.option("--stop", multiple=True, help="A string that ends the output (repeatable)."),
@@ -280,9 +304,10 @@ def build_generator(options: dict[str, Any]) -> RestGenerator:
     return RestGenerator(model, tokenizer, retriever, config)
 
 
-def sampling_kwargs(options: dict[str, Any]) -> dict[str, Any]:
-    keys = ("temperature", "top_p", "top_k", "seed", "plain")
-    return {key: options[key] for key in keys} | {"stop": list(options["stop"])}
+def generation_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    """``RestGenerator.generate``'s keyword arguments: the settings given, the stops, ``plain``."""
+    given = {key: options[key] for key in GENERATION_OPTIONS if options[key] is not None}
+    return given | {"stop": list(options["stop"]), "plain": options["plain"]}
 
 
 def format_stats(stats: GenerationStats) -> str:
@@ -326,11 +351,12 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print text, tokens and statistics as JSON.")
 @common_options
 @reports_errors
+@otel_from_env("rest-generate")
 def generate(prompt: str | None, prompt_file: str | None, as_json: bool, **options: Any) -> None:
     """Continue a prompt with retrieval-based speculative decoding (lossless)."""
     text = read_prompt(prompt, prompt_file)
     generator = build_generator(options)
-    stream = generator.stream(text, options["max_new_tokens"], **sampling_kwargs(options))
+    stream = generator.stream(text, **generation_kwargs(options))
     for chunk in stream:
         if not as_json:
             click.echo(chunk.text, nl=False)
@@ -415,7 +441,7 @@ def stream_answer(generator: RestGenerator, messages: list[dict[str, str]], opti
     """Stream one answer to stdout; Ctrl-C stops it. Returns the text shown and the result (None
     when stopped)."""
     ids = chat_prompt(generator.tokenizer, messages)
-    stream = generator.stream(ids, options["max_new_tokens"], **sampling_kwargs(options))
+    stream = generator.stream(ids, **generation_kwargs(options))
     shown: list[str] = []
     try:
         for chunk in stream:
@@ -439,6 +465,7 @@ def stream_answer(generator: RestGenerator, messages: list[dict[str, str]], opti
               help="Where line history is kept (default: $XDG_STATE_HOME/rest/chat_history).")
 @common_options
 @reports_errors
+@otel_from_env("rest-chat")
 def chat(system: str | None, show_stats: bool, history_file: str | None, **options: Any) -> None:
     """Talk with a model, answers streamed as they are verified.
 

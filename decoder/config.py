@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, replace
 from rest.types import SearchParams
 
 AUTO = "auto"
+DRAFTING_ENGINES = ("native", "python")
 REPRODUCIBLE_BUDGET = 16  # an "auto" budget under DecodingConfig(reproducible=True)
 
 
@@ -73,6 +74,10 @@ class DecodingConfig:
     ``require_retriever``: fail when the retriever cannot be reached, instead of decoding with
     plain steps (one warning) and using it once it answers.
 
+    ``drafting``: ``"native"`` drafts each step in one engine call (the context and served-output
+    indexes kept in the engine, an in-process datastore searched there, every level scored
+    there); ``"python"`` runs the reference implementation of the same rules in Python (the same
+    trees, several times slower).
     ``reproducible``: the same call gives the same trees, hence the same output, every time, in
     any dtype. In float32 the output is the model's own whatever the trees; in bfloat16 and
     float16 a tree step rounds differently from a plain step, so the trees can change the output
@@ -99,6 +104,7 @@ class DecodingConfig:
     retrieval_deadline_s: float | None = 0.1
     allow_tokenizer_mismatch: bool = False
     require_retriever: bool = False
+    drafting: str = "native"
     reproducible: bool = False
     calibration_prefix: int = 32
     calibration_repeats: int = 3
@@ -122,6 +128,8 @@ class DecodingConfig:
             raise ValueError(
                 f"retrieval_deadline_s must be > 0 or None, got {self.retrieval_deadline_s}"
             )
+        if self.drafting not in DRAFTING_ENGINES:
+            raise ValueError(f"drafting must be one of {DRAFTING_ENGINES}, got {self.drafting!r}")
         if self.calibration_prefix < 1 or self.calibration_repeats < 1:
             raise ValueError("calibration_prefix and calibration_repeats must be >= 1")
 

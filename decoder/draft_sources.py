@@ -4,11 +4,18 @@ A source answers with levels (``decoder.draft_tree.Level``): for a few suffixes 
 that it matched, the continuations that followed them, counted. One scorer turns every source's
 levels into the step's draft tree (``draft_tree``); the verifier only ever sees that tree and
 does not know which source proposed what.
+
+Two implementations of the same rules: ``NativeDrafter`` does the context, the served outputs and
+an in-process datastore in the engine, and scores every other source's levels (a remote
+retriever's, extra sources') with them, in one call per step; the Python sources with
+``DraftTree.from_levels`` are the reference (``DecodingConfig.drafting``).
 """
 
 from __future__ import annotations
 
 import abc
+import contextvars
+import functools
 import logging
 import queue
 import threading
@@ -54,17 +61,22 @@ def draft_tree(
     vocab_size: int | None = None,
 ) -> DraftTree:
     """One step's drafting: every source's levels, scored into one tree of at most ``budget``
-    nodes (``DraftTree.from_levels``)."""
-    levels = [level for source in sources for level in source.propose(context)]
+    nodes (``DraftTree.from_levels``). With a ``NativeDrafter`` among the sources, it scores the
+    others' levels with its own, in the engine."""
+    native = next((source for source in sources if isinstance(source, NativeDrafter)), None)
+    levels = [level for source in sources if source is not native for level in source.propose(context)]
+    if native is not None:
+        return native.draft(context, levels, budget, vocab_size)
     return DraftTree.from_levels(levels, budget=budget, vocab_size=vocab_size)
 
 
 def served_outputs(config: DecodingConfig) -> ServedOutputs | None:
     """The store of served outputs ``config`` asks for (None: no served drafts), to be shared by
-    every generation of one generator."""
+    every generation of one generator (indexed in the engine for native drafting)."""
     if not config.served_drafts:
         return None
-    return ServedOutputs(config.served.max_ngram, config.served_max_tokens)
+    return ServedOutputs(config.served.max_ngram, config.served_max_tokens,
+                         native=config.drafting == "native")  # fmt: skip
 
 
 def open_draft_sources(
@@ -75,13 +87,25 @@ def open_draft_sources(
 ) -> list[DraftSource]:
     """The sources of one generation, as ``config`` asks: the context, the served outputs, the
     retriever (a session of its own, behind the deadline), then ``extra`` (shared sources,
-    guarded so that their failures cost a step's drafts only). Close them when it ends."""
+    guarded so that their failures cost a step's drafts only). Close them when it ends.
+
+    Native drafting puts the context, the served outputs and an in-process datastore in one
+    ``NativeDrafter`` (first); a remote retriever stays a source of its own, scored with it."""
     sources: list[DraftSource] = []
-    if config.context_drafts:
-        sources.append(ContextDraftSource(config.context))
-    if config.served_drafts and served is not None:
-        sources.append(ServedDraftSource(served, config.served))
-    if retriever is not None:
+    datastore = None
+    served = served if config.served_drafts else None
+    if config.drafting == "native" and (config.context_drafts or served or retriever or extra):
+        datastore = in_process_datastore(retriever)
+        if served is not None and not served.native:
+            raise ValueError("native drafting needs served outputs indexed in the engine "
+                             "(ServedOutputs(..., native=True), as served_outputs(config) makes)")
+        sources.append(NativeDrafter(config, served, datastore))
+    elif config.drafting == "python":
+        if config.context_drafts:
+            sources.append(ContextDraftSource(config.context))
+        if served is not None:
+            sources.append(ServedDraftSource(served, config.served))
+    if retriever is not None and datastore is None:
         try:
             session = retriever.session()
         except Exception:
@@ -93,6 +117,91 @@ def open_draft_sources(
             sources.append(GuardedDraftSource(source, config.retrieval_deadline_s))
     sources.extend(GuardedDraftSource(source, None) for source in extra)
     return sources
+
+
+def in_process_datastore(retriever: Retriever | None):
+    """The engine's datastore behind a retriever that searches in this process (None for a
+    remote one): a ``rest.datastore.Datastore`` in its ``datastore`` attribute."""
+    from rest.datastore import Datastore
+
+    datastore = getattr(retriever, "datastore", None)
+    return datastore if isinstance(datastore, Datastore) else None
+
+
+def _ngram_args(params: NgramParams) -> tuple:
+    return (params.min_ngram, params.max_ngram, params.max_length, params.max_occurrences,
+            float(params.trust))  # fmt: skip
+
+
+def _level_args(level: Level) -> tuple:
+    """A Level as the engine takes it (``rest._engine.score_levels``)."""
+    if level.trie is not None:
+        tokens, parents, counts = level.trie
+        return (level.match_length, float(level.occurrences), float(level.trust), list(tokens),
+                list(parents), [float(c) for c in counts])  # fmt: skip
+    return (level.match_length, float(level.occurrences), float(level.trust), level.rows.tolist())
+
+
+def score_in_engine(levels: Sequence[Level], budget: int | None = None,
+                    vocab_size: int | None = None) -> DraftTree:
+    """``DraftTree.from_levels`` computed by the engine (the same tree, scores equal to float
+    rounding)."""
+    from rest._engine import score_levels
+
+    tokens, parents, scores = score_levels([_level_args(level) for level in levels], budget, vocab_size)
+    return DraftTree(tokens, parents, scores)
+
+
+class NativeDrafter(DraftSource):
+    """The context, the served outputs and an in-process datastore, drafted in the engine
+    (``rest._engine.Drafter``): the context and served-output n-gram indexes are kept there and
+    extended as tokens arrive, the datastore's back-off levels are searched there, and each step's
+    levels, with those of the other sources (``draft_tree`` hands them over), are scored there, in
+    one call. The levels and the tree are those of the Python sources and ``from_levels`` (the
+    reference); the deadline applies to the datastore searches (exact policy only).
+
+    A context that does not extend the last one starts the context index afresh.
+    """
+
+    def __init__(self, config: DecodingConfig, served: ServedOutputs | None, datastore=None) -> None:
+        from rest._engine import Drafter
+        from rest.datastore import _engine_query
+
+        search = config.search
+        deadline = config.retrieval_deadline_s
+        self._engine = Drafter(
+            context=_ngram_args(config.context) if config.context_drafts else None,
+            served=served.index if served is not None else None,
+            served_params=_ngram_args(config.served) if served is not None else None,
+            datastore=datastore._native if datastore is not None else None,
+            query=_engine_query(search, None)[0] if datastore is not None else None,
+            levels=config.retrieval_levels,
+            trust=float(config.retrieval_trust),
+            deadline_us=None if deadline is None else max(int(deadline * 1e6), 1),
+        )
+        self._known = 0  # context tokens the engine holds
+        self._tail: list[int] = []  # their last few, to tell a context that extends them
+
+    @property
+    def failures(self) -> int:  # type: ignore[override]
+        return self._engine.failures
+
+    def propose(self, context: Sequence[int]) -> list[Level]:
+        raise TypeError("NativeDrafter scores in the engine: call draft_tree (or draft)")
+
+    def draft(self, context: Sequence[int], levels: Sequence[Level] = (), budget: int | None = None,
+              vocab_size: int | None = None) -> DraftTree:
+        """The step's tree: the engine's levels and ``levels``, scored into ``budget`` nodes."""
+        known = self._known
+        if len(context) < known or list(context[max(known - 8, 0) : known]) != self._tail:
+            self._engine.reset()
+            known = 0
+        new = [int(t) for t in context[known:]]
+        extra = [_level_args(level) for level in levels]
+        tokens, parents, scores = self._engine.draft(new, budget, vocab_size, extra)
+        self._known = len(context)
+        self._tail = [int(t) for t in context[-8:]]
+        return DraftTree(tokens, parents, scores)
 
 
 def ngram_levels(
@@ -221,7 +330,9 @@ class _Worker:
 
     def submit(self, fn: Callable[[], list[Level]]) -> Future:
         future: Future = Future()
-        self._calls.put((fn, future))
+        # In the caller's context (contextvars): the current trace span goes with the call, so
+        # that its searches are the generation's children.
+        self._calls.put((functools.partial(contextvars.copy_context().run, fn), future))
         return future
 
     def stop(self) -> None:

@@ -14,35 +14,38 @@ verified in one forward pass each), so the output is what the plain loop would h
                          max_new_tokens=256, custom_generate=rest)
     print(tokenizer.decode(out[0]), rest.last_result.stats.mean_accepted)
 
-What it takes from the call: ``max_length``/``max_new_tokens``, ``do_sample``, ``temperature``,
-``top_k``, ``top_p`` and the EOS tokens. A setting whose processor or stopping rule the loop does
-not reproduce (repetition penalty, ``min_new_tokens``, beams...) is refused with a ``ValueError``
-that names it, before anything is decoded: never a silent difference. Greedy output is
-token-identical to plain ``generate``; sampled output follows the same distribution, drawn from a
-seed taken from torch's global generator (so ``torch.manual_seed`` makes it repeatable), not the
-same draws. One sequence per call (batch size 1); ``streamer`` is not passed to custom loops by
-transformers.
+The settings are the call's, resolved by transformers itself (the model's generation config merged
+with the call's arguments): greedy or sampling with every logits processor ``RestGenerator``
+applies (temperature, top-k, top-p, min-p, typical-p, repetition penalty, ``min_new_tokens``...),
+EOS tokens, ``max_length``/``max_new_tokens``. What the REST loop would not reproduce (beam search,
+a ``logits_processor`` or ``stopping_criteria`` of the caller's, ``max_time``...) is refused with a
+``ValueError`` that names it, before anything is decoded: never a silent difference. Greedy
+output is token-identical to plain ``generate``; sampled output follows the same distribution,
+drawn from a seed taken from torch's global generator (so ``torch.manual_seed`` makes it
+repeatable), not the same draws. One sequence per call (batch size 1); transformers does not
+pass ``streamer`` to custom loops.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import torch
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
+from transformers.generation.logits_process import LogitsProcessorList
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
 )
-from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria, StoppingCriteriaList
 
 from decoder.config import DecodingConfig
 from decoder.generator import GenerationResult, RestGenerator
+from decoder.settings import refuse_unverifiable, resolve_settings
 
-# The processors and stopping rules the REST loop applies itself, exactly as transformers does.
-REPRODUCED_PROCESSORS = (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
-REPRODUCED_CRITERIA = (MaxLengthCriteria, EosTokenCriteria)
+# The stopping rules the REST loop applies itself (from the same generation config).
+REPRODUCED_CRITERIA = (MaxLengthCriteria, EosTokenCriteria, StopStringCriteria)
 
 
 class RestDecoding:
@@ -76,7 +79,11 @@ class RestDecoding:
         **model_kwargs: Any,
     ) -> Any:
         # input_ids: [batch, prompt_len]
-        check_settings(model, generation_config, logits_processor, stopping_criteria)
+        refuse_unverifiable(generation_config)  # before the batch check: beams widen the batch
+        if any(getattr(generation_config, f"output_{name}") for name in ("scores", "logits", "attentions",
+                                                                          "hidden_states")):  # fmt: skip
+            raise ValueError("RestDecoding returns sequences only: leave output_scores, output_logits, "
+                             "output_attentions and output_hidden_states unset")
         prompt = prompt_ids(input_ids, model_kwargs.get("attention_mask"))
         max_new_tokens = generation_config.max_length - input_ids.shape[1]
         if max_new_tokens < 1:
@@ -84,16 +91,11 @@ class RestDecoding:
                 f"max_length ({generation_config.max_length}) leaves no room after the prompt "
                 f"({input_ids.shape[1]} tokens): pass max_new_tokens"
             )
-        sampling: dict[str, Any] = {"temperature": 0.0}
+        options: dict[str, Any] = {"max_new_tokens": max_new_tokens}
+        check_same_rules(model, prompt, generation_config, options, logits_processor, stopping_criteria)
         if generation_config.do_sample:
-            seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global generator, as HF draws
-            sampling = {
-                "temperature": generation_config.temperature if generation_config.temperature is not None else 1.0,
-                "top_k": generation_config.top_k or 0,
-                "top_p": generation_config.top_p if generation_config.top_p is not None else 1.0,
-                "seed": seed,
-            }
-        result = self.generator(model).generate(prompt, max_new_tokens, **sampling)
+            options["seed"] = int(torch.randint(0, 2**62, (1,)).item())  # the global generator's draw
+        result = self.generator(model).generate(prompt, generation_config, **options)
         self.last_result = result
         # sequences: [1, prompt_len + new_tokens], the prompt as given (padding included)
         new = torch.tensor([result.tokens], dtype=input_ids.dtype, device=input_ids.device)
@@ -123,37 +125,23 @@ def prompt_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> 
     return [int(i) for i in ids]
 
 
-def eos_token_ids(model: torch.nn.Module) -> frozenset[int]:
-    """The EOS ids of the model's own generation config (``generate``'s; None there is none)."""
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    return frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
-
-
-def check_settings(
+def check_same_rules(
     model: torch.nn.Module,
+    prompt: list[int],
     generation_config: Any,
+    options: dict[str, Any],
     logits_processor: LogitsProcessorList,
     stopping_criteria: StoppingCriteriaList,
 ) -> None:
-    """Refuse, naming it, every setting the REST loop would not reproduce exactly."""
-    if generation_config.num_beams > 1 or generation_config.num_return_sequences > 1:
-        raise ValueError("RestDecoding does not do beam search or several sequences per prompt: "
-                         "num_beams and num_return_sequences must be 1")
-    if generation_config.output_scores or generation_config.output_logits or generation_config.output_attentions \
-            or generation_config.output_hidden_states:
-        raise ValueError("RestDecoding returns sequences only: leave output_scores, output_logits, "
-                         "output_attentions and output_hidden_states unset")
-    others = [type(p).__name__ for p in logits_processor if not isinstance(p, REPRODUCED_PROCESSORS)]
-    others += [type(c).__name__ for c in stopping_criteria if not isinstance(c, REPRODUCED_CRITERIA)]
+    """Refuse, naming them, the processors and stopping rules transformers prepared for this call
+    that the REST loop, resolving the same generation config, would not apply: the caller's own
+    ``logits_processor``/``stopping_criteria``, and rules such as ``max_time``."""
+    ours = Counter(type(p) for p in resolve_settings(model, prompt, generation_config, options).processors)
+    theirs = Counter(type(p) for p in logits_processor)
+    others = sorted(cls.__name__ for cls in (theirs - ours))
+    others += sorted(type(c).__name__ for c in stopping_criteria if not isinstance(c, REPRODUCED_CRITERIA))
     if others:
         raise ValueError(
-            f"RestDecoding does not apply {', '.join(others)}: leave the settings that make them "
-            "(repetition_penalty, min_new_tokens, stop_strings, max_time...) unset, or use plain generate"
-        )
-    eos = generation_config.eos_token_id
-    wanted = frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
-    if wanted != eos_token_ids(model):
-        raise ValueError(
-            f"RestDecoding stops at the model's own EOS tokens {sorted(eos_token_ids(model))}, "
-            f"not {sorted(wanted)}: leave eos_token_id unset"
+            f"RestDecoding does not apply {', '.join(others)}: leave out the logits processors and "
+            "stopping criteria of your own and max_time, or use plain generate"
         )

@@ -84,11 +84,14 @@ class ServedOutputs:
     tokens: a new output goes to the newest of a few segments, and once the total passes the
     cap the oldest segment is dropped whole (an output longer than the cap keeps its end).
 
-    ``add`` takes a lock, as a generator may serve several threads; lookups need none (the
-    structures only grow, or are replaced whole, and the GIL makes each change atomic).
+    ``native``: the indexes live in the engine (``rest._engine.ServedIndex``, in ``index``), where
+    the native drafter reads them; otherwise they are ``NgramIndex`` segments, read by the
+    reference drafting in Python. ``add`` takes a lock, as a generator may serve several threads;
+    lookups need none (the structures only grow, or are replaced whole, and the GIL makes each
+    change atomic; the engine's index has its own lock).
     """
 
-    def __init__(self, max_n: int, max_tokens: int, segments: int = 4) -> None:
+    def __init__(self, max_n: int, max_tokens: int, segments: int = 4, native: bool = False) -> None:
         if max_tokens < 1 or segments < 1:
             raise ValueError("max_tokens and segments must be >= 1")
         self.max_n = max_n
@@ -96,14 +99,28 @@ class ServedOutputs:
         self._segment_tokens = max(max_tokens // segments, 1)
         self._segments: list[NgramIndex] = []  # oldest first
         self._lock = threading.Lock()
+        self.index = None
+        if native:
+            from rest._engine import ServedIndex
+
+            self.index = ServedIndex(max_n, max_tokens, segments)
+
+    @property
+    def native(self) -> bool:
+        return self.index is not None
 
     @property
     def tokens(self) -> int:
         """Tokens held, document separators included."""
+        if self.index is not None:
+            return self.index.tokens
         return sum(len(segment) for segment in self._segments)
 
     def add(self, output: Sequence[int]) -> None:
         """Remember one served output (the prompt is not part of it)."""
+        if self.index is not None:
+            self.index.add([int(t) for t in output])
+            return
         output = list(output)[-(self.max_tokens - 1) :]  # with its separator, within the cap
         if not output:
             return
@@ -119,9 +136,14 @@ class ServedOutputs:
                 self._segments.pop(0)
 
     def clear(self) -> None:
+        if self.index is not None:
+            self.index.clear()
         with self._lock:
             self._segments = []
 
     def segments(self) -> list[NgramIndex]:
         """The segments, newest first (a snapshot: ``add`` may replace the list meanwhile)."""
+        if self.index is not None:
+            raise RuntimeError("these served outputs are indexed in the engine: draft from them "
+                               "with decoder.draft_sources.NativeDrafter")
         return self._segments[::-1]

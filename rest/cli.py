@@ -240,6 +240,36 @@ def batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def build_from_reader(out_dir: str | Path, reader: Any, tokenizer: Any, *, progress: bool, **build_options: Any) -> Any:
+    """Tokenize a ``DocumentReader``'s documents and build a datastore of them at ``out_dir``,
+    with a progress bar over the input's bytes; returns its ``DatastoreInfo``."""
+    from rest.datastore import build_datastore
+    from rest.progress import BuildProgress
+    from rest.tokenizer import tokenizer_fingerprint, tokenizer_name, vocab_size_of
+
+    tokens = 0
+    with BuildProgress(reader.summary.total_bytes, enabled=progress) as bar:
+
+        def documents() -> Iterator[list[int]]:
+            nonlocal tokens
+            for texts in batched(reader, 64):
+                # verbose=False: documents longer than the model's context are fine here, and the
+                # warning about them would only interrupt the bar.
+                ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+                yield from ids
+                tokens += sum(map(len, ids))
+                bar.update(reader.summary.bytes_read, tokens)
+
+        return build_datastore(
+            out_dir,
+            documents(),
+            vocab_size=vocab_size_of(tokenizer),
+            tokenizer_name=tokenizer_name(tokenizer),
+            tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+            **build_options,
+        )
+
+
 @datastore.command("build")
 @click.option("--tokenizer", "tokenizer_id", required=True, help="Tokenizer directory or hub id (loaded with AutoTokenizer).")
 @click.option("--input", "inputs", multiple=True, help="Input files or folders (repeatable).")
@@ -265,10 +295,7 @@ def build_command(tokenizer_id, inputs, corpus, fmt, field, include, exclude, ou
     Folders give their text files: hidden entries are left out, binary files skipped (and
     counted), and --include/--exclude choose among the rest.
     """
-    from rest.datastore import build_datastore
     from rest.documents import DocumentReader, InputFormatError
-    from rest.progress import BuildProgress
-    from rest.tokenizer import tokenizer_fingerprint, tokenizer_name, vocab_size_of
 
     paths = input_files(list(inputs) + list(files), corpus)
     if Path(out_dir).exists() and not overwrite:
@@ -276,33 +303,11 @@ def build_command(tokenizer_id, inputs, corpus, fmt, field, include, exclude, ou
     reader = DocumentReader(paths, "text" if corpus else fmt, field, include, exclude)
     tokenizer = load_tokenizer_for_build(tokenizer_id)
     start = time.perf_counter()
-    tokens = 0
-    if progress is None:
-        progress = sys.stderr.isatty()
-    with BuildProgress(reader.summary.total_bytes, enabled=progress) as bar:
-
-        def documents() -> Iterator[list[int]]:
-            nonlocal tokens
-            for texts in batched(reader, 64):
-                # verbose=False: documents longer than the model's context are fine here, and the
-                # warning about them would only interrupt the bar.
-                ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-                yield from ids
-                tokens += sum(map(len, ids))
-                bar.update(reader.summary.bytes_read, tokens)
-
-        try:
-            info = build_datastore(
-                out_dir,
-                documents(),
-                vocab_size=vocab_size_of(tokenizer),
-                tokenizer_name=tokenizer_name(tokenizer),
-                tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                shard_tokens=shard_tokens,
-                overwrite=overwrite,
-            )
-        except InputFormatError as exc:
-            raise click.ClickException(f"{exc}") from exc
+    try:
+        info = build_from_reader(out_dir, reader, tokenizer, progress=sys.stderr.isatty() if progress is None else progress,
+                                 shard_tokens=shard_tokens, overwrite=overwrite)  # fmt: skip
+    except InputFormatError as exc:
+        raise click.ClickException(f"{exc}") from exc
     elapsed = time.perf_counter() - start
     read = reader.summary
     if read.documents == 0 or info.n_tokens == 0:

@@ -17,11 +17,13 @@ from rest.types import DatastoreInfo, SearchParams, SearchResult
 DatastoreError = _engine.DatastoreError
 ShardUnavailableError = _engine.ShardUnavailableError
 FORMAT_VERSION = _engine.FORMAT_VERSION
+# The most back-off levels one search may ask for (also the retrieval service's cap).
+MAX_LEVELS = _engine.MAX_LEVELS
 DEFAULT_SHARD_TOKENS = 1 << 28
 
 __all__ = [
     "Datastore", "DatastoreError", "ShardUnavailableError", "ShardChange", "SearchExecutor",
-    "build_datastore", "FORMAT_VERSION",
+    "SearchSession", "build_datastore", "FORMAT_VERSION", "MAX_LEVELS",
 ]
 
 
@@ -45,10 +47,16 @@ def _as_list(tokens: Sequence[int]) -> list[int]:
     return tokens if isinstance(tokens, list) else list(tokens)
 
 
-def _result(raw: tuple, shard: str = "", searched: Sequence[str] = ()) -> SearchResult:
-    match_length, occurrences, tokens, parents, counts = raw
-    return SearchResult(match_length, occurrences, tuple(tokens), tuple(parents), tuple(counts), shard,
-                        searched_shards=tuple(searched))
+def _levels(raws: list, shard: str, searched: tuple[str, ...]) -> list[SearchResult]:
+    """The engine's back-off levels as ``search_levels`` returns them: ``[]`` when nothing
+    matched (the engine always answers the first level)."""
+    if raws[0][0] == 0:
+        return []
+    return [SearchResult.from_engine(raw, shard, searched) for raw in raws]
+
+
+def _label(shards: Sequence[str] | None) -> str:
+    return ",".join(shards) if shards else ""
 
 
 class Datastore:
@@ -146,7 +154,28 @@ class Datastore:
         result's ``searched_shards``). ValueError for an empty context or an id outside the
         vocabulary; KeyError for an unknown shard; ShardUnavailableError when a named shard (or
         every shard) is out of service."""
-        return _result(*self._native.search(_as_list(context), *_engine_query(params, shards)))
+        raw, searched = self._native.search(_as_list(context), *_engine_query(params, shards))
+        return SearchResult.from_engine(raw, _label(shards), searched)
+
+    def search_levels(
+        self,
+        context: Sequence[int],
+        params: SearchParams,
+        levels: int,
+        shards: Sequence[str] | None = None,
+    ) -> list[SearchResult]:
+        """Back-off levels in one engine call, as ``rest.retriever.RetrievalSession.search_levels``
+        defines them: the tree of the longest match (``search``), then of the suffixes one token
+        shorter each while at least ``params.min_span`` long, at most ``levels`` (1 to
+        ``MAX_LEVELS``) results; ``[]`` when nothing matched."""
+        query, only = _engine_query(params, shards)
+        raws, searched = self._native.search_levels(_as_list(context), query, levels, only)
+        return _levels(raws, _label(shards), searched)
+
+    def session(self) -> SearchSession:
+        """A search session for searches whose contexts extend each other (one decoding
+        session's): the same answers, found faster (see ``SearchSession``)."""
+        return SearchSession(self)
 
     def try_search(
         self,
@@ -155,18 +184,23 @@ class Datastore:
         shards: Sequence[str] | None,
         time_limit_s: float,
         *,
+        levels: int = 1,
         as_wire: bool = False,
-    ) -> SearchResult | bytes | None:
-        """``search``, or None when it did not finish within ``time_limit_s``: a bounded try
-        before handing the search to another thread. ``as_wire``: the result as a serialized ``rest.retriever.v1``
-        ``SearchResponse`` (what the retrieval server sends), built without Python objects."""
+        session: SearchSession | None = None,
+    ) -> list[SearchResult] | bytes | None:
+        """``search_levels``, or None when it did not finish within ``time_limit_s``: a bounded
+        try before handing the search to another thread. ``as_wire``: the result as a
+        serialized ``rest.retriever.v1`` ``SearchResponse`` (what the retrieval server sends),
+        built without Python objects. ``session``: searched with what that session remembers."""
         raw = self._native.try_search(
             _as_list(context),
             *_engine_query(params, shards),
             max(0, int(time_limit_s * 1e6)),
+            levels,
             as_wire,
+            session._native if session is not None else None,
         )
-        return raw if raw is None or as_wire else _result(*raw)
+        return raw if raw is None or as_wire else _levels(*raw)
 
     def search_batch(
         self,
@@ -176,7 +210,8 @@ class Datastore:
     ) -> list[SearchResult]:
         """Many searches at once, in parallel across the machine's cores."""
         raws = self._native.search_batch([_as_list(c) for c in contexts], *_engine_query(params, shards))
-        return [_result(*r) for r in raws]
+        label = _label(shards)
+        return [SearchResult.from_engine(raw, label, searched) for raw, searched in raws]
 
     def verify(self) -> None:
         """The slow full check (checksums, suffix-array structure); raises DatastoreError."""
@@ -186,10 +221,57 @@ class Datastore:
         """``verify`` shard by shard: ``{shard: what is wrong}`` for the shards that fail."""
         return dict(self._native.verify_each())
 
+    def start_scrub(self, bytes_per_s: int, pause_s: float = 10.0) -> Scrub:
+        """Re-reads every shard in service in the background (a niced engine thread, at most
+        ``bytes_per_s``, 0 for no limit, ``pause_s`` between passes) and takes a shard out of
+        service when its checksum no longer matches its header (bytes changed in place)."""
+        return Scrub(_engine.Scrub(self._native, bytes_per_s, pause_s))
+
     def search_executor(self, workers: int, *, as_wire: bool = False) -> SearchExecutor:
         """Searches on ``workers`` native threads, for callers that must not block (event loops).
         ``as_wire``: results come as serialized ``SearchResponse`` messages (see ``try_search``)."""
         return SearchExecutor(self, workers, as_wire=as_wire)
+
+
+class SearchSession:
+    """The searches of one decoding session over one datastore.
+
+    A decoder's context grows by the tokens each step accepted; the session keeps what its last
+    search found (the intervals of the suffixes it probed) and narrows them by the new tokens
+    instead of searching the whole datastore again. Answers are exactly ``Datastore.search`` and
+    ``Datastore.search_levels``'s, for any context (a context that does not extend the last one
+    only costs a fresh search). One per decoding session; not for concurrent use.
+    """
+
+    def __init__(self, datastore: Datastore) -> None:
+        self._native = datastore._native.session()
+
+    def search(
+        self,
+        context: Sequence[int],
+        params: SearchParams = SearchParams(),
+        shards: Sequence[str] | None = None,
+    ) -> SearchResult:
+        """``Datastore.search``."""
+        query, only = _engine_query(params, shards)
+        (raw,), searched = self._native.search_levels(_as_list(context), query, 1, only)
+        return SearchResult.from_engine(raw, _label(shards), searched)
+
+    def search_levels(
+        self,
+        context: Sequence[int],
+        params: SearchParams,
+        levels: int,
+        shards: Sequence[str] | None = None,
+    ) -> list[SearchResult]:
+        """``Datastore.search_levels``."""
+        query, only = _engine_query(params, shards)
+        raws, searched = self._native.search_levels(_as_list(context), query, levels, only)
+        return _levels(raws, _label(shards), searched)
+
+    def forget(self) -> None:
+        """Drop what the session remembers (the next search starts afresh)."""
+        self._native.forget()
 
 
 class SearchExecutor:
@@ -211,15 +293,21 @@ class SearchExecutor:
         params: SearchParams,
         shards: Sequence[str] | None = None,
         timeout_s: float | None = None,
+        *,
+        levels: int = 1,
+        session: SearchSession | None = None,
     ) -> None:
-        """Queues a search; ``completed`` returns its outcome under ``tag``. A search still
-        waiting for a worker after ``timeout_s`` seconds is not run, and one still running then
-        is given up (outcome ``TimeoutError`` in both cases)."""
+        """Queues a search of ``levels`` back-off levels (``Datastore.search_levels``), with what
+        ``session`` remembers when given; ``completed`` returns its outcome under ``tag``. A
+        search still waiting for a worker after ``timeout_s`` seconds is not run, and one still
+        running then is given up (outcome ``TimeoutError`` in both cases)."""
         self._native.submit(
             tag,
             _as_list(context),
             *_engine_query(params, shards),
             timeout_s,
+            levels,
+            session._native if session is not None else None,
         )
 
     def fileno(self) -> int:
@@ -231,20 +319,45 @@ class SearchExecutor:
         back from ``completed``."""
         self._native.cancel(tag)
 
-    def completed(self) -> list[tuple[int, SearchResult | bytes | BaseException]]:
-        """The searches finished since the last call: ``(tag, result)`` (bytes when ``as_wire``),
-        or ``(tag, exception)`` with the exception ``Datastore.search`` would have raised."""
+    def completed(self) -> list[tuple[int, list[SearchResult] | bytes | BaseException]]:
+        """The searches finished since the last call: ``(tag, levels)`` as ``search_levels``
+        returns them (bytes when ``as_wire``), or ``(tag, exception)`` with the exception
+        ``Datastore.search`` would have raised."""
         done = self._native.completed()
         if self._as_wire:
             return done
         return [
-            (tag, outcome if isinstance(outcome, BaseException) else _result(*outcome))
+            (tag, outcome if isinstance(outcome, BaseException) else _levels(*outcome))
             for tag, outcome in done
         ]
 
     def close(self) -> None:
         """Refuses new searches; the queued ones still run and complete."""
         self._native.close()
+
+
+class Scrub:
+    """A running scrub (``Datastore.start_scrub``)."""
+
+    def __init__(self, native) -> None:
+        self._native = native
+
+    @property
+    def bytes_read(self) -> int:
+        return self._native.stats()[0]
+
+    @property
+    def passes(self) -> int:
+        """Complete passes over every shard in service."""
+        return self._native.stats()[1]
+
+    @property
+    def found(self) -> int:
+        """Shards this scrub took out of service."""
+        return self._native.stats()[2]
+
+    def stop(self) -> None:
+        self._native.stop()
 
 
 def build_datastore(

@@ -36,9 +36,11 @@ def step(message: str) -> None:
 def demo_datastore(tokenizer, cache_dir: Path, fraction: float = 1.0) -> Path:
     """The standard library tokenized with the model's tokenizer (built once per tokenizer).
     ``fraction < 1`` takes that share of its files (in their sorted order), for size sweeps."""
+    from rest.cli import build_from_reader
     from rest.corpus import stdlib_files
-    from rest.datastore import Datastore, build_datastore
-    from rest.tokenizer import tokenizer_fingerprint, tokenizer_name, vocab_size_of
+    from rest.datastore import Datastore
+    from rest.documents import DocumentReader
+    from rest.tokenizer import tokenizer_fingerprint
 
     fingerprint = tokenizer_fingerprint(tokenizer)
     suffix = "" if fraction >= 1 else f"-{fraction:g}"
@@ -48,20 +50,9 @@ def demo_datastore(tokenizer, cache_dir: Path, fraction: float = 1.0) -> Path:
         step(f"datastore: {path} (cached)")
         return path
     step(f"building the datastore from the standard library into {path}")
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()  # documents longer than the model's context are fine here
-
-    def documents():
-        files = stdlib_files()
-        files = files[: max(1, round(len(files) * min(fraction, 1.0)))]
-        texts = [f.read_bytes().decode("utf-8", errors="replace") for f in files]
-        for i in range(0, len(texts), 64):
-            yield from tokenizer(texts[i : i + 64], add_special_tokens=False)["input_ids"]
-
-    build_datastore(path, documents(), vocab_size=vocab_size_of(tokenizer), tokenizer_name=tokenizer_name(tokenizer),
-                    tokenizer_fingerprint=fingerprint, progress=True)
+    files = stdlib_files()
+    files = files[: max(1, round(len(files) * min(fraction, 1.0)))]
+    build_from_reader(path, DocumentReader(files, "text"), tokenizer, progress=console.is_terminal)
     return path
 
 

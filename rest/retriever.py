@@ -87,15 +87,29 @@ class Retriever(abc.ABC):
 
 
 class _LocalSession(RetrievalSession):
+    """One engine search session per retrieval session: each step's search narrows what the
+    last step's found (``rest.datastore.SearchSession``), with the same answers."""
+
     def __init__(self, datastore) -> None:
-        self._datastore = datastore
+        self._session = datastore.session()
 
     def search(self, context: Sequence[int], params: SearchParams) -> SearchResult | None:
         from rest.datastore import DatastoreError
 
         try:
-            return self._datastore.search(context, params)
+            return self._session.search(context, params)
         except DatastoreError:  # a shard out of service (its file changed): no draft this step
+            self.failures += 1
+            return None
+
+    def search_levels(
+        self, context: Sequence[int], params: SearchParams, levels: int
+    ) -> list[SearchResult] | None:
+        from rest.datastore import DatastoreError
+
+        try:
+            return self._session.search_levels(context, params, levels)
+        except DatastoreError:  # as in ``search``
             self.failures += 1
             return None
 

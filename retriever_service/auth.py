@@ -65,6 +65,11 @@ def token_option(ctx: click.Context, param: click.Parameter, value: str | None) 
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
 
 
+# The variable the callback reads, for whoever lists what a command reads from the environment
+# (click's own ``envvar`` cannot be used: it treats an empty variable as unset).
+token_option.envvar = TOKEN_ENV
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Lets through calls with the token (and health checks); ``on_reject`` is called for each
     call refused (the server counts them)."""

@@ -25,8 +25,10 @@ merged (``merge.py``). Within a set (``replicas.py`` keeps the score):
   while, then one probe (gRPC A50 on consecutive failures, Envoy ``outlier.rst``);
 - deadlines: ``deadline_s`` bounds a search from the call to the merged answer; within it each
   shard's own deadline is derived from its recent latencies (4 x p99), so a stalled shard costs
-  a few milliseconds, not the whole deadline, and then none while it is ejected. The step goes
-  on with the shards that answered in time.
+  a few milliseconds, not the whole deadline; an endpoint that owes an answer given up late gets
+  no new search until it answers (or ``owed_timeout_s`` passes), so a stall costs that deadline
+  once, not on every step of every session, and nothing while the endpoint is ejected. The step
+  goes on with the shards that answered in time.
 
 A failed or late search is ``None`` ("no draft": the decoder takes a plain step, the output is
 unchanged), never an exception; so is an answer that breaks the contract (``answers.py``).
@@ -73,7 +75,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from rest.retriever import RetrievalSession, Retriever, RetrieverUnavailable
 from rest.types import DatastoreInfo, SearchParams, SearchResult
 from retriever_service import wire
-from retriever_service.answers import InvalidAnswer, check_result
+from retriever_service.answers import InvalidAnswer, check_levels, check_result
 from retriever_service.auth import bearer_metadata
 from retriever_service.discovery import (
     Address,
@@ -83,7 +85,7 @@ from retriever_service.discovery import (
     system_resolver,
 )
 from retriever_service.health import Health, HealthWatch
-from retriever_service.merge import merge_results
+from retriever_service.merge import merge_levels, merge_results
 from retriever_service.replicas import (
     Clock,
     Ejection,
@@ -234,29 +236,54 @@ class RemoteSession(RetrievalSession):
         self._closed = False
 
     def search(self, context: Sequence[int], params: SearchParams) -> SearchResult | None:
+        return self._search(context, params, None)
+
+    def search_levels(
+        self, context: Sequence[int], params: SearchParams, levels: int
+    ) -> list[SearchResult] | None:
+        """Every back-off level in one round trip: each server answers all levels of its shards,
+        merged level by level (``merge.merge_levels``). Against a server that predates
+        ``SearchRequest.levels`` (it answers one level), one search per level."""
+        if levels > 1 and any(e.levels_supported is False for g in self._retriever._pool.routing()
+                              for e in g.endpoints):
+            return super().search_levels(context, params, levels)
+        return self._search(context, params, levels)
+
+    def _search(self, context: Sequence[int], params: SearchParams, levels: int | None):
         self.searches += 1
         r = self._retriever
+        record = None
         try:
             with r._telemetry.search("SearchStream") as record:
-                answers = self._fan_out(wire.search_request(context, params), params)
+                request = wire.search_request(context, params, levels=levels)
+                record.stamp(request)  # the server's span for this search becomes its child
+                answers = self._fan_out(request, params, levels)
                 if answers is None:
                     record.error = "no answer"
+                elif levels is not None:
+                    record.result = merge_levels(answers, params.budget, levels)
                 elif len(answers) == 1:
                     record.result = answers[0]
                 else:
                     record.result = merge_results(answers, params.budget)
+        except _OlderServer:
+            return super().search_levels(context, params, levels)
         except Exception as exc:  # noqa: BLE001 - by contract, any failure is "no draft"
             log.warning("search failed (%s: %s); no draft this step", type(exc).__name__, exc,
                         exc_info=log.isEnabledFor(logging.DEBUG))
-            record.result = None
-        if record.result is None:
+            if record is not None:
+                record.result = None
+        result = None if record is None else record.result
+        if result is None:
             self.failures += 1
-        return record.result
+        return result
 
     # --- one step: every replica set at once ---------------------------------------------------
 
-    def _fan_out(self, request: pb.SearchRequest, params: SearchParams) -> list | None:
-        """Every replica set's answer that came in time (``None``: none did)."""
+    def _fan_out(self, request: pb.SearchRequest, params: SearchParams,
+                 levels: int | None) -> list | None:
+        """Every replica set's answer that came in time (``None``: none did); with ``levels``,
+        each answer is a list of levels."""
         r = self._retriever
         if self._closed:
             return None
@@ -270,8 +297,8 @@ class RemoteSession(RetrievalSession):
             return None
         step = _Step()
         calls = [
-            _ShardCall(group, request, params, start + group.stats.deadline(r.deadline_s),
-                       group.stats.hedge_delay())
+            _ShardCall(group, request, params, levels,
+                       start + group.stats.deadline(r.deadline_s), group.stats.hedge_delay())
             for group in groups
         ]
         for call in calls:
@@ -301,6 +328,8 @@ class RemoteSession(RetrievalSession):
             events = step.take(wake - t)
         for attempt, outcome in step.close():  # outcomes that raced the end of the step
             self._settle(step, attempt, outcome)
+        if any(isinstance(c.error, _OlderServer) for c in calls):
+            raise _OlderServer()
         answers = []
         for call in calls:
             group = call.group
@@ -350,7 +379,7 @@ class RemoteSession(RetrievalSession):
     def _probe(self, step: _Step, call: _ShardCall, endpoint: _Endpoint, t: float) -> None:
         """Send the step's search to an endpoint whose ejection is over, without waiting for it:
         its answer decides whether the endpoint serves again."""
-        probe = _ShardCall(call.group, call.request, call.params, t, None)
+        probe = _ShardCall(call.group, call.request, call.params, call.levels, t, None)
         probe.finished = probe.probe = True
         attempt = _Attempt(step, probe, endpoint, t)
         probe.attempts.append(attempt)
@@ -371,6 +400,11 @@ class RemoteSession(RetrievalSession):
         its step: the shard's answer, or a failure that may fail over to another replica."""
         r = self._retriever
         call, endpoint = attempt.call, attempt.endpoint
+        if attempt.late:  # given up at the deadline, and already counted: the debt is paid
+            endpoint.owe(-1)
+            if not isinstance(outcome, BaseException):
+                endpoint.succeeded()
+            return
         attempt.resolved = True
         if not isinstance(outcome, BaseException):
             endpoint.succeeded()
@@ -378,11 +412,16 @@ class RemoteSession(RetrievalSession):
                 call.result = outcome
                 call.finished = True
             return
+        if isinstance(outcome, _OlderServer):
+            endpoint.succeeded()  # it works, and the session falls back to a search per level
+            call.error, call.finished = outcome, True
+            return
         if isinstance(outcome, InvalidAnswer):
             self.invalid_answers += 1
         endpoint.failed(outcome)
         if call.finished:
             return
+        call.error = outcome
         if isinstance(outcome, grpc.RpcError) and outcome.code() in _FATAL:
             call.finished = True  # every replica would refuse this request
             return
@@ -398,8 +437,9 @@ class RemoteSession(RetrievalSession):
         call.finished = True
         for attempt in call.attempts:
             if not attempt.resolved:
-                attempt.resolved = True
+                attempt.resolved = attempt.late = True
                 attempt.endpoint.failed(None)
+                attempt.endpoint.owe(+1)
 
     # --- streams ---------------------------------------------------------------------------------
 
@@ -468,37 +508,59 @@ class _Step:
 class _ShardCall:
     """One replica set's part of one step."""
 
-    __slots__ = ("group", "request", "params", "deadline", "hedge_delay", "hedge_at", "attempts",
-                 "tried", "result", "finished", "probe")
+    __slots__ = ("group", "request", "params", "levels", "deadline", "hedge_delay", "hedge_at",
+                 "attempts", "tried", "result", "error", "finished", "probe")
 
     def __init__(self, group: _ReplicaSet, request: pb.SearchRequest, params: SearchParams,
-                 deadline: float, hedge_delay: float | None) -> None:
+                 levels: int | None, deadline: float, hedge_delay: float | None) -> None:
         self.group = group
         self.request = request
         self.params = params
+        self.levels = levels
         self.deadline = deadline
         self.hedge_delay = hedge_delay
         self.hedge_at: float | None = None
         self.attempts: list[_Attempt] = []
         self.tried: set[_Endpoint] = set()
         self.result = None
+        self.error: BaseException | None = None  # the last failure, when no answer came
         self.finished = False
         self.probe = False  # a probe: nothing waits for it
 
     def outstanding(self) -> bool:
         return any(not a.resolved for a in self.attempts)
 
-    def convert(self, response: pb.SearchResponse, vocab_size: int) -> SearchResult:
-        """The answer as ``rest.types``, checked (``InvalidAnswer``)."""
-        result = wire.search_result(response)
-        check_result(result, self.params, len(self.request.context), vocab_size)
-        return result
+    def convert(self, response: pb.SearchResponse, endpoint: _Endpoint):
+        """The answer as ``rest.types`` (a list of levels when levels were asked for), checked
+        (``InvalidAnswer``)."""
+        info = endpoint.info
+        if response.searched_shards and not set(response.searched_shards) <= set(info.shards):
+            raise InvalidAnswer(f"an answer for shards {list(response.searched_shards)}, not"
+                                f" among the server's {list(info.shards)}")
+        context_tokens = len(self.request.context)
+        if self.levels is None:
+            result = wire.search_result(response)
+            check_result(result, self.params, context_tokens, info.vocab_size)
+            return result
+        levels = wire.search_levels_result(response)
+        if self.levels > 1 and len(levels) == 1 and \
+                levels[0].match_length > self.params.min_span:
+            endpoint.levels_supported = False  # a shorter suffix always occurs: it ignored levels
+            raise _OlderServer()
+        endpoint.levels_supported = True
+        check_levels(levels, self.params, context_tokens, info.vocab_size, self.levels)
+        return levels
+
+
+class _OlderServer(Exception):
+    """A server that answered one level where several were asked for (it predates
+    ``SearchRequest.levels``)."""
 
 
 class _Attempt:
     """One search sent to one endpoint."""
 
-    __slots__ = ("step", "call", "endpoint", "sent_at", "resolved")
+    __slots__ = ("step", "call", "endpoint", "sent_at", "resolved", "late")
 
     def __init__(self, step: _Step, call: _ShardCall, endpoint: _Endpoint, sent_at: float):
         self.step = step
@@ -506,6 +568,7 @@ class _Attempt:
         self.endpoint = endpoint
         self.sent_at = sent_at
         self.resolved = False  # settled by its step (answered, failed, or given up)
+        self.late = False  # given up at its shard's deadline
 
 
 class _Stream:
@@ -618,6 +681,7 @@ class _Endpoint:
         self.info_retry_at = 0.0
         self.info_backoff_s = _INFO_BACKOFF_S[0]
         self.incompatible: str | None = None
+        self.levels_supported: bool | None = None  # unknown until it answers levels
         self.removed = False
         self.watches: list[HealthWatch] = []
         self.health = Health.UNKNOWN
@@ -629,11 +693,15 @@ class _Endpoint:
         self.ejection = Ejection(policy.ejection, r._now)
         self.ewma = PeakEwma(policy.default_rtt_s, policy.ewma_decay_s, r._now)
         self.in_flight = 0
+        self.owed = 0  # searches given up late whose answers have not come yet
+        self.owed_since = 0.0
+        self._owed_timeout_s = policy.owed_timeout_s
         self.counts = collections.Counter()
         self.set_group(None)
         self._now = r._now
         self._metrics = r._metrics
         self._lock = threading.Lock()
+        self._health_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"<endpoint {self.address}>"
@@ -656,6 +724,17 @@ class _Endpoint:
 
     def below_cap(self) -> bool:
         return self.in_flight < self.max_in_flight
+
+    def owes_late_answers(self) -> bool:
+        """Whether a search given up at its deadline is still unanswered (and not for long): a
+        stalled server costs one deadline, not one per step and session, until it answers."""
+        return self.owed > 0 and self._now() - self.owed_since < self._owed_timeout_s
+
+    def owe(self, change: int) -> None:
+        with self._lock:
+            self.owed += change
+            if change > 0:
+                self.owed_since = self._now()
 
     # --- what happens to its searches -----------------------------------------------------------
 
@@ -682,7 +761,10 @@ class _Endpoint:
         """On the stream's reader thread: one answer to ``attempt``."""
         latency = self._now() - attempt.sent_at
         try:
-            outcome = attempt.call.convert(response, self.info.vocab_size)
+            outcome = attempt.call.convert(response, self)
+        except _OlderServer as exc:
+            outcome = exc
+            self._arrived(latency)
         except Exception as exc:  # noqa: BLE001 - InvalidAnswer, or a conversion that failed
             outcome = exc if isinstance(exc, InvalidAnswer) else InvalidAnswer(str(exc))
             log.warning("refused an answer from %s: %s", self.address, outcome)
@@ -701,7 +783,9 @@ class _Endpoint:
     def _after_step(self, attempt: _Attempt, outcome) -> None:
         """An outcome that came after its step moved on: a hedge that lost the race, a search
         that was given up, or one on a stream this client cancelled."""
-        if not isinstance(outcome, BaseException):
+        if attempt.late:
+            self.owe(-1)
+        if not isinstance(outcome, BaseException) or isinstance(outcome, _OlderServer):
             self.succeeded()  # it works (and its latency was recorded): worth a probe
         elif (attempt.call.result is not None or attempt.call.probe) \
                 and _reason(outcome) != "CANCELLED":
@@ -741,16 +825,19 @@ class _Endpoint:
                         label=self.address)
             for name in names
         ]
+        for watch in self.watches:  # once the list is complete: their answers read it
+            watch.start()
 
     def _health_changed(self, watch: HealthWatch) -> None:
+        with self._health_lock:  # one watch's thread at a time, each reading all the statuses
+            self._update_health(watch)
+
+    def _update_health(self, watch: HealthWatch) -> None:
         watches = list(self.watches)
         if not watches:
             return
         overall = watches[0].status
         before = self.health
-        if watch is watches[0] and not self.health_answered:
-            self.health_answered = True
-            self.pool.notify()  # a search may wait for the first round
         self.health = overall
         self.fully_serving = overall is Health.SERVING and all(
             w.status in (Health.SERVING, Health.SERVICE_UNKNOWN) for w in watches[1:]
@@ -765,6 +852,9 @@ class _Endpoint:
             self.ever_served = True
         if before is not overall:
             log.info("%s health: %s", self.address, overall.value)
+        if watch is watches[0] and not self.health_answered:
+            self.health_answered = True
+            self.pool.notify()  # a search may wait for the first round (after the state above)
 
     def close(self) -> None:
         for watch in self.watches:
@@ -789,11 +879,12 @@ class _ReplicaSet:
 
     def choose(self, tried: set, rng: random.Random) -> _Endpoint | None:
         """An endpoint for one more attempt: the cheaper of two random healthy ones that are not
-        ejected (nor being probed) and below their in-flight cap; replicas with some shard out
-        of service only when no replica serves them all."""
+        ejected (nor being probed), below their in-flight cap and not owing late answers;
+        replicas with some shard out of service only when no replica serves them all."""
         for fully in (True, False):
             candidates = [e for e in self.endpoints if e not in tried and e.healthy(fully)
-                          and e.below_cap() and e.ejection.serving()]
+                          and e.below_cap() and not e.owes_late_answers()
+                          and e.ejection.serving()]
             if candidates:
                 return pick_two(candidates, _Endpoint.cost, rng)
         return None

@@ -42,8 +42,9 @@ _FROM_WIRE = {
 
 
 class HealthWatch:
-    """Follows one service name's health on ``channel``; ``on_change(watch)`` is called (on the
-    watch's thread) on the first answer or error and whenever ``status`` changes."""
+    """Follows one service name's health on ``channel`` once started; ``on_change(watch)`` is
+    called (on the watch's thread) on the first answer or error and whenever ``status``
+    changes."""
 
     def __init__(
         self,
@@ -71,7 +72,10 @@ class HealthWatch:
         self._thread = threading.Thread(
             target=self._run, daemon=True, name=f"health-watch {label} {service!r}"
         )
+
+    def start(self) -> HealthWatch:
         self._thread.start()
+        return self
 
     def _set(self, status: Health) -> None:
         if status is not self.status or not self.answered:

@@ -291,8 +291,10 @@ class ReplicaPolicy:
     ``deadline_factor`` x its recent p99, between ``min_deadline_s`` and the retriever's
     ``deadline_s``. ``max_in_flight``: searches outstanding on one endpoint (all sessions); an
     endpoint at the cap is passed over and, if every replica is, the shard is skipped for the
-    step and counted as overflow (Envoy's circuit breaking). ``default_rtt_s``: the pessimistic
-    latency of an endpoint never measured.
+    step and counted as overflow (Envoy's circuit breaking). ``owed_timeout_s``: how long an
+    endpoint with a search given up late and still unanswered is passed over (a stall then costs
+    one deadline, not one per step). ``default_rtt_s``: the pessimistic latency of an endpoint
+    never measured.
     """
 
     max_attempts: int = 3
@@ -301,6 +303,7 @@ class ReplicaPolicy:
     deadline_factor: float = 4.0
     min_deadline_s: float = 0.005
     max_in_flight: int = 64
+    owed_timeout_s: float = 1.0
     default_rtt_s: float = 0.005
     ewma_decay_s: float = 2.0
     latency_window: int = 256

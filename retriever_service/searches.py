@@ -24,6 +24,7 @@ class AsyncSearches:
         self._loop = asyncio.get_running_loop()
         self._tags = itertools.count()
         self._waiting: dict[int, asyncio.Future] = {}
+        self._closing = False
         self._fd = executor.fileno()
         self._loop.add_reader(self._fd, self._collect)
 
@@ -36,10 +37,12 @@ class AsyncSearches:
     ) -> asyncio.Future:
         """A future of the executor's result (a ``SearchResult``, or the serialized response of
         an ``as_wire`` executor), or of the exception the search raised (``TimeoutError`` when it
-        was still queued ``timeout_s`` seconds from now)."""
+        was still queued, or still running, ``timeout_s`` seconds from now). Cancelling the
+        future (the call went away) gives the search up in the engine."""
         tag = next(self._tags)
         self._executor.submit(tag, context, params, shards, timeout_s)
         future = self._waiting[tag] = self._loop.create_future()
+        future.add_done_callback(lambda f: f.cancelled() and self._executor.cancel(tag))
         return future
 
     def _collect(self) -> None:
@@ -51,8 +54,19 @@ class AsyncSearches:
                 future.set_exception(outcome)
             else:
                 future.set_result(outcome)
+        if self._closing and not self._waiting:
+            self.close()
+
+    def close_when_idle(self) -> None:
+        """Takes no new searches; closes once the ones in flight have completed (a reload hands
+        new searches to another datastore's executor meanwhile)."""
+        self._closing = True
+        if not self._waiting:
+            self.close()
 
     def close(self) -> None:
         """Stop watching the executor and let its threads finish (call after the server stopped)."""
-        self._loop.remove_reader(self._fd)
-        self._executor.close()
+        if self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            self._fd = None
+            self._executor.close()

@@ -8,6 +8,10 @@ reflection. ``--port 0`` binds a free port; the bound address is printed on stdo
 calls are refused, calls in flight get up to ``--grace-s`` seconds to finish, then the process
 exits 0.
 
+Each shard has its own health name (``rest.retriever.v1.Retriever/<shard>``) and goes out of
+service when its file changes under the server, fails ``--verify`` or fails the background scrub
+(``shards.py``); SIGHUP reopens the datastore from its files (a reload) and serves it again.
+
 For tests and benchmarks, ``BackgroundServer`` runs the same server in a thread of the calling
 process.
 """
@@ -38,7 +42,10 @@ from rest.cli_errors import one_line, run
 from retriever_service.auth import TOKEN_ENV, BearerTokenInterceptor, check_token, token_option
 from retriever_service.searches import AsyncSearches
 from retriever_service.servicer import SERVICE, RetrieverServicer, add_to_server
+from retriever_service.shards import ServedShards, ShardOptions
+from retriever_service.shards import open_datastore as open_shards
 from retriever_service.telemetry import SearchTelemetry, providers_from_env, serve_prometheus
+from retriever_service.validation import PolicyCaps
 
 log = logging.getLogger("retriever_service.server")
 
@@ -59,6 +66,11 @@ OPTION_RANGES: dict[str, tuple[float, float]] = {
     "keepalive_time_s": (0.001, INT32_MS_S),
     "keepalive_timeout_s": (0.001, INT32_MS_S),
     "grace_s": (0.0, 86_400.0),
+    "scrub_mib_per_s": (0, 1 << 20),
+    "exact_max_budget": (0, 4096),
+    "exact_max_depth": (1, 256),
+    "rest_max_budget": (0, 4096),
+    "rest_max_depth": (1, 256),
 }
 
 
@@ -79,6 +91,9 @@ class ServerConfig:
     shards: tuple[str, ...] = ()  # empty: every shard of the datastore
     host: str = "127.0.0.1"
     port: int = 50051  # 0: pick a free port
+    # A second, plaintext port that serves only the health service (None: none), for probes that
+    # cannot speak TLS (the kubelet's gRPC probes) when the main port uses it.
+    health_port: int | None = None
     max_concurrent_searches: int = 64  # in flight at once, running or waiting for a worker
     workers: int = field(default_factory=default_workers)  # search threads
     max_context_tokens: int = 4096
@@ -95,6 +110,13 @@ class ServerConfig:
     token: str | None = None  # require "authorization: Bearer <token>"; never empty
     metrics_port: int | None = None  # serve Prometheus text on http://metrics_host:port/metrics
     metrics_host: str | None = None  # None: the same as host
+    verify: bool = False  # full checksums of every shard before serving; failing shards not served
+    scrub_mib_per_s: int = 8  # background re-check of the shards' checksums (0: none)
+    # The largest budget and max_depth accepted per policy (the cost of a search grows with both).
+    exact_max_budget: int = 4096
+    exact_max_depth: int = 256
+    rest_max_budget: int = 1024
+    rest_max_depth: int = 64
 
     def __post_init__(self) -> None:
         for name, (lowest, highest) in OPTION_RANGES.items():
@@ -105,6 +127,14 @@ class ServerConfig:
                 raise ValueError(f"{option_name(name)} must be in {lowest}..{highest}, got {value}")
         if not self.host:
             raise ValueError("--host must not be empty (0.0.0.0 for every interface)")
+        if self.health_port is not None:
+            lowest, highest = OPTION_RANGES["port"]
+            if isinstance(self.health_port, bool) or not isinstance(self.health_port, int) or not (
+                lowest <= self.health_port <= highest
+            ):
+                raise ValueError(f"--health-port must be in {lowest}..{highest}, got {self.health_port}")
+            if self.health_port == self.port != 0:
+                raise ValueError(f"--health-port must differ from --port (both {self.port})")
         for shard in self.shards:
             if not shard:
                 raise ValueError("--shard must not be empty")
@@ -119,6 +149,14 @@ class ServerConfig:
             raise ValueError(f"--metrics-port must be in 0..65535, got {self.metrics_port}")
         if self.metrics_host is not None and self.metrics_port is None:
             raise ValueError("--metrics-host needs --metrics-port")
+
+    def shard_options(self) -> ShardOptions:
+        return ShardOptions(datastore=self.datastore, shards=self.shards, verify=self.verify,
+                            scrub_bytes_per_s=self.scrub_mib_per_s * MiB, workers=self.workers)
+
+    def policy_caps(self) -> tuple[tuple[str, PolicyCaps], ...]:
+        return (("exact", PolicyCaps(self.exact_max_budget, self.exact_max_depth)),
+                ("rest", PolicyCaps(self.rest_max_budget, self.rest_max_depth)))
 
     def channel_options(self) -> list[tuple[str, int]]:
         return [
@@ -136,9 +174,9 @@ class ServerConfig:
 
 
 def open_datastore(config: ServerConfig):
-    from rest.datastore import Datastore
-
-    return Datastore.open(config.datastore, shards=list(config.shards) or None)
+    """The datastore to serve: shards that cannot be opened (or fail ``--verify``) stay out of
+    service; fails when no shard can be served."""
+    return open_shards(config.shard_options())
 
 
 def check_tls_files(config: ServerConfig) -> None:
@@ -200,21 +238,50 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 
 class RetrieverServer:
-    """A started server: its bound ``port``, its health service, and a graceful ``shutdown``."""
+    """A started server: its bound ``port``, its health service (also on ``health_port`` when
+    configured), a ``reload`` of its datastore and a graceful ``shutdown``."""
 
-    def __init__(
-        self, server: grpc.aio.Server, port: int, health: HealthServicer, searches: AsyncSearches
-    ):
+    def __init__(self, server: grpc.aio.Server, port: int, health: HealthServicer,
+                 shards: ServedShards, health_server: tuple[grpc.aio.Server, int] | None = None):
         self.server = server
         self.port = port
         self.health = health
-        self._searches = searches
+        self.shards = shards
+        self._health_server = health_server[0] if health_server else None
+        self.health_port = health_server[1] if health_server else None
+
+    async def reload(self) -> None:
+        """Reopens the datastore from its files and serves it (SIGHUP)."""
+        await self.shards.reload()
 
     async def shutdown(self, grace_s: float) -> None:
         # NOT_SERVING first, so health watchers (load balancers) stop sending before refusals.
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace_s)
-        self._searches.close()
+        if self._health_server is not None:  # probes see NOT_SERVING until the very end
+            await self._health_server.stop(0)
+        self.shards.close()
+
+
+async def start_health_server(
+    config: ServerConfig, health: HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """The plaintext server on ``config.health_port`` that answers only ``grpc.health.v1``
+    (no Retriever, no reflection: it reveals nothing but SERVING or NOT_SERVING), sharing the
+    main server's health statuses."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{host_for_address(config.host)}:{config.health_port}"
+    problem = why_bind_fails(config.host, config.health_port, port_option="--health-port")
+    try:
+        port = server.add_insecure_port(address) if problem is None else 0
+    except RuntimeError:
+        port = 0
+    if port == 0:
+        problem = problem or "gRPC could not bind it"
+        raise OSError(f"could not listen on {address}: {problem}")
+    await server.start()
+    return server, port
 
 
 async def start_server(
@@ -250,11 +317,12 @@ async def start_server(
         max_context_tokens=config.max_context_tokens,
         inline_search_s=config.inline_search_us * 1e-6,
         telemetry=telemetry,
+        policy_caps=config.policy_caps(),
     )
     add_to_server(servicer, server)
     health = HealthServicer()
-    for name in ("", SERVICE_NAME):
-        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    shards = ServedShards(SERVICE_NAME, health, servicer, config.shard_options())
+    await shards.serve(datastore, searches)  # health per shard and for the service
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -264,11 +332,14 @@ async def start_server(
 
     try:
         port = _bind(server, config)
+        health_server = None
+        if config.health_port is not None:
+            health_server = await start_health_server(config, health)
         await server.start()
     except BaseException:
-        searches.close()
+        shards.close()
         raise
-    return RetrieverServer(server, port, health, searches)
+    return RetrieverServer(server, port, health, shards, health_server)
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -345,10 +416,14 @@ async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(running.reload()))
     scheme = "TLS" if config.tls_cert else "plaintext"
     # Tests and scripts read the port from this line; keep its shape.
     address = f"{host_for_address(config.host)}:{running.port}"
     print(f"retriever-server listening on {address}", file=out, flush=True)
+    if running.health_port is not None:
+        log.info("health service alone, in plaintext, on %s:%d", host_for_address(config.host),
+                 running.health_port)
     if metrics_http is not None:
         host, port = metrics_http.server_address[:2]
         print(f"retriever-server metrics on http://{host_for_address(host)}:{port}/metrics",
@@ -391,9 +466,14 @@ class BackgroundServer:
             raise
         self.port = self._running.port
         self.health = self._running.health
+        self.health_port = self._running.health_port
 
     def _call(self, coroutine, timeout: float = 30.0):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+    def reload(self) -> None:
+        """Reopens the datastore from its files, as SIGHUP does to the command."""
+        self._call(self._running.reload())
 
     def stop(self, grace_s: float = 0.0) -> None:
         if self._loop.is_closed():
@@ -440,6 +520,9 @@ def option_range(field_name: str) -> click.ParamType:
               help="Address to listen on (0.0.0.0 for every interface).")
 @click.option("--port", default=50051, show_default=True, type=option_range("port"),
               help="0 picks a free port.")
+@click.option("--health-port", type=option_range("port"), default=None,
+              help="Also serve the gRPC health service alone, in plaintext, on this port: for "
+                   "probes that cannot use TLS (the kubelet's). Default: no such port.")
 @click.option("--max-concurrent-searches", default=64, show_default=True,
               type=option_range("max_concurrent_searches"),
               help="Searches in flight at once; more get RESOURCE_EXHAUSTED.")
@@ -476,6 +559,26 @@ def option_range(field_name: str) -> click.ParamType:
               help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port, "
                    "printed at start). Default: no metrics endpoint.")
 @click.option("--metrics-host", help="Address of the metrics endpoint. Default: --host.")
+@click.option("--verify", is_flag=True,
+              help="Check every shard in full (checksums, suffix-array order) before serving; a "
+                   "shard that fails is not served (one log line says why).")
+@click.option("--scrub-mib-per-s", default=8, show_default=True,
+              type=option_range("scrub_mib_per_s"),
+              help="Re-read the shards in the background at most this fast (a niced thread) and "
+                   "stop serving a shard whose checksum changed; 0 turns the scrub off.")
+@click.option("--exact-max-budget", default=4096, show_default=True,
+              type=option_range("exact_max_budget"),
+              help="Largest budget accepted for the exact policy; more is INVALID_ARGUMENT.")
+@click.option("--exact-max-depth", default=256, show_default=True,
+              type=option_range("exact_max_depth"),
+              help="Largest max_depth accepted for the exact policy.")
+@click.option("--rest-max-budget", default=1024, show_default=True,
+              type=option_range("rest_max_budget"),
+              help="Largest budget accepted for the REST policy (whose work grows with its "
+                   "5,000 occurrences times max_depth).")
+@click.option("--rest-max-depth", default=64, show_default=True,
+              type=option_range("rest_max_depth"),
+              help="Largest max_depth accepted for the REST policy.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]))
 def serve_command(log_level: str, shards: tuple[str, ...], **options) -> None:

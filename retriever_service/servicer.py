@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import grpc
 
+from rest.datastore import DatastoreError
 from retriever_service import wire
 from retriever_service.searches import AsyncSearches
-from retriever_service.telemetry import SearchTelemetry
+from retriever_service.telemetry import SearchTelemetry, search_context
 from retriever_service.v1 import retriever_pb2 as pb
 from retriever_service.v1 import retriever_pb2_grpc as pb_grpc
 from retriever_service.validation import (
+    DEFAULT_POLICY_CAPS,
     RequestError,
     RequestLimits,
     SearchRequestParser,
@@ -49,22 +51,31 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         max_context_tokens: int,
         inline_search_s: float = 0.0,
         telemetry: SearchTelemetry | None = None,
+        policy_caps=DEFAULT_POLICY_CAPS,
     ) -> None:
-        self._datastore = datastore
-        self._searches = searches
         self._max_in_flight = max_concurrent_searches
         self._in_flight = 0
         self._inline_search_s = inline_search_s
+        self._max_context_tokens = max_context_tokens
+        self._policy_caps = policy_caps
+        self._telemetry = telemetry
+        if telemetry is not None:
+            telemetry.observe_in_flight(lambda: self._in_flight)
+        self.use_datastore(datastore, searches)
+
+    def use_datastore(self, datastore, searches: AsyncSearches) -> None:
+        """Serves ``datastore`` from now on (a reload): searches already running finish on the
+        previous one."""
+        self._datastore = datastore
+        self._searches = searches
         info = datastore.info()
         self._info = wire.info_response(info)
         self._parser = SearchRequestParser(RequestLimits(
             vocab_size=info.vocab_size,
-            max_context_tokens=max_context_tokens,
+            max_context_tokens=self._max_context_tokens,
             shards=tuple(datastore.shard_names),
+            policy_caps=self._policy_caps,
         ))
-        self._telemetry = telemetry
-        if telemetry is not None:
-            telemetry.observe_in_flight(lambda: self._in_flight)
 
     async def Info(self, request: bytes, context) -> pb.InfoResponse:
         try:
@@ -85,19 +96,31 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     async def _answer(self, request: bytes, context, method: str) -> bytes:
         try:
             if self._telemetry is None:
-                return await self._search(request, context)
-            with self._telemetry.search(method) as record:
-                response = await self._search(request, context)
-                if record.span.is_recording():  # the span's attributes need the result
-                    record.result = wire.search_result(pb.SearchResponse.FromString(response))
-                return response
+                return await self._search(decode(pb.SearchRequest, request), context)
+            return await self._traced_search(request, context, method)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def _search(self, request: bytes, context) -> bytes:
+    async def _traced_search(self, data: bytes, context, method: str) -> bytes:
+        malformed = request = None
+        try:
+            request = decode(pb.SearchRequest, data)
+        except RequestError as exc:
+            malformed = exc  # raised inside the span, so that it is counted like any refusal
+        # The client's span for this search is the parent, when the request carries it.
+        parent = search_context(request.trace_context) if request is not None else None
+        with self._telemetry.search(method, parent) as record:
+            if malformed is not None:
+                raise malformed
+            response = await self._search(request, context)
+            if record.span.is_recording():  # the span's attributes need the result
+                record.result = wire.search_result(pb.SearchResponse.FromString(response))
+            return response
+
+    async def _search(self, request: pb.SearchRequest, context) -> bytes:
         """The serialized ``SearchResponse``: the engine encodes it (``as_wire``), which saves
         building the message from Python objects on the event loop."""
-        parsed = self._parser.parse(decode(pb.SearchRequest, request))
+        parsed = self._parser.parse(request)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             self._rejected("deadline")
@@ -114,9 +137,10 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 # Waking a worker thread and the loop again costs more than most searches (about
                 # 60-110 us on a small host, docs/BENCHMARKS.md): with no other search in flight,
                 # try the search here for a short, bounded slice first.
+                inline_s = self._inline_search_s if remaining is None else min(
+                    self._inline_search_s, remaining)
                 response = self._datastore.try_search(
-                    parsed.context, parsed.params, parsed.shards, self._inline_search_s,
-                    as_wire=True)
+                    parsed.context, parsed.params, parsed.shards, inline_s, as_wire=True)
                 if response is not None:
                     return response
             self._in_flight += 1
@@ -128,7 +152,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         except TimeoutError:  # still queued for a worker when the deadline passed
             self._rejected("deadline")
             raise deadline_expired() from None
-        except (KeyError, ValueError) as exc:
+        except (KeyError, ValueError, DatastoreError) as exc:  # DatastoreError: shard out of service
             raise engine_error(exc) from exc
 
 

@@ -6,6 +6,13 @@ cannot show: one span per search, with the match length, occurrences, tree size,
 latency; a latency histogram with buckets for a value in seconds (10 us to 10 s), counters of
 requests and of errors by status, and, on the server, rejections by reason and searches in flight.
 
+A search's span on the server is a child of the client's span for that search, even inside a
+stream: the client stamps its span's W3C trace context on the request
+(``SearchRequest.trace_context``, ``SearchRecord.stamp``) and the server continues it
+(``search_context``). A decoder that makes its generation's span current while it drafts
+(``decoder.tracing``) thus gets one trace per generation: the generation, its searches, the
+server's spans for them.
+
 Exporters follow the OpenTelemetry SDK's own variables, read by the SDK's own code (its
 ``_configuration`` module, the one ``opentelemetry-instrument`` uses), so that every exporter and
 protocol installed is available, with the SDK's meaning:
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -227,18 +235,28 @@ class SearchTelemetry:
             description=f"Latency of one search as seen by the {side}",
             explicit_bucket_boundaries_advisory=LATENCY_BUCKETS_S,
         )
-        self._requests = meter.create_counter(
-            f"{prefix}.requests", unit="{request}",
-            description=f"Searches the {side} handled, answered or not")
-        self._errors = meter.create_counter(
-            f"{prefix}.errors", unit="{request}",
-            description="Searches that ended in an error, by gRPC status (or exception type)")
-        self._rejections = None
+        # Counters are plain integers read when metrics are collected (observable counters):
+        # an SDK counter's add costs about 9 us, paid on every search; a dict increment, not.
+        self._counts = _Counts()
+        self._counter(f"{prefix}.requests", "requests",
+                      f"Searches the {side} handled, answered or not")
+        self._counter(f"{prefix}.errors", "errors",
+                      "Searches that ended in an error, by gRPC status (or exception type)")
         if side == "server":
-            self._rejections = meter.create_counter(
-                f"{prefix}.rejections", unit="{request}",
-                description="Requests refused before a search: overloaded, deadline passed, "
-                            "unauthenticated")
+            self._counter(f"{prefix}.rejections", "rejections",
+                          "Requests refused before a search: overloaded, deadline passed, "
+                          "unauthenticated")
+
+    def _counter(self, name: str, table: str, description: str) -> None:
+        from opentelemetry.metrics import Observation
+
+        counts = self._counts
+
+        def observe(options):
+            return [Observation(n, dict(key)) for key, n in counts.snapshot(table)]
+
+        self._meter.create_observable_counter(name, callbacks=[observe], unit="{request}",
+                                              description=description)
 
     def search(self, method: str, context=None) -> _SearchScope:
         """``with telemetry.search(method) as record:`` times the block and records its outcome
@@ -247,8 +265,7 @@ class SearchTelemetry:
         return _SearchScope(self, method, context)
 
     def rejected(self, reason: str) -> None:
-        if self._rejections is not None:
-            self._rejections.add(1, {"reason": reason})
+        self._counts.add("rejections", (("reason", reason),))
 
     def observe_in_flight(self, count: Callable[[], int]) -> None:
         """Report ``count()`` as the searches in flight, read when metrics are collected."""
@@ -264,6 +281,24 @@ class SearchTelemetry:
 def search_context(carrier: Mapping[str, str]):
     """The OpenTelemetry context that a request's trace fields continue (``None``: none sent)."""
     return propagate.extract(carrier) if carrier else None
+
+
+class _Counts:
+    """Cumulative counts by table and attribute tuple, for observable counters; a lock, as
+    client sessions count from several threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tables: dict[str, dict[tuple, int]] = {}
+
+    def add(self, table: str, key: tuple) -> None:
+        with self._lock:
+            counts = self._tables.setdefault(table, {})
+            counts[key] = counts.get(key, 0) + 1
+
+    def snapshot(self, table: str) -> list[tuple[tuple, int]]:
+        with self._lock:
+            return list(self._tables.get(table, {}).items())
 
 
 class _SearchScope:
@@ -294,13 +329,13 @@ class _SearchScope:
         record = self._record
         if exc is not None:
             record.error = error_kind(exc)
-        attributes = {"rpc.method": self._method}
         telemetry = self._telemetry
-        telemetry._requests.add(1, attributes)
+        method = ("rpc.method", self._method)
+        telemetry._counts.add("requests", (method,))
         if record.error:
-            telemetry._errors.add(1, {**attributes, "error": record.error})
+            telemetry._counts.add("errors", (method, ("error", record.error)))
         telemetry._latency.record(
-            latency, {**attributes, "outcome": "error" if record.error else "ok"})
+            latency, {"rpc.method": self._method, "outcome": "error" if record.error else "ok"})
         span = self._span
         if span.is_recording():
             _annotate(span, record, latency)
@@ -330,14 +365,12 @@ class SearchRecord:
         self.error: str | None = None
         self.span = span
 
-    def trace_context(self) -> dict[str, str]:
-        """The span's W3C trace context (``traceparent``, ``tracestate``) for a request; empty
-        when the span is not recorded, so an untraced search sends nothing more."""
-        if self.span is None or not self.span.is_recording():
-            return {}
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(self.span))
-        return carrier
+    def stamp(self, request) -> None:
+        """Put the span's W3C trace context on ``request`` (a ``SearchRequest``), so that the
+        server's span for it is this span's child; nothing when the span is not recorded, so an
+        untraced search sends nothing more."""
+        if self.span is not None and self.span.is_recording():
+            propagate.inject(request.trace_context, context=trace.set_span_in_context(self.span))
 
 
 def _annotate(span, record: SearchRecord, latency: float) -> None:

@@ -27,12 +27,28 @@ from retriever_service.wire import PARAM_FIELDS, POLICY_FROM_WIRE
 
 
 @dataclass(frozen=True)
+class PolicyCaps:
+    """The largest ``budget`` and ``max_depth`` a server accepts for one policy: the work and
+    memory of a search grow with both (for the REST policy, with up to 5,000 occurrences times
+    ``max_depth`` counted prefixes), so a server bounds them below the protocol's own ranges."""
+
+    max_budget: int
+    max_depth: int
+
+
+# Per policy; the protocol allows budget 0..4096 and max_depth 1..256.
+DEFAULT_POLICY_CAPS = (("exact", PolicyCaps(4096, 256)), ("rest", PolicyCaps(1024, 64)))
+
+
+@dataclass(frozen=True)
 class RequestLimits:
-    """What this server accepts: its vocabulary, its context limit and the shards it serves."""
+    """What this server accepts: its vocabulary, its context limit, the shards it serves and
+    the caps on search parameters per policy."""
 
     vocab_size: int
     max_context_tokens: int
     shards: tuple[str, ...]
+    policy_caps: tuple[tuple[str, PolicyCaps], ...] = DEFAULT_POLICY_CAPS
 
 
 # The longest status message sent back; anything longer is cut. gRPC's default limit on a
@@ -83,6 +99,7 @@ class SearchRequestParser:
         params = self._params.get(key)
         if params is None:
             params = parse_params(wire)
+            check_caps(params, self.limits)
             if len(self._params) >= self._PARAMS_CACHE_SIZE:
                 self._params = {b"": SearchParams()}
             self._params[key] = params
@@ -143,6 +160,22 @@ def parse_params(wire: pb.SearchParams) -> SearchParams:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"params.{exc}") from None
 
 
+def check_caps(params: SearchParams, limits: RequestLimits) -> None:
+    """Refuses parameters above this server's caps for their policy (``PolicyCaps``)."""
+    caps = dict(limits.policy_caps).get(params.policy)
+    if caps is None:
+        return
+    for name, value, cap in (("budget", params.budget, caps.max_budget),
+                             ("max_depth", params.max_depth, caps.max_depth)):
+        if value > cap:
+            option = f"--{params.policy}-max-{name.removeprefix('max_')}"
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"params.{name}: {value} is more than this server's limit of {cap} for the"
+                f" {params.policy} policy ({option}); ask for at most {cap}",
+            )
+
+
 def parse_shard(shard: str, limits: RequestLimits) -> list[str]:
     if shard not in limits.shards:
         served = ", ".join(limits.shards[:LISTED_SHARDS])
@@ -157,6 +190,10 @@ def parse_shard(shard: str, limits: RequestLimits) -> list[str]:
 
 def engine_error(exc: Exception) -> RequestError:
     """The status for an exception the engine raised on a request that passed the checks above."""
+    from rest.datastore import ShardUnavailableError
+
+    if isinstance(exc, ShardUnavailableError):  # its file changed or failed a check: try a replica
+        return RequestError(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, KeyError):
         return RequestError(grpc.StatusCode.NOT_FOUND, f"shard: {exc}")
     if isinstance(exc, ValueError):

@@ -10,7 +10,7 @@ Three layers, each knowing only the one below it:
 - The async engine (``engine``): admits a request (or refuses it with 429 before any work),
   gives it its own queue, and aborts it when its client goes away. It owns one thread that
   drives the decoder; each step's updates are handed to the event loop thread-safely.
-- The decoder (``decoding``): ``BatchDecoder`` (``add``, ``abort``, ``step``), blocking and
+- The decoder: ``decoder.batch.BatchDecoder`` (``add``, ``abort``, ``step``), blocking and
   unaware of threads, HTTP and asyncio. Requests join and leave between steps.
 
 ``metrics`` turns each step's statistics and each request's outcome into Prometheus text;

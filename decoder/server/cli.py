@@ -2,9 +2,9 @@
 
 It binds its port first and prints ``decoder-server listening on HOST:PORT`` (``--port 0``
 picks a free port), then loads the model on a thread while ``/health`` answers 503 ("loading");
-``/health`` turns 200 when the model, the retriever and the decoder are ready. On SIGTERM (or
-SIGINT) it drains: ``/health`` and new requests get 503 and the port stops accepting
-connections, requests in flight finish (for at most ``--grace-s`` seconds), then it exits 0.
+``/health`` turns 200 when the model, the retriever and the decoder are ready. On SIGTERM it
+drains: ``/health`` and new requests get 503 and the port stops accepting connections, requests
+in flight finish (for at most ``--grace-s`` seconds), then it exits 0 (after SIGINT, 130).
 A model that fails to load ends the process with one line and exit status 1.
 """
 
@@ -62,7 +62,7 @@ def make_loader(options: dict[str, Any], retriever: Any, served_name: str):
     def load():
         from decoder.generator import RestGenerator
         from decoder.model_support import load_model
-        from decoder.server.decoding import BATCHED, BatchDecoder
+        from decoder.batch import BatchDecoder
 
         log.info("loading %s on %s", options["model_path"], options["device"])
         model, tokenizer = load_model(options["model_path"], options["dtype"], options["device"],
@@ -73,28 +73,20 @@ def make_loader(options: dict[str, Any], retriever: Any, served_name: str):
             log.info("calibrating verification cost per tree size")
             generator.calibrate()
         decoder = BatchDecoder(generator, max_batch=options["max_batch"])
-        log.info("%s decoding, batches of at most %d", "batched" if BATCHED else "sequential",
-                 options["max_batch"])  # fmt: skip
+        log.info("batches of at most %d sequences", options["max_batch"])
         info = ModelInfo(served_name, tokenizer, generator.encode, context_limit(model.config))
         return decoder, info
 
     return load
 
 
-def check_model_path(name_or_path: str) -> None:
-    """A value written as a path (absolute, or starting with . or ~) must exist: only hub ids
-    are looked up elsewhere. Checked before the port is bound and the model loads."""
-    from pathlib import Path
-
-    if name_or_path.startswith(("/", ".", "~")) and not Path(name_or_path).expanduser().exists():
-        raise click.ClickException(f"--model {name_or_path}: no such directory")
-
-
 def serve(options: dict[str, Any]) -> None:
     import uvicorn
 
-    check_model_path(options["model_path"])
+    from rest.tokenizer import missing_local_path
 
+    if missing_local_path(options["model_path"]):  # before the port is bound and a model loads
+        raise click.ClickException(f"--model {options['model_path']}: no such directory")
     retriever = options["retriever_options"].open()
     served_name = options["served_model_name"] or options["model_path"]
     sock = bind(options["host"], options["port"])

@@ -14,7 +14,6 @@ command queue.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
@@ -23,7 +22,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from decoder.server.decoding import SequenceRequest, SequenceUpdate
+from decoder.batch import SequenceRequest, SequenceUpdate
 from decoder.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -86,7 +85,6 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
-        self._ids = itertools.count()
 
     # -- on the event loop ---------------------------------------------------------------------
 
@@ -102,9 +100,6 @@ class AsyncEngine:
     @property
     def in_flight(self) -> int:
         return len(self._streams)
-
-    def next_request_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}"
 
     def admit(self, request: SequenceRequest) -> RequestStream:
         """Take a place for ``request`` and hand it to the decoder. Raises ``Unavailable``,

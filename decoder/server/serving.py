@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from decoder.errors import DecoderError
 from decoder.generator import IncrementalDetokenizer
 from decoder.server import protocol
-from decoder.server.decoding import BATCHED, SequenceRequest
+from decoder.batch import SequenceRequest
 from decoder.server.engine import (
     AsyncEngine,
     EngineFailed,
@@ -120,8 +120,8 @@ class ServerState:
         self.engine.start()
         self.model = model
         self.status = "ready"
-        log.info("ready: serving %s (%s decoding, at most %d requests in flight)", model.name,
-                 "batched" if BATCHED else "sequential", self.max_in_flight)  # fmt: skip
+        log.info("ready: serving %s (at most %d requests in flight)", model.name,
+                 self.max_in_flight)
 
     def _failed(self, exc: BaseException) -> None:
         self.status, self.failure = "failed", exc
@@ -239,7 +239,7 @@ def chat_prompt_ids(model: ModelInfo, messages: list[dict[str, str]]) -> list[in
 
 
 def admit(state: ServerState, body: CompletionRequest | ChatCompletionRequest,
-          kind: str) -> tuple[RequestStream, ModelInfo, AsyncEngine]:  # fmt: skip
+          ) -> tuple[RequestStream, ModelInfo, AsyncEngine]:  # fmt: skip
     """Everything before decoding: serving, capacity, model name, prompt, limits, validation."""
     engine, model = state.serving()
     if engine.in_flight >= engine.max_in_flight:  # before tokenizing: no work for a refusal
@@ -503,13 +503,13 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request):
-        stream, model, engine = admit(state, body, "completion")
+        stream, model, engine = admit(state, body)
         response = completion_response(body, stream, model, engine, raw)
         return response if isinstance(response, StreamingResponse) else await response
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
-        stream, model, engine = admit(state, body, "chat")
+        stream, model, engine = admit(state, body)
         response = chat_response(body, stream, model, engine, raw)
         return response if isinstance(response, StreamingResponse) else await response
 
@@ -536,7 +536,7 @@ def build_app(state: ServerState) -> FastAPI:
         engine = state.engine
         if engine is not None and engine.failure is not None and state.status == "ready":
             state._failed(engine.failure)
-        body: dict[str, Any] = {"status": state.status, "batched": BATCHED}
+        body: dict[str, Any] = {"status": state.status}
         if engine is not None:
             body |= {"in_flight": engine.in_flight, "max_in_flight": engine.max_in_flight}
         if state.failure is not None:

@@ -53,16 +53,25 @@ class SearchParams(_message.Message):
     def __init__(self, min_span: _Optional[int] = ..., max_span: _Optional[int] = ..., budget: _Optional[int] = ..., max_depth: _Optional[int] = ..., policy: _Optional[_Union[Policy, str]] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("context", "params", "shard", "levels")
+    __slots__ = ("context", "params", "shard", "levels", "trace_context")
+    class TraceContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     LEVELS_FIELD_NUMBER: _ClassVar[int]
+    TRACE_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     context: _containers.RepeatedScalarFieldContainer[int]
     params: SearchParams
     shard: str
     levels: int
-    def __init__(self, context: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SearchParams, _Mapping]] = ..., shard: _Optional[str] = ..., levels: _Optional[int] = ...) -> None: ...
+    trace_context: _containers.ScalarMap[str, str]
+    def __init__(self, context: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SearchParams, _Mapping]] = ..., shard: _Optional[str] = ..., levels: _Optional[int] = ..., trace_context: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("match_length", "occurrences", "tokens", "parents", "counts", "shard", "backoff", "searched_shards", "cut_count")

@@ -242,7 +242,11 @@ def test_decoder_policy_learns_from_served_outputs_only_after_serving_them(tmp_p
     assert first.m == 1.0
     again = replay(served, [target])  # the same output served before: now predictable
     assert again.m > 3.0
-    assert again.search_seconds > 0  # the datastore was searched, and timed
+    assert again.search_seconds is None  # searched inside the engine's one call per step
+    reference = DecoderPolicy(ds, decoder_config(budget=16, drafting="python"))
+    assert replay(reference, [target]).m == first.m
+    again = replay(reference, [target])
+    assert again.m > 3.0 and again.search_seconds > 0  # the datastore was searched, and timed
     blind = DecoderPolicy(ds, decoder_config(budget=16, served_drafts=False))
     replay(blind, [target])
     assert replay(blind, [target]).m == 1.0
@@ -278,16 +282,18 @@ def test_cli_prints_the_table_and_writes_json_and_a_sweep_chart(tmp_path, monkey
     monkeypatch.setattr(R, "load_workload", lambda fraction=(1, 1): workload)
     out_json = tmp_path / "out.json"
     chart = tmp_path / "sweep.png"
-    assert R.main(["--policies", "rest", "exact", "decoder", "--json", str(out_json), "--sweep", str(chart)]) == 0
+    assert R.main(["--policies", "rest", "exact", "decoder", "decoder-python", "--json", str(out_json),
+                   "--sweep", str(chart)]) == 0
     printed = capsys.readouterr().out
     assert "policy" in printed and "decoder" in printed and "search" in printed
     data = json.loads(out_json.read_text())
     rows = {r["policy"]: r for r in data["results"]}
     assert rows["rest"]["ratio_to_rest"] == pytest.approx(1.0)
     assert rows["exact"]["M"] >= 1.0 and rows["decoder"]["steps"] > 0
-    assert rows["decoder"]["search_us_per_step"] >= 0 and rows["rest"]["search_us_per_step"] is None
+    assert rows["decoder-python"]["search_us_per_step"] >= 0 and rows["rest"]["search_us_per_step"] is None
+    assert rows["decoder"]["M"] == rows["decoder-python"]["M"]  # the engine drafts the reference's trees
     assert data["decoder_config"]["retrieval_levels"] == 3
-    assert len(data["sweep"]) == 4 * 3
+    assert len(data["sweep"]) == 4 * 4
     assert chart.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -324,7 +324,7 @@ def test_generate_errors_are_one_line(model_dir, own_datastore, tmp_path) -> Non
             (["--model", str(tmp_path / "no-model")], {}, ["no-model does not exist"]),
             (["--retriever", "127.0.0.1:1", "--tls-ca", str(not_pem)], {}, ["--tls-ca", "is not a PEM file"]),
             (["--retriever", f"127.0.0.1:{free_port()}", "--require-retriever"], {},
-             ["did not answer", "is retriever-server running there"]),
+             ["did not answer", "retriever-server running there"]),
             (["--retriever", server.address, "--require-retriever"], {"REST_RETRIEVER_TOKEN": "wrong"},
              ["UNAUTHENTICATED", "token"]),
         ]  # fmt: skip
@@ -333,3 +333,62 @@ def test_generate_errors_are_one_line(model_dir, own_datastore, tmp_path) -> Non
             assert_one_line_error(finished(proc), 1, *fragments)
     finally:
         server.kill()
+
+
+# ----------------------------------------------------------------------------------------------
+# Generation settings: passed only when given, the model's generation config decides the rest
+
+
+@pytest.fixture(scope="module")
+def configured_model_dir(tmp_path_factory):
+    """The test model with a generation config of its own, as instruct models ship them."""
+    from transformers import GenerationConfig
+
+    path = tmp_path_factory.mktemp("configured")
+    model = make_model("llama")
+    model.save_pretrained(path)
+    GenerationConfig(do_sample=True, temperature=0.7, top_k=20, repetition_penalty=1.3, eos_token_id=1,
+                     pad_token_id=0).save_pretrained(path)  # fmt: skip
+    make_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+def generated(model_dir, *args) -> list[int]:
+    result = run(generate, ["--model", model_dir, "--prompt", PROMPT, "--max-new-tokens", "12", "--json", *args])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)["tokens"]
+
+
+def test_unset_options_leave_the_models_generation_config_in_charge(configured_model_dir) -> None:
+    # The saved config samples; --greedy keeps its repetition penalty, as model.generate does.
+    want = hf_greedy(make_model("llama"), IDS, 12, repetition_penalty=1.3)
+    assert generated(configured_model_dir, "--greedy") == want
+    assert generated(configured_model_dir, "--temperature", "0") == want
+    assert generated(configured_model_dir, "--greedy", "--repetition-penalty", "1") == hf_greedy(
+        make_model("llama"), IDS, 12)
+    # Sampling with the config's own temperature, top-k and penalty: repeatable with a seed.
+    assert generated(configured_model_dir, "--seed", "3") == generated(configured_model_dir, "--seed", "3")
+
+
+@pytest.mark.parametrize("args, hf_kwargs", [
+    (["--repetition-penalty", "1.5"], {"repetition_penalty": 1.5}),
+    (["--no-repeat-ngram-size", "2"], {"no_repeat_ngram_size": 2}),
+    (["--min-new-tokens", "12"], {"min_new_tokens": 12}),
+    # Filters that keep only the most likely token make sampling greedy: proof they were applied.
+    (["--do-sample", "--temperature", "2", "--top-k", "1", "--seed", "1"], {}),
+    (["--do-sample", "--temperature", "2", "--min-p", "1", "--seed", "1"], {}),
+    (["--do-sample", "--temperature", "2", "--top-p", "0.0001", "--seed", "1"], {}),
+])  # fmt: skip
+def test_generation_options_reach_the_generator(model_dir, args, hf_kwargs) -> None:
+    assert generated(model_dir, *args) == hf_greedy(make_model("llama"), IDS, 12, **hf_kwargs)
+
+
+def test_sampling_options_change_the_draws_and_match_the_library(model_dir) -> None:
+    from decoder import RestGenerator
+
+    sampled = generated(model_dir, "--do-sample", "--temperature", "2", "--seed", "1")
+    assert sampled != hf_greedy(make_model("llama"), IDS, 12)
+    typical = generated(model_dir, "--do-sample", "--temperature", "2", "--typical-p", "0.3", "--seed", "1")
+    library = RestGenerator(make_model("llama"), make_tokenizer()).generate(
+        IDS, max_new_tokens=12, do_sample=True, temperature=2.0, typical_p=0.3, seed=1, plain=True)
+    assert typical == library.tokens != sampled

@@ -24,6 +24,7 @@ from decoder.draft_tree import Level
 from decoder.ngram_index import ServedOutputs
 from rest.retriever import RetrievalSession
 from rest.types import SearchParams, SearchResult
+from tests.decoder.trees import assert_same_tree
 from tests.decoder.helpers import FakeRetriever, FunctionSource, chain
 
 
@@ -231,19 +232,40 @@ def test_guard_abandons_a_late_proposal_and_skips_while_it_runs() -> None:
 
 def test_the_default_sources_follow_the_config() -> None:
     retriever = FakeRetriever(lambda c, p: SearchResult(0, 0))
-    config = DecodingConfig()
+    config = DecodingConfig(drafting="python")
     served = served_outputs(config)
     kinds = [type(s).__name__ for s in open_draft_sources(config, retriever, served)]
     assert kinds == ["ContextDraftSource", "ServedDraftSource", "GuardedDraftSource"]
-    bare = DecodingConfig(context_drafts=False, served_drafts=False)
-    assert served_outputs(bare) is None
-    assert open_draft_sources(bare, None, None) == []
+    for drafting in ("python", "native"):
+        bare = DecodingConfig(context_drafts=False, served_drafts=False, drafting=drafting)
+        assert served_outputs(bare) is None
+        assert open_draft_sources(bare, None, None) == []
 
 
-def test_one_step_scores_every_source_into_one_tree() -> None:
-    served = ServedOutputs(max_n=4, max_tokens=100)
+def test_native_drafting_keeps_a_remote_retriever_as_a_source_of_its_own(tmp_path) -> None:
+    """The context and served outputs go to the engine; a remote retriever's levels are scored
+    there too (draft_tree hands them over); an in-process datastore is searched there."""
+    from rest.datastore import build_datastore
+    from rest.retriever import LocalRetriever
+
+    config = DecodingConfig()
+    served = served_outputs(config)
+    assert served.native
+    remote = FakeRetriever(lambda c, p: SearchResult(0, 0))
+    kinds = [type(s).__name__ for s in open_draft_sources(config, remote, served)]
+    assert kinds == ["NativeDrafter", "GuardedDraftSource"]
+    build_datastore(tmp_path / "ds", [[1, 2, 3]], vocab_size=8, tokenizer_name="t", tokenizer_fingerprint="f")
+    local = LocalRetriever(str(tmp_path / "ds"))
+    assert [type(s).__name__ for s in open_draft_sources(config, local, served)] == ["NativeDrafter"]
+    with pytest.raises(ValueError, match="indexed in the engine"):
+        open_draft_sources(config, None, ServedOutputs(max_n=4, max_tokens=100))
+
+
+@pytest.mark.parametrize("drafting", ["native", "python"])
+def test_one_step_scores_every_source_into_one_tree(drafting) -> None:
+    served = ServedOutputs(max_n=4, max_tokens=100, native=drafting == "native")
     served.add([3, 4, 5])
-    config = DecodingConfig(budget=3)
+    config = DecodingConfig(budget=3, drafting=drafting)
     session_search = lambda context, params: result(1, 2, (4, 9), (-1, -1), (1, 1))  # noqa: E731
     sources = open_draft_sources(config, FakeRetriever(session_search), served)
     tree = draft_tree(sources, [1, 3, 7, 3], budget=3, vocab_size=50)
@@ -252,3 +274,72 @@ def test_one_step_scores_every_source_into_one_tree() -> None:
     assert {4, 7}.issubset(set(tree.tokens))
     for source in sources:
         source.close()
+
+
+# --- native drafting against the reference ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_datastore(tmp_path_factory):
+    from rest.datastore import build_datastore
+    from rest.retriever import LocalRetriever
+
+    import random
+
+    rng = random.Random(7)
+    docs = [[rng.randrange(6) for _ in range(rng.randrange(5, 40))] for _ in range(30)]
+    path = tmp_path_factory.mktemp("native") / "ds"
+    build_datastore(path, docs, vocab_size=8, tokenizer_name="t", tokenizer_fingerprint="f")
+    return LocalRetriever(str(path))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    outputs=st.lists(st.lists(st.integers(0, 5), max_size=30), max_size=5),
+    generation=st.lists(st.integers(0, 7), min_size=2, max_size=60),
+    budget=st.one_of(st.none(), st.integers(0, 24)),
+    levels=st.integers(1, 3),
+    min_span=st.integers(1, 2),
+    use=st.sampled_from(["all", "no-context", "no-served", "no-datastore"]),
+)
+def test_native_drafting_gives_the_reference_trees(tiny_datastore, outputs, generation, budget, levels,
+                                                    min_span, use) -> None:
+    """Step by step along a growing context, with served outputs and a datastore: the engine's
+    tree is the Python sources' and scorer's, node for node."""
+    config = {"retrieval_levels": levels, "search": SearchParams(min_span=min_span, budget=12),
+              "retrieval_deadline_s": None, "context_drafts": use != "no-context",
+              "served_drafts": use != "no-served", "served_max_tokens": 64}
+    retriever = None if use == "no-datastore" else tiny_datastore
+    drafters = {}
+    for drafting in ("native", "python"):
+        c = DecodingConfig(drafting=drafting, **config)
+        served = served_outputs(c)
+        for output in outputs:
+            if served is not None:
+                served.add(output)
+        drafters[drafting] = open_draft_sources(c, retriever, served)
+    for end in range(1, len(generation) + 1):
+        context = generation[:end]
+        native = draft_tree(drafters["native"], context, budget, 8)
+        reference = draft_tree(drafters["python"], context, budget, 8)
+        assert_same_tree(native, reference)
+    for sources in drafters.values():
+        for source in sources:
+            source.close()
+
+
+def test_native_drafting_starts_afresh_on_a_context_that_does_not_extend_the_last() -> None:
+    config = DecodingConfig(served_drafts=False)
+    (native,) = open_draft_sources(config, None, None)
+    assert native.draft([1, 2, 3, 1, 2]).tokens[:1] == [3]
+    assert native.draft([5, 6, 5]).tokens[:1] == [6]  # not 1 2 3 1 2 ... any more
+    assert native.draft([5, 6, 5, 9, 5]).tokens[:1] in ([6], [9])
+
+
+def test_native_drafting_counts_a_failed_search_and_drafts_without_it(tiny_datastore) -> None:
+    config = DecodingConfig(served_drafts=False, context_drafts=False)
+    (native,) = open_draft_sources(config, tiny_datastore, None)
+    assert len(draft_tree([native], [1, 2, 3], 8, 8)) > 0 and native.failures == 0
+    # A token outside the datastore's vocabulary: the search is refused, the step has no drafts.
+    assert len(draft_tree([native], [1, 2, 3, 99], 8, 8)) == 0
+    assert native.failures == 1

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from decoder.draft_tree import DraftTree, Level, count_trie
+from tests.decoder.trees import assert_same_tree
 
 
 def paths(tree: DraftTree) -> dict[tuple[int, ...], float]:
@@ -203,6 +204,47 @@ def test_scoring_and_pruning_match_a_brute_force_reference(level_list, budget) -
     left_out = [s for path, s in want.items() if path not in kept]
     assert all(s >= max(left_out, default=0.0) - 1e-12 for s in kept.values())
     assert paths(full.prune(budget)) == pytest.approx(kept)
+
+
+# --- the engine's scorer against this reference -------------------------------------------------
+
+
+wide_levels = st.builds(
+    lambda shape, match_length, conts, trust, extra: (
+        rows_level(match_length, conts, trust)
+        if shape == "rows"
+        else trie_level(match_length, [c for c in conts if c] or [[0]], trust, extra)
+    ),
+    st.sampled_from(["rows", "trie"]),
+    st.integers(1, 6),
+    st.lists(st.lists(st.integers(-1, 7), max_size=6), min_size=1, max_size=8),
+    st.sampled_from([0.0, 0.5, 1.0, 3.0, 16.0]),
+    st.integers(0, 3),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(wide_levels, max_size=10), st.one_of(st.none(), st.integers(0, 20)),
+       st.one_of(st.none(), st.integers(1, 8)))
+def test_the_engine_scores_exactly_as_the_reference(level_list, budget, vocab_size) -> None:
+    from decoder.draft_sources import score_in_engine
+
+    reference = DraftTree.from_levels(level_list, budget=budget, vocab_size=vocab_size)
+    engine = score_in_engine(level_list, budget, vocab_size)
+    assert_same_tree(engine, reference)
+    full = DraftTree.from_levels(level_list, vocab_size=vocab_size)
+    full_engine = score_in_engine(level_list, None, vocab_size)
+    assert (full_engine.tokens, full_engine.parents) == (full.tokens, full.parents)
+
+
+def test_the_engine_refuses_what_the_reference_refuses() -> None:
+    from decoder.draft_sources import score_in_engine
+
+    bad = Level.from_trie(2, 2, (1, 2), (1, -1), (1, 1), 0.0)
+    with pytest.raises(ValueError, match="earlier node"):
+        score_in_engine([bad])
+    with pytest.raises(ValueError, match="earlier node"):
+        DraftTree.from_levels([bad])
 
 
 # --- pruning and layout ------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from decoder.config import DecodingConfig
 from decoder.hf_generate import RestDecoding
 from rest.datastore import build_datastore
 from rest.retriever import LocalRetriever
@@ -37,12 +38,13 @@ def plain_and_rest(model, rest, prompt, **kwargs):
 @pytest.mark.parametrize("prompt", prompts())
 def test_greedy_output_equals_plain_generate_with_drafts_from_the_datastore(retriever, prompt):
     model = make_model("llama")
-    rest = RestDecoding(retriever, make_tokenizer())
+    datastore_only = DecodingConfig(budget=8, context_drafts=False, served_drafts=False)
+    rest = RestDecoding(retriever, make_tokenizer(), datastore_only)
     plain, drafted = plain_and_rest(model, rest, prompt, max_new_tokens=NEW, do_sample=False)
     assert torch.equal(plain, drafted)
     stats = rest.last_result.stats
     assert stats.new_tokens == plain.shape[1] - len(prompt)
-    assert stats.steps < stats.new_tokens / 2  # the datastore's drafts were accepted
+    assert stats.steps < stats.new_tokens  # the datastore's drafts were accepted
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -83,16 +85,37 @@ def test_sampling_is_repeatable_with_torch_manual_seed(retriever):
     assert sample(1) != sample(2)
 
 
+@pytest.mark.parametrize("kwargs", [
+    {"repetition_penalty": 1.3}, {"no_repeat_ngram_size": 2}, {"min_new_tokens": 20}, {"eos_token_id": 40},
+    {"suppress_tokens": [40, 41]},
+])  # fmt: skip
+def test_the_generation_config_is_applied_as_plain_generate_applies_it(retriever, kwargs):
+    model = make_model("llama")
+    rest = RestDecoding(retriever, make_tokenizer())
+    for prompt in prompts():
+        plain, drafted = plain_and_rest(model, rest, prompt, max_new_tokens=NEW, **kwargs)
+        assert torch.equal(plain, drafted), kwargs
+
+
+class Halve:
+    """A logits processor of the caller's own (not one the generation config makes)."""
+
+    def __call__(self, input_ids, scores):
+        return scores / 2
+
+
 @pytest.mark.parametrize("kwargs, message", [
-    ({"repetition_penalty": 1.3}, "RepetitionPenaltyLogitsProcessor"),
-    ({"min_new_tokens": 5}, "MinNewTokensLengthLogitsProcessor"),
+    ({"logits_processor": [Halve()]}, "Halve"),
     ({"max_time": 10.0}, "MaxTimeCriteria"),
-    ({"num_beams": 2}, "beam search"),
+    ({"num_beams": 2}, "beam"),
     ({"output_scores": True, "return_dict_in_generate": True}, "sequences only"),
-    ({"eos_token_id": 5}, "EOS tokens"),
 ])  # fmt: skip
 def test_settings_it_would_not_reproduce_are_refused_by_name(kwargs, message):
+    from transformers.generation.logits_process import LogitsProcessorList
+
     model = make_model("llama")
+    if "logits_processor" in kwargs:
+        kwargs = {"logits_processor": LogitsProcessorList(kwargs["logits_processor"])}
     with pytest.raises(ValueError, match=message):
         model.generate(torch.tensor([prompts()[0]]), max_new_tokens=4, pad_token_id=0,
                        custom_generate=RestDecoding(None, make_tokenizer()), **kwargs)  # fmt: skip

@@ -44,9 +44,30 @@ def longest_match(docs, context, min_span, max_span):
 
 def exact_search(docs, context, min_span=2, max_span=16, budget=64, max_depth=10):
     """(match_length, occurrences, tokens, parents, counts) by the exact policy."""
+    return exact_search_with_cut(docs, context, min_span, max_span, budget, max_depth)[0]
+
+
+def exact_levels(docs, context, levels, min_span=2, max_span=16, budget=64, max_depth=10):
+    """Back-off levels as ``search_levels`` defines them: ``[(search tuple, cut_count), ...]`` for
+    the longest match ``m``, then ``max_span = m - 1``, ``m - 2``, ... down to ``min_span``;
+    ``[]`` when nothing matches."""
+    out = []
+    span = max_span
+    while len(out) < levels and span >= min_span:
+        found = exact_search_with_cut(docs, context, min_span, span, budget, max_depth)
+        if found[0][0] == 0:
+            break
+        out.append(found)
+        span = found[0][0] - 1
+    return out
+
+
+def exact_search_with_cut(docs, context, min_span=2, max_span=16, budget=64, max_depth=10):
+    """``(exact_search tuple, cut_count)``: the cut count is the largest count of a node left out
+    by the budget (every child of every added node is a candidate), 0 when none was."""
     length, occ = longest_match(docs, context, min_span, max_span)
     if length == 0:
-        return 0, 0, [], [], []
+        return (0, 0, [], [], []), 0
     continuations = [docs[d][i + length : i + length + max_depth] for d, i in occ]
 
     def children(path):
@@ -69,7 +90,8 @@ def exact_search(docs, context, min_span=2, max_span=16, budget=64, max_depth=10
         if depth < max_depth:
             for child, cnt in children(path).items():
                 heapq.heappush(heap, (-cnt, depth + 1, index, child, path + [child]))
-    return length, len(occ), tokens, parents, counts
+    cut_count = -heap[0][0] if heap else 0
+    return (length, len(occ), tokens, parents, counts), cut_count
 
 
 def _suffix_order_occurrences(shard_docs, pattern, limit, key_len=None):

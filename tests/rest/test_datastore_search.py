@@ -63,6 +63,48 @@ def test_exact_policy_matches_reference(tmp_path_factory, data):
 
 @settings(max_examples=100)
 @given(data=st.data())
+def test_levels_and_cut_counts_match_reference(tmp_path_factory, data):
+    vocab, docs, shard_tokens = data.draw(corpora())
+    ds = build(tmp_path_factory.mktemp("x"), docs, vocab, shard_tokens)
+    for _ in range(5):
+        context, p = data.draw(queries(vocab, docs))
+        levels = data.draw(st.integers(1, 4))
+        expected = reference.exact_levels(docs, context, levels, p.min_span, p.max_span, p.budget,
+                                          p.max_depth)
+        found = ds.search_levels(context, p, levels)
+        assert [(as_tuple(r), r.cut_count) for r in found] == expected
+        alone = reference.exact_search_with_cut(docs, context, p.min_span, p.max_span, p.budget,
+                                                p.max_depth)
+        assert (as_tuple(ds.search(context, p)), ds.search(context, p).cut_count) == alone
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_session_searches_equal_stateless_searches(tmp_path_factory, data):
+    """A session's contexts grow by pieces of the documents (accepted drafts) and by random
+    tokens (rejected ones), and sometimes jump; every answer equals the stateless one."""
+    vocab, docs, shard_tokens = data.draw(corpora())
+    ds = build(tmp_path_factory.mktemp("x"), docs, vocab, shard_tokens)
+    session = ds.session()
+    _, params = data.draw(queries(vocab, docs))
+    levels = data.draw(st.integers(1, 3))
+    context = data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=4))
+    for _ in range(12):
+        step = data.draw(st.sampled_from(["document", "token", "jump"]))
+        if step == "document":
+            doc = data.draw(st.sampled_from(docs))
+            start = data.draw(st.integers(0, len(doc) - 1))
+            context = context + doc[start : start + data.draw(st.integers(1, 4))]
+        elif step == "token":
+            context = context + [data.draw(st.integers(0, vocab - 1))]
+        else:
+            context = data.draw(st.lists(st.integers(0, vocab - 1), min_size=1, max_size=6))
+        assert session.search_levels(context, params, levels) == ds.search_levels(context, params, levels)
+        assert session.search(context, params) == ds.search(context, params)
+
+
+@settings(max_examples=100)
+@given(data=st.data())
 def test_rest_policy_matches_reference(tmp_path_factory, data):
     vocab, docs, shard_tokens = data.draw(corpora())
     ds = build(tmp_path_factory.mktemp("x"), docs, vocab, shard_tokens)

@@ -1,4 +1,5 @@
-"""Datastore.try_search and the native SearchExecutor against Datastore.search."""
+"""Datastore.try_search and the native SearchExecutor against Datastore.search_levels, with and
+without a search session."""
 
 import random
 import select
@@ -45,10 +46,14 @@ def collect(executor, n: int, timeout: float = 20.0) -> dict:
 def test_try_search_with_time_is_search(corpus, params):
     ds, contexts = corpus
     shards = [None, ["shard-00001"]]
+    session = ds.session()
     for i, context in enumerate(contexts):
         only = shards[i % 2]
-        result = ds.try_search(context, params, only, time_limit_s=10.0)
-        assert result == ds.search(context, params, shards=only)
+        levels = 1 + i % 3
+        result = ds.try_search(context, params, only, time_limit_s=10.0, levels=levels)
+        in_session = ds.try_search(context, params, only, time_limit_s=10.0, levels=levels,
+                                   session=session)
+        assert result == in_session == ds.search_levels(context, params, levels, shards=only)
 
 
 @pytest.mark.parametrize("policy", ["exact", "rest"])
@@ -65,9 +70,15 @@ def test_executor_results_equal_search(corpus, params):
     executor = ds.search_executor(workers=3)
     try:
         for tag, context in enumerate(contexts):
-            executor.submit(tag, context, params)
+            executor.submit(tag, context, params, levels=1 + tag % 3)
         outcomes = collect(executor, len(contexts))
-        assert outcomes == {tag: ds.search(c, params) for tag, c in enumerate(contexts)}
+        expected = {tag: ds.search_levels(c, params, 1 + tag % 3) for tag, c in enumerate(contexts)}
+        assert outcomes == expected
+        # A session's searches go one at a time, as one stream of the server sends them.
+        session = ds.session()
+        for tag, context in enumerate(contexts):
+            executor.submit(tag, context, params, levels=1 + tag % 3, session=session)
+            assert collect(executor, 1) == {tag: expected[tag]}
         assert executor.completed() == []
     finally:
         executor.close()
@@ -82,8 +93,9 @@ def test_executor_reports_errors_and_expired_deadlines(corpus):
         executor.submit(3, [1, 99], SearchParams(min_span=1))
         executor.submit(4, [1, 2], SearchParams(min_span=1), timeout_s=0.0)
         outcomes = collect(executor, 4)
-        assert outcomes[1] == ds.search([1, 2], SearchParams(min_span=1), shards=["shard-00001"])
-        assert outcomes[1].shard == "shard-00001"
+        (found,) = outcomes[1]
+        assert found == ds.search([1, 2], SearchParams(min_span=1), shards=["shard-00001"])
+        assert found.shard == "shard-00001" and found.searched_shards == ("shard-00001",)
         assert isinstance(outcomes[2], KeyError) and "no-such-shard" in str(outcomes[2])
         assert isinstance(outcomes[3], ValueError) and "99" in str(outcomes[3])
         assert isinstance(outcomes[4], TimeoutError)
@@ -110,12 +122,25 @@ def test_zero_workers_is_refused(corpus):
 def test_limits_too_large_for_the_clock_mean_no_limit(corpus):
     ds, contexts = corpus
     params = PARAMS[0]
-    assert ds.try_search(contexts[0], params, None, time_limit_s=1e12) == ds.search(contexts[0], params)
+    expected = ds.search_levels(contexts[0], params, 1)
+    assert ds.try_search(contexts[0], params, None, time_limit_s=1e12) == expected
     executor = ds.search_executor(workers=1)
     try:
         executor.submit(1, contexts[0], params, timeout_s=1e30)
         executor.submit(2, contexts[0], params, timeout_s=float("inf"))
         outcomes = collect(executor, 2)
-        assert outcomes[1] == outcomes[2] == ds.search(contexts[0], params)
+        assert outcomes[1] == outcomes[2] == expected
     finally:
         executor.close()
+
+
+def test_levels_beyond_the_cap_are_refused(corpus):
+    ds, contexts = corpus
+    from rest.datastore import MAX_LEVELS
+
+    for levels in (0, MAX_LEVELS + 1):
+        with pytest.raises(ValueError, match="levels"):
+            ds.search_levels(contexts[0], PARAMS[0], levels)
+        with pytest.raises(ValueError, match="levels"):
+            ds.try_search(contexts[0], PARAMS[0], None, 1.0, levels=levels)
+    assert len(ds.search_levels([1, 2, 3, 4], SearchParams(min_span=1), MAX_LEVELS)) <= MAX_LEVELS

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from rest.datastore import Datastore, build_datastore
@@ -40,10 +41,14 @@ def datastore(datastore_dir) -> Datastore:
 
 @pytest.fixture(scope="session")
 def slow_datastore_dir(tmp_path_factory) -> Path:
-    """One long run of a single token: the REST policy's search of [0, 0] takes a while."""
+    """6,000 documents that start with [0, 0, 0] and go on with distinct tokens: the REST
+    policy's search of [0, 0] counts 5,000 continuations 256 tokens deep, through distinct
+    prefixes, and takes a while (about 0.1-0.2 s on an idle machine)."""
     path = tmp_path_factory.mktemp("slow") / "ds"
-    build_datastore(path, [[0] * 100_000 for _ in range(4)], vocab_size=8,
-                    tokenizer_name="test-tokenizer", tokenizer_fingerprint="s" * 32)
+    rng = np.random.default_rng(5)
+    docs = [[0, 0, 0, *rng.integers(1, 60_000, size=258).tolist()] for _ in range(6000)]
+    build_datastore(path, docs, vocab_size=60_000, tokenizer_name="test-tokenizer",
+                    tokenizer_fingerprint="s" * 32)
     return path
 
 

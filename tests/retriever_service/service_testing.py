@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +132,9 @@ class ThreadSearchExecutor:
         with self._lock:
             done, self._done = self._done, []
         return done
+
+    def cancel(self, tag) -> None:
+        """The native executor gives a cancelled search up; these threads let it finish."""
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -260,3 +264,97 @@ def write_certs_with_openssl(out: Path) -> None:
             "-keyout", f"{stem}.key", "-out", f"{stem}.csr", "-subj", f"/CN={cn}")
         run("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
             "-CAcreateserial", "-out", f"{stem}.pem", "-days", "1", "-extfile", f"{stem}.ext")
+
+
+class OtlpCollector:
+    """A minimal OpenTelemetry collector on 127.0.0.1: OTLP traces over gRPC (``grpc_endpoint``)
+    and over HTTP with protobuf bodies (``http_endpoint``), kept in ``spans``.
+
+    ``with OtlpCollector() as collector: ... collector.spans`` (each a ``CollectedSpan``).
+    """
+
+    def __init__(self) -> None:
+        from concurrent import futures
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import grpc
+        from opentelemetry.proto.collector.trace.v1 import (
+            trace_service_pb2,
+            trace_service_pb2_grpc,
+        )
+
+        self.spans: list[CollectedSpan] = []
+        self._lock = threading.Lock()
+        collector = self
+
+        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                collector._add(request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self._grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self._grpc)
+        grpc_port = self._grpc.add_insecure_port("127.0.0.1:0")
+        self._grpc.start()
+        self.grpc_endpoint = f"http://127.0.0.1:{grpc_port}"
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                if self.path == "/v1/traces":
+                    collector._add(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                reply = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(reply)))
+                self.end_headers()
+                self.wfile.write(reply)
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self._http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self._http.serve_forever, daemon=True).start()
+        self.http_endpoint = f"http://127.0.0.1:{self._http.server_address[1]}"
+
+    def _add(self, request) -> None:
+        spans = []
+        for resource_spans in request.resource_spans:
+            service = next((a.value.string_value for a in resource_spans.resource.attributes
+                            if a.key == "service.name"), "")
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    spans.append(CollectedSpan(
+                        service=service, name=span.name, trace_id=span.trace_id.hex(),
+                        span_id=span.span_id.hex(), parent_id=span.parent_span_id.hex() or None,
+                        attributes={a.key: a.value for a in span.attributes}))
+        with self._lock:
+            self.spans.extend(spans)
+
+    def exporter_env(self, protocol: str) -> dict[str, str]:
+        """The variables that make a process export its traces here, by ``protocol``."""
+        endpoint = self.grpc_endpoint if protocol == "grpc" else self.http_endpoint
+        return {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                "OTEL_BSP_SCHEDULE_DELAY": "100"}
+
+    def close(self) -> None:
+        self._grpc.stop(0)
+        self._http.shutdown()
+        self._http.server_close()
+
+    def __enter__(self) -> OtlpCollector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class CollectedSpan:
+    service: str
+    name: str
+    trace_id: str  # hex
+    span_id: str
+    parent_id: str | None
+    attributes: dict

@@ -16,6 +16,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from rest.datastore import Datastore
+from rest.retriever import LocalRetriever
 from rest.types import SearchParams
 from retriever_service.client import SERVICE_NAME, IncompatibleEndpoints, RemoteRetriever
 from retriever_service.replicas import EjectionPolicy, ReplicaPolicy
@@ -138,10 +139,9 @@ def test_a_killed_replica_fails_over_within_the_step(datastore_dir, datastore, d
             for context in contexts[10:]:
                 assert tree(session.search(context, WIDE)) == tree(datastore.search(context, WIDE))
             assert session.failures == 0
-            stats = retriever.stats()
-            assert stats["endpoints"][used.address].get("failures_UNAVAILABLE", 0) >= 1 or \
-                stats["shards"]["shard-00000,shard-00001,shard-00002"]["failovers"] == 0
             assert attempts(retriever, other) >= 20
+            dead = retriever.stats()["endpoints"][used.address]
+            assert dead["health"] != "serving" or dead["ejection"] != "serving"
     finally:
         for s in servers:
             s.kill()
@@ -214,15 +214,16 @@ def test_replicas_not_serving_get_no_searches(datastore, datastore_dir, document
         assert tree(session.search([1, 2], WIDE)) == tree(datastore.search([1, 2], WIDE))
 
 
-def test_a_stalled_server_costs_a_few_short_deadlines_then_nothing_until_it_answers(
+def test_a_stalled_server_costs_one_short_deadline_then_nothing_until_it_answers(
     datastore, datastore_dir, documents
 ):
-    """The circuit breaker: a stalled server is given up after its shard's adaptive deadline
-    (a multiple of recent latencies, not the retriever's 2 s), ejected after 3 failures, then
-    costs nothing per search; a probe finds it again once it answers."""
+    """A stalled server is given up after its shard's adaptive deadline (a multiple of recent
+    latencies, not the retriever's 2 s); while it owes that answer no search waits for it, and
+    repeated failures eject it (the breaker); once it answers it is used again."""
     gated = GatedDatastore(datastore)
     gated.gate.set()
-    policy = ReplicaPolicy(ejection=EjectionPolicy(base_ejection_time_s=0.1,
+    policy = ReplicaPolicy(owed_timeout_s=0.2,
+                           ejection=EjectionPolicy(base_ejection_time_s=0.1,
                                                    max_ejection_time_s=0.2))
     with serve(gated, datastore_dir) as server, \
             RemoteRetriever(address(server), deadline_s=2.0, policy=policy) as retriever, \
@@ -231,17 +232,21 @@ def test_a_stalled_server_costs_a_few_short_deadlines_then_nothing_until_it_answ
         for context in contexts[:40]:
             session.search(context, WIDE)
         adaptive = retriever._pool.routing()[0].stats.deadline(2.0)
-        assert adaptive < 0.5
+        assert adaptive < 2.0  # derived from the latencies seen, below the fixed deadline
         gated.gate.clear()
         stalled = []
-        for context in contexts[40:50]:
+        give_up_at = time.monotonic() + 1.5
+        while time.monotonic() < give_up_at:
             started = time.monotonic()
-            assert session.search(context, WIDE) is None
+            assert session.search(contexts[40], WIDE) is None
             stalled.append(time.monotonic() - started)
-        assert all(t < adaptive + 0.3 for t in stalled[:3]), stalled  # not the 2 s deadline
-        assert max(stalled[3:]) < 0.05, stalled  # ejected: nothing to wait for
+        assert stalled[0] < adaptive + 0.3, stalled[:3]  # not the 2 s deadline
+        waited = [t for t in stalled if t > max(0.05, adaptive / 2)]  # not scheduling noise
+        # One wait per owed-timeout (0.2 s) at most, until the breaker ejects it; the rest of the
+        # searches had nothing to wait for.
+        assert len(waited) <= 5 and len(stalled) > 10 * len(waited), (len(stalled), waited)
         assert endpoint(retriever, server).counts["ejections"] >= 1
-        gated.gate.set()  # the server answers again: the probes find it
+        gated.gate.set()  # the server answers again: its late answers and probes find it
         assert wait_until(lambda: session.search(contexts[50], WIDE) is not None, 5.0)
         context = contexts[51]
         assert tree(session.search(context, WIDE)) == tree(datastore.search(context, WIDE))
@@ -384,3 +389,42 @@ def test_concurrent_sessions_share_replicas_without_losing_answers(layout, datas
             t.join(60)
         assert all(e["in_flight"] == 0 for e in retriever.stats()["endpoints"].values())
     assert wrong == []
+
+
+# --- back-off levels: one round trip per step -----------------------------------------------------
+
+def levels_tree(levels):
+    return None if levels is None else [tree(level) for level in levels]
+
+
+@pytest.mark.parametrize("levels", [1, 3])
+def test_search_levels_equal_the_in_process_levels(layout, datastore, datastore_dir, documents,
+                                                   levels):
+    """Every level of every replica set in one request each, merged level by level: what the
+    in-process retriever answers for the whole datastore."""
+    params = SearchParams(min_span=1, max_span=12, budget=4096, max_depth=4)
+    endpoints = [address(s) for replicas in layout for s in replicas]
+    local = LocalRetriever(str(datastore_dir)).session()
+    with RemoteRetriever(endpoints, deadline_s=5, policy=PATIENT) as retriever, \
+            retriever.session() as session:
+        for context in random_contexts(documents, 40, seed=40 + levels):
+            assert levels_tree(session.search_levels(context, params, levels)) == levels_tree(
+                local.search_levels(context, params, levels))
+        assert session.failures == 0
+
+
+def test_search_levels_is_one_request_per_replica_set(layout, datastore, documents):
+    endpoints = [address(replicas[0]) for replicas in layout]
+    params = SearchParams(min_span=1, max_span=12, budget=64, max_depth=4)
+    with RemoteRetriever(endpoints, deadline_s=5, policy=PATIENT) as retriever, \
+            retriever.session() as session:
+        context = documents[3][:30]
+        session.search_levels(context, params, 3)
+        if any(e.levels_supported is False for e in retriever._pool._endpoints.values()):
+            pytest.skip("this server answers one level per request (SearchRequest.levels is"
+                        " not served yet): the client falls back to a search per level")
+        before = sum(attempts(retriever, s) for s in (layout[0][0], layout[1][0]))
+        for context in random_contexts(documents, 20, seed=6):
+            assert session.search_levels(context, params, 3) is not None
+        after = sum(attempts(retriever, s) for s in (layout[0][0], layout[1][0]))
+        assert after - before == 2 * 20  # one request per replica set and step, all levels

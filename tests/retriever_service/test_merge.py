@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from rest.datastore import Datastore, build_datastore
+from rest.retriever import RetrievalSession
 from rest.types import SearchParams, SearchResult
-from retriever_service.merge import merge_results
+from retriever_service.merge import merge_levels, merge_results, merge_with_bounds
 from tests.retriever_service.service_testing import VOCAB, random_contexts
 
 
@@ -108,3 +112,118 @@ def test_unmatched_token_merges_to_nothing(datastore, token):
     params = SearchParams(min_span=1)
     answers = [datastore.search([token], params, shards=[s]) for s in datastore.shard_names]
     assert merge_results(answers, params.budget) == SearchResult(0, 0)
+
+
+# --- shards that prune: exact where certified, bounded always ------------------------------------
+
+def with_cut(pruned: SearchResult, unpruned: SearchResult) -> SearchResult:
+    """``pruned`` with its ``cut_count`` (what the service reports): the largest count of a node
+    of the unpruned tree that the budget left out."""
+    kept = set(pruned.paths())
+    cut = max((c for p, c in zip(unpruned.paths(), unpruned.counts) if p not in kept), default=0)
+    if pruned.cut_count:
+        assert pruned.cut_count == cut  # the engine reports it itself
+    return replace(pruned, cut_count=cut)
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory, documents):
+    """The test documents in eight or so shards, for many layouts of them over servers."""
+    path = tmp_path_factory.mktemp("many") / "ds"
+    build_datastore(path, documents, vocab_size=VOCAB, tokenizer_name="test-tokenizer",
+                    tokenizer_fingerprint="f" * 32, shard_tokens=2500)
+    datastore = Datastore.open(path)
+    assert len(datastore.shard_names) >= 6
+    return datastore
+
+
+def server_answer(datastore, shards, context, params) -> SearchResult:
+    """What a server holding ``shards`` answers, ``cut_count`` included."""
+    pruned = datastore.search(context, params, shards=shards)
+    unpruned = datastore.search(context, replace(params, budget=4096), shards=shards)
+    assert len(unpruned) < 4096
+    return with_cut(pruned, unpruned)
+
+
+layouts = st.lists(st.integers(0, 3), min_size=1, max_size=16)  # a server number per shard
+
+
+@settings(max_examples=80, deadline=None, print_blob=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(layout=layouts, seed=st.integers(0, 10_000), budget=st.sampled_from([1, 3, 8, 16]),
+       max_depth=st.integers(1, 5), min_span=st.integers(1, 3))
+def test_merging_pruned_shard_trees_is_exact_where_certified_and_bounded_always(
+    many_shards, documents, layout, seed, budget, max_depth, min_span
+):
+    datastore = many_shards
+    names = datastore.shard_names
+    servers: dict[int, list[str]] = {}
+    for i, name in enumerate(names):
+        servers.setdefault(layout[i % len(layout)], []).append(name)
+    params = SearchParams(min_span=min_span, max_span=12, budget=budget, max_depth=max_depth)
+    for context in random_contexts(documents, 4, seed):
+        answers = [server_answer(datastore, group, context, params) for group in servers.values()]
+        merged = merge_with_bounds(answers, budget)
+        result = merged.result
+        whole = datastore.search(context, params)
+        truth = datastore.search(context, replace(params, budget=4096))
+        true_counts = dict(zip(truth.paths(), truth.counts))
+        assert (result.match_length, result.occurrences) == (whole.match_length,
+                                                             whole.occurrences)
+        assert len(result) <= budget and all(p < i for i, p in enumerate(result.parents))
+        for path, low, high in zip(result.paths(), result.counts, merged.upper):
+            assert low <= true_counts[path] <= high  # never more than the truth, within bounds
+        kept = set(result.paths())
+        left_out = [c for p, c in true_counts.items() if p not in kept]
+        assert max(left_out, default=0) <= result.cut_count  # the merged answer's own bound
+        if not any(a.cut_count for a in answers):
+            assert merged.exact  # no server pruned: nothing can be missing
+        if merged.exact:
+            assert (result.tokens, result.parents, result.counts) == (
+                whole.tokens, whole.parents, whole.counts), (layout, context)
+        event("exact" if merged.exact else "bounded")
+        if (result.tokens, result.parents, result.counts) != (whole.tokens, whole.parents,
+                                                              whole.counts):
+            event("differs from the whole datastore's tree (not certified)")
+
+
+def test_a_node_that_every_server_cut_is_bounded_not_lost_silently():
+    """Budget 1: each server keeps its own favourite (5) and cuts the shared one (4 + 4): the
+    whole datastore's tree is the shared node (8). The merge cannot know it, says so, and its
+    cut count bounds what it missed."""
+    a = tree(2, 10, [(1, -1, 5)], "")
+    b = tree(2, 10, [(2, -1, 5)], "")
+    a, b = replace(a, cut_count=4), replace(b, cut_count=4)
+    merged = merge_with_bounds([a, b], budget=1)
+    assert merged.result.paths() == [(1,)] and merged.result.counts == (5,)
+    assert merged.upper == (9,)  # 5 here, and up to 4 that the other server cut
+    assert not merged.exact
+    assert merged.result.cut_count == 9  # node (2,): 5 + 4; the shared node: 4 + 4 = 8
+    # The same answers with nothing cut are exact.
+    whole = merge_with_bounds([replace(a, cut_count=0), replace(b, cut_count=0)], budget=1)
+    assert whole.exact and whole.result.cut_count == 5
+
+
+def test_merged_levels_go_by_match_length(datastore, documents):
+    """Each server's back-off levels merge with the other servers' levels of the same match
+    length, whatever their own longest match: equal to the whole datastore's levels."""
+    params = SearchParams(min_span=1, max_span=12, budget=4096, max_depth=4)
+    names = datastore.shard_names
+    for context in random_contexts(documents, 40, seed=19):
+        answers = [ShardSession(datastore, [name]).search_levels(context, params, 3)
+                   for name in names]
+        merged = merge_levels(answers, params.budget, 3)
+        whole = ShardSession(datastore, None).search_levels(context, params, 3)
+        assert [(m.match_length, m.occurrences, m.tokens, m.parents, m.counts) for m in merged] \
+            == [(w.match_length, w.occurrences, w.tokens, w.parents, w.counts) for w in whole]
+
+
+class ShardSession(RetrievalSession):
+    """Searches of some shards, with the base class's back-off levels (one search each)."""
+
+    def __init__(self, datastore, shards) -> None:
+        self.datastore = datastore
+        self.shards = shards
+
+    def search(self, context, params):
+        return self.datastore.search(context, params, shards=self.shards)

@@ -34,6 +34,25 @@ def test_try_search_bytes_are_the_python_message(datastore, documents, params):
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=repr)
+def test_levels_bytes_are_the_python_message(datastore, documents, params):
+    """Every back-off level in `backoff`, with and without a session."""
+    session = datastore.session()
+    for i, context in enumerate(random_contexts(documents, 60, seed=13)):
+        shards = [datastore.shard_names[i % 3]] if i % 2 else None
+        levels = 1 + i % 4
+        first = datastore.search(context, params, shards=shards)
+        backoff = datastore.search_levels(context, params, levels, shards=shards)[1:]
+        expected = wire.search_response(first, backoff).SerializeToString()
+        for in_session in (None, session):
+            encoded = datastore.try_search(context, params, shards, 10.0, levels=levels,
+                                           as_wire=True, session=in_session)
+            assert encoded == expected, context
+        response = pb.SearchResponse.FromString(encoded)
+        assert wire.search_levels_result(response) == ([first, *backoff] if first.match_length else [])
+        assert list(response.searched_shards) == list(shards or datastore.shard_names)
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=repr)
 def test_executor_bytes_are_the_python_message(datastore, documents, params):
     contexts = random_contexts(documents, 60, seed=12)
     executor = datastore.search_executor(2, as_wire=True)

@@ -17,8 +17,9 @@ from retriever_service.v1 import retriever_pb2 as pb
 from retriever_service.v1 import retriever_pb2_grpc as pb_grpc
 from tests.retriever_service.service_testing import ROOT
 
-# On the one-token datastore this search walks 5,000 occurrences 256 tokens deep: it takes long
-# enough (tenths of a second) to be reliably running when the signal arrives.
+# On the slow datastore this search counts 5,000 continuations 256 tokens deep: it takes long
+# enough (tenths of a second) to be reliably running when the signal arrives (above the server's
+# default caps for the REST policy, which the test raises).
 SLOW = SearchParams(min_span=2, max_span=2, budget=4096, max_depth=256, policy="rest")
 
 
@@ -27,7 +28,8 @@ def test_sigterm_finishes_calls_in_flight_then_exits_0(server_process, slow_data
     expected = Datastore.open(slow_datastore_dir).search([0, 0], SLOW)
     slow_s = time.perf_counter() - started
     server = server_process("--datastore", str(slow_datastore_dir), "--workers", "2",
-                            "--grace-s", str(max(20.0, 20 * slow_s)))
+                            "--grace-s", str(max(20.0, 20 * slow_s)),
+                            "--rest-max-budget", "4096", "--rest-max-depth", "256")
     with grpc.insecure_channel(server.address) as channel:
         stub = pb_grpc.RetrieverStub(channel)
         health = health_pb2_grpc.HealthStub(channel)
@@ -116,5 +118,6 @@ def test_the_click_command_is_exposed_for_rest_serve():
     assert result.exit_code == 0
     for option in ("--datastore", "--shard", "--host", "--port", "--max-concurrent-searches",
                    "--max-message-bytes", "--keepalive-time-s", "--grace-s", "--tls-cert",
-                   "--tls-client-ca", "--token", "--max-context-tokens", "--workers"):
+                   "--tls-client-ca", "--token", "--max-context-tokens", "--workers",
+                   "--metrics-port", "--metrics-host"):
         assert option in result.output

@@ -4,7 +4,7 @@ use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::format::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
 use crate::rest_policy::rest_tree_until;
-use crate::search::{exact_tree, exact_tree_until, Limits, Tree};
+use crate::search::{with_scratch, Limits, Searcher, Tree};
 use crate::shard::{Shard, ShardView};
 use crate::watch::{Events, ShardChange, Watching};
 use rayon::prelude::*;
@@ -67,6 +67,14 @@ pub struct OpenOptions {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Found {
     pub tree: Tree,
+    pub searched: Vec<usize>,
+}
+
+/// A finished search of back-off levels (`Datastore::search_levels`): its trees and the shards
+/// it covered (indexes into `Datastore::shards`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FoundLevels {
+    pub trees: Vec<Tree>,
     pub searched: Vec<usize>,
 }
 
@@ -244,15 +252,16 @@ impl Datastore {
     /// A shard that goes out of service during the search (its file changed: the search then
     /// read zeros from it) makes the answer unusable: a search that named it fails with
     /// `ShardUnavailable`, and one over every shard is run again over those still in service.
+    /// `search` is given the views and the shards they are of (indexes into `self.shards`).
     pub fn covering<R>(
         &self,
         only: Option<&[String]>,
-        mut search: impl FnMut(&[ShardView]) -> Option<R>,
+        mut search: impl FnMut(&[ShardView], &[usize]) -> Option<R>,
     ) -> Result<Option<(R, Vec<usize>)>> {
         loop {
             let picked = self.searchable(only)?;
             let views = picked.iter().map(|&i| self.shards[i].view()).collect::<Result<Vec<_>>>()?;
-            let result = search(&views);
+            let result = search(&views, &picked);
             drop(views);
             match picked.iter().find(|&&i| !self.shards[i].is_serving()) {
                 None => return Ok(result.map(|r| (r, picked))),
@@ -321,16 +330,70 @@ impl Datastore {
         only: Option<&[String]>,
         cancel: &Cancel,
     ) -> Result<Option<Found>> {
+        let found = self.search_levels_cancellable(context, q, 1, only, cancel)?;
+        Ok(found.map(|mut f| Found { tree: f.trees.swap_remove(0), searched: f.searched }))
+    }
+
+    /// The back-off levels of `context`: the tree of the longest matching suffix (as `search`),
+    /// then the trees of the suffixes one token shorter each, while they are at least
+    /// `min_span` tokens long; at most `levels` trees, and always the first (which has
+    /// `match_length` 0 when nothing matched). Level `k` is `search` with `max_span` set to its
+    /// match length, `m - k + 1` for the longest match `m`.
+    pub fn search_levels(&self, context: &[i64], q: &Query, levels: usize, only: Option<&[String]>) -> Result<Vec<Tree>> {
+        let found = self.search_levels_cancellable(context, q, levels, only, &Cancel::never())?;
+        Ok(found.expect("a search that cannot be cancelled always finishes").trees)
+    }
+
+    /// `search_levels`, given up (`Ok(None)`) once `cancel` says so, with the shards it covered.
+    pub fn search_levels_cancellable(
+        &self,
+        context: &[i64],
+        q: &Query,
+        levels: usize,
+        only: Option<&[String]>,
+        cancel: &Cancel,
+    ) -> Result<Option<FoundLevels>> {
+        with_scratch(|searcher| self.search_with(searcher, context, q, levels, only, cancel))
+    }
+
+    /// The searches of `search_levels_cancellable`, on `searcher` (a session's remembers what
+    /// its last search found; see `crate::session`).
+    pub(crate) fn search_with(
+        &self,
+        searcher: &mut Searcher,
+        context: &[i64],
+        q: &Query,
+        levels: usize,
+        only: Option<&[String]>,
+        cancel: &Cancel,
+    ) -> Result<Option<FoundLevels>> {
         let context = self.validate(context, q)?;
         // Only the last `max_span` tokens can matter.
         let tail = &context[context.len().saturating_sub(q.max_span)..];
         let limits = Limits { min_span: q.min_span, max_span: q.max_span, budget: q.budget, max_depth: q.max_depth };
-        let found = self.covering(only, |views| match q.policy {
-            Policy::Exact if cancel.can_cancel() => exact_tree_until(views, tail, &limits, cancel),
-            Policy::Exact => Some(exact_tree(views, tail, &limits)),
-            Policy::Rest => rest_tree_until(views, tail, &limits, cancel),
+        let found = self.covering(only, |views, picked| {
+            // What a session's searcher remembers holds for these mappings of these contents only.
+            searcher.bind(picked.iter().zip(views).map(|(&i, v)| {
+                let h = &self.shards[i].header;
+                [v.sa.as_ptr() as u64, v.sa.len() as u64, h.tokens_checksum, h.sa_checksum]
+            }));
+            let trees = match q.policy {
+                Policy::Exact => searcher.exact_levels(views, tail, &limits, levels, cancel),
+                Policy::Rest => rest_levels(views, tail, &limits, levels, cancel),
+            };
+            if trees.is_none() {
+                // Given up halfway (or about to be searched again over fewer shards): what the
+                // searcher probed may be partial.
+                searcher.forget();
+            }
+            trees
         })?;
-        Ok(found.map(|(tree, searched)| Found { tree, searched }))
+        Ok(found.map(|(trees, searched)| FoundLevels { trees, searched }))
+    }
+
+    /// The names of `found.searched` shards, in search order.
+    pub fn shard_names_of(&self, searched: &[usize]) -> Vec<String> {
+        searched.iter().map(|&i| self.shards[i].name.clone()).collect()
     }
 
     /// Many searches in parallel (rayon).
@@ -355,6 +418,21 @@ impl Datastore {
             .filter_map(|shard| shard.verify().err().map(|err| (shard.name.clone(), err)))
             .collect()
     }
+}
+
+/// The REST policy's back-off levels: each level searched again with `max_span` one shorter than
+/// the last match (the REST policy has no cheaper way).
+fn rest_levels(views: &[ShardView], context: &[u32], limits: &Limits, levels: usize, cancel: &Cancel) -> Option<Vec<Tree>> {
+    let mut trees = vec![rest_tree_until(views, context, limits, cancel)?];
+    while trees.len() < levels {
+        let span = trees[trees.len() - 1].match_length as usize;
+        if span <= limits.min_span {
+            break;
+        }
+        let level = Limits { max_span: span - 1, ..*limits };
+        trees.push(rest_tree_until(views, &context[context.len() - (span - 1)..], &level, cancel)?);
+    }
+    Some(trees)
 }
 
 /// Whether `dir` still names the directory `handle` was opened on.

@@ -4,13 +4,28 @@
 //! suffixes in an interval are sorted by the token that follows the pattern, so an interval splits
 //! into one sub-interval per next token, and the size of a sub-interval is the exact occurrence
 //! count of `pattern + token`. The tree is grown best-first over these counts without ever
-//! enumerating occurrences.
+//! enumerating occurrences of large intervals.
+//!
+//! Two ways of splitting a node, chosen by its size, with the same result:
+//! - a large interval is split in the suffix array itself (sampling first, see `sampled_runs`);
+//! - a small one (at most `DENSE_LIMIT` occurrences, the usual case for a long match) has its
+//!   continuations copied once into a small sorted table of rows (`Block`), and its whole subtree
+//!   is split there: one pass over the occurrences instead of one random access per occurrence
+//!   and tree level.
+//!
+//! A `Searcher` holds the scratch buffers (a warm one allocates only the answer) and, when it
+//! remembers (`Searcher::remembering`, one per decoding session: `crate::session`), the patterns
+//! its last search probed, present or absent. The next context of a session usually extends the
+//! last one by the accepted tokens, so most probes of the next search start with a remembered
+//! pattern: its interval is narrowed by the new tokens instead of searched afresh, and a
+//! remembered absent pattern bounds the match length. Every answer equals the stateless one.
 //!
 //! Corruption never panics: a suffix-array entry that points outside the token array reads as a
 //! separator, so a corrupt shard gives wrong (and `verify`-detectable) results, not a crash.
 
 use crate::cancel::Cancel;
 use crate::shard::ShardView;
+use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
 
@@ -21,6 +36,17 @@ const SCAN_LIMIT: u32 = 64;
 const SAMPLES_PER_BUDGET: u32 = 2;
 /// Each completion of a sampled expansion samples this many times more finely.
 const REFINE_FACTOR: u32 = 8;
+/// A node with at most this many occurrences is split in a table of its continuations (a
+/// `Block`) rather than in the suffix array.
+const DENSE_LIMIT: u64 = 64;
+/// How many remembered-prefix probes the longest-match search tries, longest first, before it
+/// falls back to a binary search over the remaining lengths.
+const REMEMBERED_PROBES: usize = 3;
+/// A search that can be cancelled asks at its first step and every this many steps after (asking
+/// reads the clock when there is a deadline).
+const CHECK_EVERY: u32 = 8;
+/// Marks the end of a row (a document boundary or the end of the text); greater than every token.
+const ROW_END: u32 = u32::MAX;
 
 /// A half-open suffix-array interval `[lo, hi)` of one shard.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,6 +60,10 @@ impl Span {
     pub fn len(&self) -> u64 {
         (self.hi - self.lo) as u64
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.hi == self.lo
+    }
 }
 
 /// The continuation tree of one search (see `rest.types.SearchResult` for the contract).
@@ -44,6 +74,10 @@ pub struct Tree {
     pub tokens: Vec<u32>,
     pub parents: Vec<i32>,
     pub counts: Vec<u64>,
+    /// The largest count of a node the budget left out: a node at most `max_depth` deep whose
+    /// parent is in the tree (or that follows the suffix directly) but which is not in the tree
+    /// itself; 0 when the budget left nothing out.
+    pub cut_count: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -62,15 +96,15 @@ fn token_at(v: &ShardView, i: u32, offset: usize) -> u32 {
     }
 }
 
-/// Compares the first `pattern.len()` tokens of the suffix at SA index `i` with `pattern`.
-/// A separator (or the end of the text) compares greater than every token id.
+/// Compares the tokens `from..pattern.len()` of the suffix at SA index `i` with those of
+/// `pattern`. A separator (or the end of the text) compares greater than every token id.
 #[inline]
-fn compare_suffix(v: &ShardView, i: u32, pattern: &[u32]) -> Ordering {
+fn compare_suffix(v: &ShardView, i: u32, pattern: &[u32], from: usize) -> Ordering {
     let pos = match v.sa.get(i as usize) {
         Some(&p) => p as usize,
         None => return Ordering::Greater,
     };
-    for (k, &want) in pattern.iter().enumerate() {
+    for (k, &want) in pattern.iter().enumerate().skip(from) {
         let have = v.text.get(pos + k).unwrap_or(v.separator);
         match have.cmp(&want) {
             Ordering::Equal => continue,
@@ -83,15 +117,27 @@ fn compare_suffix(v: &ShardView, i: u32, pattern: &[u32]) -> Ordering {
 /// The interval of suffixes that start with `pattern` (empty when it does not occur).
 pub fn pattern_interval(v: &ShardView, shard: u32, pattern: &[u32]) -> Span {
     let n = v.sa.len() as u32;
-    let lo = partition(0, n, |i| compare_suffix(v, i, pattern) == Ordering::Less);
+    let lo = partition(0, n, |i| compare_suffix(v, i, pattern, 0) == Ordering::Less);
     // Most probes of a longest-match search find nothing or a few occurrences: check the first
     // candidate, then gallop to the end of the interval instead of a second binary search over
     // the whole array.
-    if lo == n || compare_suffix(v, lo, pattern) != Ordering::Equal {
+    if lo == n || compare_suffix(v, lo, pattern, 0) != Ordering::Equal {
         return Span { shard, lo, hi: lo };
     }
-    let hi = gallop_end(lo, n, |i| compare_suffix(v, i, pattern) == Ordering::Equal);
+    let hi = gallop_end(lo, n, |i| compare_suffix(v, i, pattern, 0) == Ordering::Equal);
     Span { shard, lo, hi }
+}
+
+/// The sub-interval of `span` (the interval of some pattern of `offset` tokens) whose suffixes
+/// continue with `token` at `offset`.
+#[inline]
+fn narrow(v: &ShardView, span: Span, offset: usize, token: u32) -> Span {
+    let lo = partition(span.lo, span.hi, |j| token_at(v, j, offset) < token);
+    if lo == span.hi || token_at(v, lo, offset) != token {
+        return Span { lo, hi: lo, ..span };
+    }
+    let hi = gallop_end(lo, span.hi, |j| token_at(v, j, offset) == token);
+    Span { lo, hi, ..span }
 }
 
 /// The first index in `[lo, hi)` where `is_before` turns false (it must be monotone).
@@ -141,7 +187,7 @@ fn run_start(v: &ShardView, i: u32, lo: u32, offset: usize, token: u32) -> u32 {
     partition(limit, known, |j| token_at(v, j, offset) != token)
 }
 
-/// Every child run `(token, lo, hi)` of `span` at `offset`, separators excluded.
+/// Every child run `(token, span)` of `span` at `offset`, separators excluded.
 fn all_runs(v: &ShardView, span: Span, offset: usize, out: &mut Vec<(u32, Span)>) {
     let mut i = span.lo;
     while i < span.hi {
@@ -168,245 +214,749 @@ fn all_runs(v: &ShardView, span: Span, offset: usize, out: &mut Vec<(u32, Span)>
 /// so all of them are found, at one gallop each; a run seen at most once is shorter than
 /// `2 * stride` and is left to the caller's bound. Returns that bound (`2 * stride - 1`).
 fn sampled_runs(v: &ShardView, span: Span, offset: usize, stride: u32, out: &mut Vec<(u32, Span)>) -> u64 {
-    let samples: Vec<(u32, u32)> = (span.lo..span.hi)
-        .step_by(stride as usize)
-        .map(|i| (i, token_at(v, i, offset)))
-        .collect();
     let mut resolved_end = span.lo;
-    for group in samples.chunk_by(|a, b| a.1 == b.1) {
-        let token = group[0].1;
+    let mut i = span.lo;
+    while i < span.hi {
+        let token = token_at(v, i, offset);
         if token == v.separator {
             break; // separators sort last: nothing follows
         }
-        if group.len() < 2 {
-            continue;
+        // The samples i, i + stride, ... that show `token`.
+        let mut last = i;
+        while last + stride < span.hi && token_at(v, last + stride, offset) == token {
+            last += stride;
         }
-        let first = group[0].0;
-        let last = group[group.len() - 1].0;
-        let start = run_start(v, first, resolved_end, offset, token);
-        let end = run_end(v, last, span.hi, offset, token);
-        out.push((token, Span { shard: span.shard, lo: start, hi: end }));
-        resolved_end = end;
+        if last > i {
+            let start = run_start(v, i, resolved_end, offset, token);
+            let end = run_end(v, last, span.hi, offset, token);
+            out.push((token, Span { shard: span.shard, lo: start, hi: end }));
+            resolved_end = end;
+        }
+        i = last + stride;
     }
     2 * stride as u64 - 1
-}
-
-/// A frontier entry of the best-first search.
-///
-/// A real entry is a child waiting to be added. A pending entry stands for the children of an
-/// expanded node that sampling skipped: each of them has a count of at most `count`, so the
-/// pending entry is popped (and those children enumerated exactly) before any real entry that
-/// one of them could beat. Its `pushed` lists the children already pushed.
-struct Candidate {
-    count: u64,
-    depth: u32,
-    parent: i32,
-    token: u32,
-    pending: bool,
-    spans: Vec<Span>,
-    pushed: Vec<u32>,
-    /// How much finer than the first expansion a pending entry samples when popped.
-    refine: u32,
-}
-
-type CandidateKey = (u64, bool, Reverse<u32>, Reverse<i32>, Reverse<u32>);
-
-impl Candidate {
-    /// Larger is popped first: count desc, pending first, depth asc, parent asc, token asc.
-    fn key(&self) -> CandidateKey {
-        (self.count, self.pending, Reverse(self.depth), Reverse(self.parent), Reverse(self.token))
-    }
-}
-
-impl PartialEq for Candidate {
-    fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
-    }
-}
-impl Eq for Candidate {}
-impl PartialOrd for Candidate {
-    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
-        Some(self.cmp(other))
-    }
-}
-impl Ord for Candidate {
-    fn cmp(&self, other: &Self) -> Ordering {
-        self.key().cmp(&other.key())
-    }
-}
-
-/// The intervals of `pattern` in every shard where it occurs.
-pub fn intervals(views: &[ShardView], pattern: &[u32]) -> Vec<Span> {
-    views
-        .iter()
-        .enumerate()
-        .map(|(s, v)| pattern_interval(v, s as u32, pattern))
-        .filter(|span| span.hi > span.lo)
-        .collect()
-}
-
-/// The longest suffix of `context` (between `min_span` and `max_span` tokens) that occurs in any
-/// shard, with its intervals. `(0, [])` when not even `min_span` tokens match.
-pub fn longest_match(views: &[ShardView], context: &[u32], limits: &Limits) -> (usize, Vec<Span>) {
-    let longest = limits.max_span.min(context.len());
-    if longest < limits.min_span {
-        return (0, Vec::new());
-    }
-    let suffix = |len: usize| &context[context.len() - len..];
-    let mut best = intervals(views, suffix(limits.min_span));
-    if best.is_empty() {
-        return (0, Vec::new());
-    }
-    // Occurrence is monotone in the length (a suffix of an occurring suffix occurs), so the
-    // length is binary searched: O(log max_span) interval searches.
-    let (mut lo, mut hi) = (limits.min_span, longest);
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        let spans = intervals(views, suffix(mid));
-        if spans.is_empty() {
-            hi = mid - 1;
-        } else {
-            lo = mid;
-            best = spans;
-        }
-    }
-    (lo, best)
-}
-
-/// The exact policy: the continuation tree grown best-first by occurrence count.
-pub fn exact_tree(views: &[ShardView], context: &[u32], limits: &Limits) -> Tree {
-    grow_exact_tree(views, context, limits, None).expect("no time limit")
-}
-
-/// `exact_tree`, given up (`None`) when `cancel` says so while it is still growing. It is asked
-/// once per expansion, and one expansion is bounded by the interval sampling, so the overrun is
-/// small.
-pub fn exact_tree_until(views: &[ShardView], context: &[u32], limits: &Limits, cancel: &Cancel) -> Option<Tree> {
-    grow_exact_tree(views, context, limits, Some(cancel))
-}
-
-fn grow_exact_tree(views: &[ShardView], context: &[u32], limits: &Limits, cancel: Option<&Cancel>) -> Option<Tree> {
-    let (match_length, root_spans) = longest_match(views, context, limits);
-    let occurrences = root_spans.iter().map(Span::len).sum();
-    let mut tree = Tree { match_length: match_length as u32, occurrences, ..Tree::default() };
-    if match_length == 0 || limits.budget == 0 {
-        return Some(tree);
-    }
-    let mut expansion =
-        Expansion { views, match_length, budget: limits.budget as u32, heap: BinaryHeap::new() };
-    expansion.expand(&root_spans, 0, -1, &[], 1);
-    while tree.tokens.len() < limits.budget {
-        if cancel.is_some_and(Cancel::is_cancelled) {
-            return None;
-        }
-        let Some(c) = expansion.heap.pop() else { break };
-        if c.pending {
-            expansion.expand(&c.spans, c.depth - 1, c.parent, &c.pushed, c.refine);
-            continue;
-        }
-        let index = tree.tokens.len() as i32;
-        tree.tokens.push(c.token);
-        tree.parents.push(c.parent);
-        tree.counts.push(c.count);
-        if (c.depth as usize) < limits.max_depth && tree.tokens.len() < limits.budget {
-            expansion.expand(&c.spans, c.depth, index, &[], 1);
-        }
-    }
-    Some(tree)
-}
-
-struct Expansion<'a, 'b> {
-    views: &'a [ShardView<'b>],
-    match_length: usize,
-    budget: u32,
-    heap: BinaryHeap<Candidate>,
-}
-
-impl Expansion<'_, '_> {
-    /// Pushes the children of the node with `spans` at `depth` (0 = the matched suffix), except
-    /// the `pushed` ones.
-    ///
-    /// An interval much larger than the budget is split by sampling (finer with each `refine`),
-    /// which finds every child above a bound, and a pending entry with that bound stands for the
-    /// rest; popped, it expands again `REFINE_FACTOR` times finer, down to a full enumeration.
-    /// So a large interval is only enumerated as far as the best-first order needs.
-    fn expand(&mut self, spans: &[Span], depth: u32, parent: i32, pushed: &[u32], refine: u32) {
-        let offset = self.match_length + depth as usize;
-        let mut runs: Vec<(u32, Span)> = Vec::new();
-        let mut sampled_shards: Vec<usize> = Vec::new();
-        let mut missed_bound = 0u64;
-        let samples = (SAMPLES_PER_BUDGET * self.budget.max(1)).saturating_mul(refine);
-        for (k, &span) in spans.iter().enumerate() {
-            let v = &self.views[span.shard as usize];
-            let stride = (span.hi - span.lo) / samples;
-            if stride > 1 && span.hi - span.lo > SCAN_LIMIT {
-                missed_bound += sampled_runs(v, span, offset, stride, &mut runs);
-                sampled_shards.push(k);
-            } else {
-                all_runs(v, span, offset, &mut runs);
-            }
-        }
-        if !sampled_shards.is_empty() && spans.len() > 1 {
-            // A token found in one shard may have been skipped by sampling in another: take its
-            // exact run in every sampled shard so that the merged counts are exact.
-            let mut tokens: Vec<u32> = runs.iter().map(|r| r.0).collect();
-            tokens.sort_unstable();
-            tokens.dedup();
-            let sampled: Vec<u32> = sampled_shards.iter().map(|&k| spans[k].shard).collect();
-            runs.retain(|r| !sampled.contains(&r.1.shard));
-            for &k in &sampled_shards {
-                exact_runs_of(&self.views[spans[k].shard as usize], spans[k], offset, &tokens, &mut runs);
-            }
-        }
-        runs.sort_unstable_by_key(|r| (r.0, r.1.shard));
-        // Only a pending entry needs the tokens already pushed under this node.
-        let mut all_pushed = if missed_bound > 0 { pushed.to_vec() } else { Vec::new() };
-        for group in runs.chunk_by(|a, b| a.0 == b.0) {
-            let token = group[0].0;
-            // `pushed` is sorted (see below): a completion of a huge interval checks thousands
-            // of tokens against thousands of pushed ones.
-            if pushed.binary_search(&token).is_ok() {
-                continue;
-            }
-            if missed_bound > 0 {
-                all_pushed.push(token);
-            }
-            let merged: Vec<Span> = group.iter().map(|r| r.1).collect();
-            let count = merged.iter().map(Span::len).sum();
-            self.heap.push(Candidate {
-                count,
-                depth: depth + 1,
-                parent,
-                token,
-                pending: false,
-                spans: merged,
-                pushed: Vec::new(),
-                refine: 1,
-            });
-        }
-        if missed_bound > 0 {
-            all_pushed.sort_unstable();
-            self.heap.push(Candidate {
-                count: missed_bound,
-                depth: depth + 1,
-                parent,
-                token: 0,
-                pending: true,
-                spans: spans.to_vec(),
-                pushed: all_pushed,
-                refine: refine.saturating_mul(REFINE_FACTOR),
-            });
-        }
-    }
 }
 
 /// The exact run of each of `tokens` (sorted) inside `span` at `offset`, where it occurs.
 fn exact_runs_of(v: &ShardView, span: Span, offset: usize, tokens: &[u32], out: &mut Vec<(u32, Span)>) {
     for &token in tokens {
-        let lo = partition(span.lo, span.hi, |j| token_at(v, j, offset) < token);
-        let hi = partition(lo, span.hi, |j| token_at(v, j, offset) <= token);
-        if hi > lo {
-            out.push((token, Span { shard: span.shard, lo, hi }));
+        let found = narrow(v, span, offset, token);
+        if !found.is_empty() {
+            out.push((token, found));
+        }
+    }
+}
+
+/// The intervals of `pattern` in every shard where it occurs.
+pub fn intervals(views: &[ShardView], pattern: &[u32]) -> Vec<Span> {
+    let mut out = Vec::new();
+    push_intervals(views, pattern, &mut out);
+    out
+}
+
+fn push_intervals(views: &[ShardView], pattern: &[u32], out: &mut Vec<Span>) {
+    for (s, v) in views.iter().enumerate() {
+        let span = pattern_interval(v, s as u32, pattern);
+        if !span.is_empty() {
+            out.push(span);
+        }
+    }
+}
+
+/// The longest suffix of `context` (between `min_span` and `max_span` tokens) that occurs in any
+/// shard, with its intervals. `(0, [])` when not even `min_span` tokens match.
+pub fn longest_match(views: &[ShardView], context: &[u32], limits: &Limits) -> (usize, Vec<Span>) {
+    with_scratch(|s| {
+        let m = s.longest_match(views, context, limits);
+        (m, s.spans.clone())
+    })
+}
+
+/// The exact policy: the continuation tree grown best-first by occurrence count.
+pub fn exact_tree(views: &[ShardView], context: &[u32], limits: &Limits) -> Tree {
+    exact_levels(views, context, limits, 1).pop().expect("one level")
+}
+
+/// `exact_tree`, given up (`None`) when `cancel` says so while it is still growing. It is asked
+/// every few expansions, and one expansion is bounded by the interval sampling, so the overrun
+/// is small.
+pub fn exact_tree_until(views: &[ShardView], context: &[u32], limits: &Limits, cancel: &Cancel) -> Option<Tree> {
+    exact_levels_until(views, context, limits, 1, cancel).map(|mut t| t.pop().expect("one level"))
+}
+
+/// The back-off levels of the exact policy: the tree of the longest match (length `m`), then the
+/// trees of the suffixes of `m - 1`, `m - 2`, ... tokens while they are at least `min_span` long,
+/// at most `levels` trees (and always the first, even when nothing matched). Level `k` equals
+/// `exact_tree` with `max_span = m - k + 1`.
+pub fn exact_levels(views: &[ShardView], context: &[u32], limits: &Limits, levels: usize) -> Vec<Tree> {
+    exact_levels_until(views, context, limits, levels, &Cancel::never()).expect("never cancelled")
+}
+
+/// `exact_levels`, given up (`None`) when `cancel` says so before it finished.
+pub fn exact_levels_until(
+    views: &[ShardView],
+    context: &[u32],
+    limits: &Limits,
+    levels: usize,
+    cancel: &Cancel,
+) -> Option<Vec<Tree>> {
+    with_scratch(|s| s.exact_levels(views, context, limits, levels, cancel))
+}
+
+thread_local! {
+    /// Scratch buffers for stateless searches: a thread's searches reuse them instead of
+    /// allocating. It never remembers patterns: it serves searches of any datastore.
+    static SCRATCH: RefCell<Searcher> = RefCell::new(Searcher::new());
+}
+
+/// Runs `f` with this thread's scratch searcher (one that never remembers).
+pub(crate) fn with_scratch<T>(f: impl FnOnce(&mut Searcher) -> T) -> T {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut searcher) => f(&mut searcher),
+        Err(_) => f(&mut Searcher::new()), // re-entered (never in practice): a fresh one
+    })
+}
+
+/// A tree node's occurrences: intervals of the suffix array, or rows of a block.
+#[derive(Clone, Copy, Debug)]
+enum Node {
+    /// `spans[start..start + n]` of the searcher.
+    Sa { start: u32, n: u32 },
+    /// Rows `lo..hi` of block `block`.
+    Rows { block: u32, lo: u32, hi: u32 },
+}
+
+/// The continuations of a small node, copied out of the text: row `r` holds the `width` tokens
+/// after the occurrence (`ROW_END` from a document boundary on), rows sorted as in the suffix
+/// array. Splitting a node of depth `depth + c` inside the block reads column `c`.
+#[derive(Clone, Copy, Debug)]
+struct Block {
+    start: usize,
+    width: u32,
+    depth: u32,
+}
+
+/// A child found by an expansion, waiting in its family (the children of one expansion, sorted
+/// by count desc, then token asc) to be added.
+#[derive(Clone, Copy, Debug)]
+struct Child {
+    token: u32,
+    count: u64,
+    node: Node,
+}
+
+/// What an expansion that sampled left open: children of `spans` at `depth` not yet found,
+/// each with a count of at most the entry's count; `pushed` lists the tokens already found.
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    spans: (u32, u32),
+    pushed: (u32, u32),
+    refine: u32,
+}
+
+/// A frontier entry of the best-first search.
+///
+/// A real entry is the best child of a family not yet added (`at` in the searcher's children,
+/// the family ending at `end`): the family's next child is pushed when it is popped, which
+/// gives the same order as pushing every child at once. A pending entry (`at` in the pendings)
+/// stands for the children sampling skipped: it is popped (and those children found exactly)
+/// before any real entry that one of them could beat.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    count: u64,
+    pending: bool,
+    depth: u32,
+    parent: i32,
+    token: u32,
+    at: u32,
+    end: u32,
+}
+
+type EntryKey = (u64, bool, Reverse<u32>, Reverse<i32>, Reverse<u32>);
+
+impl Entry {
+    /// Larger is popped first: count desc, pending first, depth asc, parent asc, token asc.
+    #[inline]
+    fn key(&self) -> EntryKey {
+        (self.count, self.pending, Reverse(self.depth), Reverse(self.parent), Reverse(self.token))
+    }
+}
+
+impl PartialEq for Entry {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+impl Eq for Entry {}
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.key().cmp(&other.key())
+    }
+}
+
+/// A pattern a remembering searcher has probed: present with its intervals, or absent.
+#[derive(Clone, Copy, Debug)]
+struct Probed {
+    tokens: (u32, u32),
+    /// `None`: the pattern does not occur.
+    spans: Option<(u32, u32)>,
+}
+
+/// What a remembering searcher knows from one search: the patterns it probed.
+#[derive(Default)]
+struct Memory {
+    probed: Vec<Probed>,
+    tokens: Vec<u32>,
+    spans: Vec<Span>,
+}
+
+impl Memory {
+    fn clear(&mut self) {
+        self.probed.clear();
+        self.tokens.clear();
+        self.spans.clear();
+    }
+
+    fn tokens_of(&self, p: &Probed) -> &[u32] {
+        &self.tokens[p.tokens.0 as usize..(p.tokens.0 + p.tokens.1) as usize]
+    }
+
+    fn spans_of(&self, range: (u32, u32)) -> &[Span] {
+        &self.spans[range.0 as usize..(range.0 + range.1) as usize]
+    }
+
+    fn record(&mut self, pattern: &[u32], spans: Option<&[Span]>) {
+        let tokens = (self.tokens.len() as u32, pattern.len() as u32);
+        self.tokens.extend_from_slice(pattern);
+        let spans = spans.map(|s| {
+            let range = (self.spans.len() as u32, s.len() as u32);
+            self.spans.extend_from_slice(s);
+            range
+        });
+        self.probed.push(Probed { tokens, spans });
+    }
+
+    /// The longest probed pattern that `pattern` starts with.
+    fn longest_prefix_of(&self, pattern: &[u32]) -> Option<&Probed> {
+        self.probed
+            .iter()
+            .filter(|p| p.tokens.1 as usize <= pattern.len() && pattern.starts_with(self.tokens_of(p)))
+            .max_by_key(|p| p.tokens.1)
+    }
+}
+
+/// Search state reused from search to search: scratch buffers, and for a remembering searcher
+/// the patterns its last search probed (see the module documentation). A remembering searcher
+/// must only ever search the same shards (`crate::session::SearchSession` sees to it).
+pub struct Searcher {
+    remember: bool,
+    /// The shards the remembered intervals belong to (`bind`).
+    shards: Vec<[u64; 4]>,
+    /// What the search in progress probes, and what the last one did.
+    memory: Memory,
+    last: Memory,
+    /// The intervals of the last probe (`probe`'s output).
+    spans: Vec<Span>,
+    /// The intervals of the longest match so far, during its binary search.
+    best_spans: Vec<Span>,
+    /// Every expansion's intervals (`Node::Sa`, `Pending`) during one tree's growth.
+    node_spans: Vec<Span>,
+    blocks: Vec<Block>,
+    rows: Vec<u32>,
+    /// Rows of several shards, before they are merged into suffix-array order.
+    unsorted_rows: Vec<u32>,
+    row_order: Vec<u32>,
+    children: Vec<Child>,
+    pendings: Vec<Pending>,
+    pushed: Vec<u32>,
+    runs: Vec<(u32, Span)>,
+    tokens: Vec<u32>,
+    /// Which of an expansion's intervals were sampled.
+    sampled: Vec<bool>,
+    heap: BinaryHeap<Entry>,
+}
+
+impl Default for Searcher {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Searcher {
+    /// A searcher that remembers nothing from one search to the next.
+    pub fn new() -> Self {
+        Searcher {
+            remember: false,
+            shards: Vec::new(),
+            memory: Memory::default(),
+            last: Memory::default(),
+            spans: Vec::new(),
+            best_spans: Vec::new(),
+            node_spans: Vec::new(),
+            blocks: Vec::new(),
+            rows: Vec::new(),
+            unsorted_rows: Vec::new(),
+            row_order: Vec::new(),
+            children: Vec::new(),
+            pendings: Vec::new(),
+            pushed: Vec::new(),
+            runs: Vec::new(),
+            tokens: Vec::new(),
+            sampled: Vec::new(),
+            heap: BinaryHeap::new(),
+        }
+    }
+
+    /// A searcher that remembers what its last search probed, for a session's next search.
+    pub fn remembering() -> Self {
+        Searcher { remember: true, ..Searcher::new() }
+    }
+
+    /// Forgets what the last search probed.
+    pub fn forget(&mut self) {
+        self.memory.clear();
+        self.last.clear();
+    }
+
+    /// Tells a remembering searcher which shards its next search covers (anything that tells
+    /// their mappings and contents apart, one item per shard in search order): what it
+    /// remembers is forgotten unless they are the shards of its last search.
+    pub fn bind(&mut self, shards: impl Iterator<Item = [u64; 4]>) {
+        if !self.remember {
+            return;
+        }
+        let mut same = true;
+        let mut n = 0;
+        for (i, id) in shards.enumerate() {
+            n = i + 1;
+            if self.shards.get(i) != Some(&id) {
+                same = false;
+                self.shards.truncate(i);
+                self.shards.push(id);
+            }
+        }
+        if n != self.shards.len() {
+            same = false;
+            self.shards.truncate(n);
+        }
+        if !same {
+            self.forget();
+        }
+    }
+
+    /// `exact_levels` on this searcher; `None` when `cancel` said so before the search finished
+    /// (asked every few steps).
+    pub fn exact_levels(
+        &mut self,
+        views: &[ShardView],
+        context: &[u32],
+        limits: &Limits,
+        levels: usize,
+        cancel: &Cancel,
+    ) -> Option<Vec<Tree>> {
+        if self.remember {
+            std::mem::swap(&mut self.memory, &mut self.last);
+            self.memory.clear();
+        }
+        let result = self.levels(views, context, limits, levels, cancel);
+        if result.is_none() {
+            // A search given up halfway has probed only part of what the next one could use.
+            self.memory.clear();
+        }
+        result
+    }
+
+    fn levels(
+        &mut self,
+        views: &[ShardView],
+        context: &[u32],
+        limits: &Limits,
+        levels: usize,
+        cancel: &Cancel,
+    ) -> Option<Vec<Tree>> {
+        let first = self.longest_match(views, context, limits);
+        let mut trees = Vec::with_capacity(levels.clamp(1, 16));
+        trees.push(self.grow(views, first, limits, cancel)?);
+        // A suffix of a suffix that occurs occurs too: level k matches exactly m - k + 1 tokens.
+        let mut length = first;
+        while trees.len() < levels && length > limits.min_span {
+            length -= 1;
+            let found = self.probe(views, &context[context.len() - length..]);
+            debug_assert!(found, "a suffix of an occurring pattern occurs");
+            trees.push(self.grow(views, length, limits, cancel)?);
+        }
+        Some(trees)
+    }
+
+    /// The length of the longest suffix of `context` within the limits that occurs (0: none),
+    /// its intervals left in `self.spans`.
+    fn longest_match(&mut self, views: &[ShardView], context: &[u32], limits: &Limits) -> usize {
+        let longest = limits.max_span.min(context.len());
+        if longest < limits.min_span {
+            self.spans.clear();
+            return 0;
+        }
+        let suffix = |len: usize| &context[context.len() - len..];
+        let mut hi = longest;
+        if self.remember && !self.last.probed.is_empty() {
+            // A suffix that starts with a pattern known to be absent is absent, and so is every
+            // longer one (it ends with that suffix).
+            if let Some(bound) = (limits.min_span..=longest).find(|&len| {
+                matches!(self.last.longest_prefix_of(suffix(len)), Some(p) if p.spans.is_none())
+            }) {
+                if bound == limits.min_span {
+                    self.memory.record(suffix(bound), None);
+                    self.spans.clear();
+                    return 0;
+                }
+                hi = bound - 1;
+            }
+            // Suffixes that extend a remembered pattern are cheap to probe: try the longest.
+            for _ in 0..REMEMBERED_PROBES {
+                if self.last.longest_prefix_of(suffix(hi)).is_none() {
+                    break;
+                }
+                if self.probe(views, suffix(hi)) {
+                    return hi;
+                }
+                if hi == limits.min_span {
+                    self.spans.clear();
+                    return 0;
+                }
+                hi -= 1;
+            }
+        }
+        if !self.probe(views, suffix(limits.min_span)) {
+            return 0;
+        }
+        // Occurrence is monotone in the length (a suffix of an occurring suffix occurs), so the
+        // length is binary searched: O(log max_span) interval searches.
+        let mut lo = limits.min_span;
+        self.best_spans.clone_from(&self.spans);
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if self.probe(views, suffix(mid)) {
+                lo = mid;
+                self.best_spans.clone_from(&self.spans);
+            } else {
+                hi = mid - 1;
+            }
+        }
+        std::mem::swap(&mut self.spans, &mut self.best_spans);
+        lo
+    }
+
+    /// The intervals of `pattern` into `self.spans`; whether it occurs. A remembering searcher
+    /// narrows the intervals of the longest remembered pattern that `pattern` starts with.
+    fn probe(&mut self, views: &[ShardView], pattern: &[u32]) -> bool {
+        self.spans.clear();
+        if self.remember {
+            if let Some(known) = self.last.longest_prefix_of(pattern).copied() {
+                if let Some(range) = known.spans {
+                    self.spans.extend_from_slice(self.last.spans_of(range));
+                    for offset in known.tokens.1 as usize..pattern.len() {
+                        self.spans.retain_mut(|span| {
+                            *span = narrow(&views[span.shard as usize], *span, offset, pattern[offset]);
+                            !span.is_empty()
+                        });
+                        if self.spans.is_empty() {
+                            break;
+                        }
+                    }
+                }
+            } else {
+                push_intervals(views, pattern, &mut self.spans);
+            }
+            let found = !self.spans.is_empty();
+            self.memory.record(pattern, found.then_some(&self.spans[..]));
+            return found;
+        }
+        push_intervals(views, pattern, &mut self.spans);
+        !self.spans.is_empty()
+    }
+
+    /// The tree under the pattern of `match_length` tokens whose intervals are in `self.spans`.
+    fn grow(
+        &mut self,
+        views: &[ShardView],
+        match_length: usize,
+        limits: &Limits,
+        cancel: &Cancel,
+    ) -> Option<Tree> {
+        let occurrences = self.spans.iter().map(Span::len).sum();
+        let mut tree = Tree { match_length: match_length as u32, occurrences, ..Tree::default() };
+        if match_length == 0 {
+            return Some(tree);
+        }
+        tree.tokens.reserve(limits.budget.min(256));
+        tree.parents.reserve(limits.budget.min(256));
+        tree.counts.reserve(limits.budget.min(256));
+        self.node_spans.clear();
+        self.node_spans.extend_from_slice(&self.spans);
+        self.blocks.clear();
+        self.rows.clear();
+        self.children.clear();
+        self.pendings.clear();
+        self.pushed.clear();
+        self.heap.clear();
+        let mut g = Growth { s: self, views, match_length, limits };
+        let root = Node::Sa { start: 0, n: g.s.node_spans.len() as u32 };
+        g.expand(root, 0, -1, (0, 0), 1);
+        // The node added last when the budget ran out: its children are left out by the budget.
+        let mut unexpanded = None;
+        let mut steps = 0u32;
+        while tree.tokens.len() < limits.budget {
+            steps += 1;
+            if steps % CHECK_EVERY == 1 && cancel.is_cancelled() {
+                return None;
+            }
+            let Some(e) = g.s.heap.pop() else { break };
+            if e.pending {
+                let p = g.s.pendings[e.at as usize];
+                g.expand(Node::Sa { start: p.spans.0, n: p.spans.1 }, e.depth - 1, e.parent, p.pushed, p.refine);
+                continue;
+            }
+            if e.at + 1 < e.end {
+                let next = g.s.children[e.at as usize + 1];
+                g.s.heap.push(Entry { count: next.count, token: next.token, at: e.at + 1, ..e });
+            }
+            let node = g.s.children[e.at as usize].node;
+            let index = tree.tokens.len() as i32;
+            tree.tokens.push(e.token);
+            tree.parents.push(e.parent);
+            tree.counts.push(e.count);
+            if (e.depth as usize) < limits.max_depth {
+                if tree.tokens.len() < limits.budget {
+                    g.expand(node, e.depth, index, (0, 0), 1);
+                } else {
+                    unexpanded = Some((node, e.depth, index));
+                }
+            }
+        }
+        if tree.tokens.len() == limits.budget {
+            if let Some((node, depth, index)) = unexpanded {
+                g.expand(node, depth, index, (0, 0), 1);
+            }
+            // The best entry left is the largest count left out, once no pending entry (a bound,
+            // not a count) is above it.
+            while let Some(top) = g.s.heap.peek().copied() {
+                if !top.pending {
+                    tree.cut_count = top.count;
+                    break;
+                }
+                steps += 1;
+                if steps % CHECK_EVERY == 1 && cancel.is_cancelled() {
+                    return None;
+                }
+                g.s.heap.pop();
+                let p = g.s.pendings[top.at as usize];
+                g.expand(Node::Sa { start: p.spans.0, n: p.spans.1 }, top.depth - 1, top.parent, p.pushed, p.refine);
+            }
+        }
+        Some(tree)
+    }
+}
+
+/// One tree's growth: the searcher's buffers and what the expansions need to know.
+struct Growth<'s, 'v, 'a> {
+    s: &'s mut Searcher,
+    views: &'v [ShardView<'a>],
+    match_length: usize,
+    limits: &'v Limits,
+}
+
+impl Growth<'_, '_, '_> {
+    /// Finds the children of `node` (at `depth`; 0 = the matched suffix), except the tokens of
+    /// `pushed`, and pushes the best of them (and a pending entry for what sampling left open).
+    fn expand(&mut self, node: Node, depth: u32, parent: i32, pushed: (u32, u32), refine: u32) {
+        if depth as usize >= self.limits.max_depth {
+            return;
+        }
+        let family = self.s.children.len();
+        match node {
+            Node::Rows { block, lo, hi } => self.split_rows(block, lo, hi, depth),
+            Node::Sa { start, n } => {
+                let spans = start as usize..(start + n) as usize;
+                let total: u64 = self.s.node_spans[spans.clone()].iter().map(Span::len).sum();
+                if refine == 1 && total <= DENSE_LIMIT {
+                    let block = self.copy_rows(spans, depth);
+                    let rows = ((self.s.rows.len() - self.s.blocks[block as usize].start)
+                        / self.s.blocks[block as usize].width as usize) as u32;
+                    self.split_rows(block, 0, rows, depth);
+                } else {
+                    self.split_spans(spans, depth, parent, pushed, refine);
+                }
+            }
+        }
+        let children = &mut self.s.children[family..];
+        if children.is_empty() {
+            return;
+        }
+        children.sort_unstable_by_key(|c| (Reverse(c.count), c.token));
+        let best = children[0];
+        self.s.heap.push(Entry {
+            count: best.count,
+            pending: false,
+            depth: depth + 1,
+            parent,
+            token: best.token,
+            at: family as u32,
+            end: self.s.children.len() as u32,
+        });
+    }
+
+    /// Copies the continuations of the occurrences in `node_spans[spans]` (a node at `depth`)
+    /// into a new block, rows in suffix-array order; returns the block.
+    fn copy_rows(&mut self, spans: std::ops::Range<usize>, depth: u32) -> u32 {
+        let s = &mut *self.s;
+        let width = (self.limits.max_depth as u32 - depth) as usize;
+        let offset = self.match_length + depth as usize;
+        let several = spans.len() > 1;
+        let start = s.rows.len();
+        let out = if several { &mut s.unsorted_rows } else { &mut s.rows };
+        if several {
+            out.clear();
+        }
+        for span in &s.node_spans[spans] {
+            let v = &self.views[span.shard as usize];
+            for i in span.lo..span.hi {
+                let row = out.len();
+                out.resize(row + width, ROW_END);
+                let Some(&pos) = v.sa.get(i as usize) else { continue };
+                for (c, cell) in out[row..].iter_mut().enumerate() {
+                    match v.text.get(pos as usize + offset + c) {
+                        Some(t) if t != v.separator => *cell = t,
+                        _ => break,
+                    }
+                }
+            }
+        }
+        if several {
+            // Each shard's rows are sorted; the merged order is the suffix array's order over
+            // the continuations (ROW_END sorts after every token, as a separator does).
+            let n = s.unsorted_rows.len() / width;
+            s.row_order.clear();
+            s.row_order.extend(0..n as u32);
+            let rows = &s.unsorted_rows;
+            let row = |r: u32| &rows[r as usize * width..(r as usize + 1) * width];
+            s.row_order.sort_by(|&a, &b| row(a).cmp(row(b)));
+            for &r in &s.row_order {
+                s.rows.extend_from_slice(row(r));
+            }
+        }
+        s.blocks.push(Block { start, width: width as u32, depth });
+        (s.blocks.len() - 1) as u32
+    }
+
+    /// The children of rows `lo..hi` of `block`, for a node at `depth`.
+    fn split_rows(&mut self, block: u32, lo: u32, hi: u32, depth: u32) {
+        let s = &mut *self.s;
+        let b = s.blocks[block as usize];
+        let (width, column) = (b.width as usize, (depth - b.depth) as usize);
+        let cell = |r: u32| s.rows[b.start + r as usize * width + column];
+        let mut r = lo;
+        while r < hi {
+            let token = cell(r);
+            if token == ROW_END {
+                break; // ended rows sort last
+            }
+            let mut end = r + 1;
+            while end < hi && cell(end) == token {
+                end += 1;
+            }
+            s.children.push(Child { token, count: (end - r) as u64, node: Node::Rows { block, lo: r, hi: end } });
+            r = end;
+        }
+    }
+
+    /// The children of the intervals `node_spans[spans]` at `depth`, split in the suffix array.
+    ///
+    /// An interval much larger than the budget is split by sampling (finer with each `refine`),
+    /// which finds every child above a bound, and a pending entry with that bound stands for the
+    /// rest; popped, it expands again `REFINE_FACTOR` times finer, down to a full enumeration.
+    /// So a large interval is only enumerated as far as the best-first order needs.
+    fn split_spans(&mut self, spans: std::ops::Range<usize>, depth: u32, parent: i32, pushed: (u32, u32), refine: u32) {
+        let s = &mut *self.s;
+        let offset = self.match_length + depth as usize;
+        let mut runs = std::mem::take(&mut s.runs);
+        runs.clear();
+        let mut missed_bound = 0u64;
+        s.sampled.clear();
+        let samples = (SAMPLES_PER_BUDGET * (self.limits.budget as u32).max(1)).saturating_mul(refine);
+        for span in &s.node_spans[spans.clone()] {
+            let v = &self.views[span.shard as usize];
+            let stride = (span.hi - span.lo) / samples;
+            let sample = stride > 1 && span.hi - span.lo > SCAN_LIMIT;
+            if sample {
+                missed_bound += sampled_runs(v, *span, offset, stride, &mut runs);
+            } else {
+                all_runs(v, *span, offset, &mut runs);
+            }
+            s.sampled.push(sample);
+        }
+        if missed_bound > 0 && spans.len() > 1 {
+            // A token found in one shard may have been skipped by sampling in another: take its
+            // exact run in every sampled shard so that the merged counts are exact.
+            s.tokens.clear();
+            s.tokens.extend(runs.iter().map(|r| r.0));
+            s.tokens.sort_unstable();
+            s.tokens.dedup();
+            let node_spans = &s.node_spans[spans.clone()];
+            let sampled = &s.sampled;
+            let was_sampled = |shard: u32| node_spans.iter().zip(sampled).any(|(sp, &x)| x && sp.shard == shard);
+            runs.retain(|r| !was_sampled(r.1.shard));
+            for (span, &x) in node_spans.iter().zip(sampled) {
+                if x {
+                    exact_runs_of(&self.views[span.shard as usize], *span, offset, &s.tokens, &mut runs);
+                }
+            }
+        }
+        runs.sort_unstable_by_key(|r| (r.0, r.1.shard));
+        let already = pushed.0 as usize..(pushed.0 + pushed.1) as usize;
+        let pushed_start = s.pushed.len();
+        if missed_bound > 0 {
+            // A pending entry needs every token found under this node so far.
+            s.pushed.extend_from_within(already.clone());
+        }
+        for group in runs.chunk_by(|a, b| a.0 == b.0) {
+            let token = group[0].0;
+            // `pushed` is sorted (see below): a completion of a huge interval checks thousands
+            // of tokens against thousands of pushed ones.
+            if s.pushed[already.clone()].binary_search(&token).is_ok() {
+                continue;
+            }
+            if missed_bound > 0 {
+                s.pushed.push(token);
+            }
+            let start = s.node_spans.len() as u32;
+            s.node_spans.extend(group.iter().map(|r| r.1));
+            let count = group.iter().map(|r| r.1.len()).sum();
+            s.children.push(Child { token, count, node: Node::Sa { start, n: group.len() as u32 } });
+        }
+        s.runs = runs;
+        if missed_bound > 0 {
+            s.pushed[pushed_start..].sort_unstable();
+            let copy = s.node_spans.len() as u32;
+            s.node_spans.extend_from_within(spans.clone());
+            s.pendings.push(Pending {
+                spans: (copy, spans.len() as u32),
+                pushed: (pushed_start as u32, (s.pushed.len() - pushed_start) as u32),
+                refine: refine.saturating_mul(REFINE_FACTOR),
+            });
+            s.heap.push(Entry {
+                count: missed_bound,
+                pending: true,
+                depth: depth + 1,
+                parent,
+                token: 0,
+                at: (s.pendings.len() - 1) as u32,
+                end: 0,
+            });
         }
     }
 }

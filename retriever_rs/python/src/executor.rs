@@ -7,11 +7,11 @@
 //! searches without ever touching the GIL, queues the result and writes one byte to a socket the
 //! event loop watches (`loop.add_reader`); the loop then collects every finished search at once.
 
-use crate::datastore::{Answer, Datastore, QueryArgs};
+use crate::datastore::{check_levels, Answer, Datastore, QueryArgs, SearchSession};
 use crate::errors::to_py;
 use pyo3::exceptions::{PyRuntimeError, PyTimeoutError};
 use pyo3::prelude::*;
-use rest_retriever::{Cancel, Error, Query};
+use rest_retriever::{Cancel, Error, Query, SearchSession as CoreSession};
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
@@ -30,6 +30,9 @@ struct Job {
     deadline: Option<Instant>,
     /// Set by `SearchExecutor.cancel`: the search stops at its next check.
     cancelled: Arc<AtomicBool>,
+    levels: usize,
+    /// Searched with what this session remembers.
+    session: Option<Arc<Mutex<CoreSession>>>,
 }
 
 enum Outcome {
@@ -107,10 +110,12 @@ impl SearchExecutor {
         self.wake_reader.as_raw_fd()
     }
 
-    /// Queues a search; its outcome comes back from `completed` under `tag`. A job still waiting
-    /// for a worker `timeout_s` seconds from now is not searched, and one still running then is
-    /// given up (both `TimeoutError`).
-    #[pyo3(signature = (tag, context, query, shards=None, timeout_s=None))]
+    /// Queues a search of `levels` back-off levels (`Datastore.search_levels`), with what
+    /// `session` remembers when one is given; its outcome comes back from `completed` under
+    /// `tag`. A job still waiting for a worker `timeout_s` seconds from now is not searched, and
+    /// one still running then is given up (both `TimeoutError`).
+    #[pyo3(signature = (tag, context, query, shards=None, timeout_s=None, levels=1, session=None))]
+    #[allow(clippy::too_many_arguments)]
     fn submit(
         &self,
         tag: u64,
@@ -118,15 +123,19 @@ impl SearchExecutor {
         query: QueryArgs,
         shards: Option<Vec<String>>,
         timeout_s: Option<f64>,
+        levels: usize,
+        session: Option<&SearchSession>,
     ) -> PyResult<()> {
         let query = query.to_query()?;
+        let levels = check_levels(levels)?;
+        let session = session.map(SearchSession::shared);
         // No deadline for one too far away to represent; NaN counts as 0.
         let deadline = timeout_s
             .and_then(|t| Duration::try_from_secs_f64(t.max(0.0)).ok())
             .and_then(|d| Instant::now().checked_add(d));
         let cancelled = Arc::new(AtomicBool::new(false));
         self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).insert(tag, cancelled.clone());
-        let job = Job { tag, context, query, shards, deadline, cancelled };
+        let job = Job { tag, context, query, shards, deadline, cancelled, levels, session };
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         match jobs.as_ref() {
             Some(sender) if sender.send(job).is_ok() => Ok(()),
@@ -146,10 +155,10 @@ impl SearchExecutor {
         }
     }
 
-    /// Every search finished since the last call, as `(tag, outcome)`: the outcome is the tuple
-    /// `Datastore.search` returns paired with the shard label (the encoded message with
-    /// `as_wire`), or the exception the search raised (`TimeoutError` for one whose deadline
-    /// passed before it started).
+    /// Every search finished since the last call, as `(tag, outcome)`: the outcome is
+    /// `(levels, shard label, searched shards)` as `Datastore.try_search` gives it (the encoded
+    /// message with `as_wire`), or the exception the search raised (`TimeoutError` for one whose
+    /// deadline passed before it started, or that was given up).
     fn completed(&self, py: Python<'_>) -> Vec<(u64, Py<PyAny>)> {
         // Drain the wake-up bytes before taking the list: a completion that lands after the take
         // then writes a fresh byte, so none is ever left without a wake-up.
@@ -203,10 +212,17 @@ fn work(
             Outcome::GivenUp
         } else {
             let cancel = Cancel::at(job.deadline).with_flag(job.cancelled.clone());
-            match store.search_cancellable(&job.context, &job.query, job.shards.as_deref(), &cancel) {
+            let only = job.shards.as_deref();
+            let found = match &job.session {
+                Some(session) => session.lock().unwrap_or_else(|e| e.into_inner()).search_levels_cancellable(
+                    store, &job.context, &job.query, job.levels, only, &cancel,
+                ),
+                None => store.search_levels_cancellable(&job.context, &job.query, job.levels, only, &cancel),
+            };
+            match found {
                 Ok(Some(found)) => {
-                    let searched = Datastore::searched_names(store, &found);
-                    Outcome::Found(Answer::new(found.tree, job.shards.as_deref(), searched, as_wire))
+                    let searched = store.shard_names_of(&found.searched);
+                    Outcome::Found(Answer::new(found.trees, only, searched, as_wire))
                 }
                 Ok(None) => Outcome::GivenUp,
                 Err(err) => Outcome::Failed(err),

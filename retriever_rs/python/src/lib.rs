@@ -4,8 +4,10 @@ use pyo3::prelude::*;
 
 mod build;
 mod datastore;
+mod draft;
 mod errors;
 mod executor;
+mod scrub;
 mod wire;
 
 #[pymodule]
@@ -15,7 +17,13 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FORMAT_VERSION", rest_retriever::format::FORMAT_VERSION)?;
     m.add("MAX_SHARD_TOKENS", rest_retriever::format::MAX_SHARD_TOKENS)?;
     m.add_class::<datastore::Datastore>()?;
+    m.add_class::<datastore::SearchSession>()?;
+    m.add("MAX_LEVELS", datastore::MAX_LEVELS)?;
     m.add_class::<build::DatastoreBuilder>()?;
     m.add_class::<executor::SearchExecutor>()?;
+    m.add_class::<draft::Drafter>()?;
+    m.add_class::<draft::ServedIndex>()?;
+    m.add_function(wrap_pyfunction!(draft::score_levels, m)?)?;
+    m.add_class::<scrub::Scrub>()?;
     Ok(())
 }

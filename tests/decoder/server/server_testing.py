@@ -17,10 +17,9 @@ from collections.abc import Callable
 import openai
 
 from decoder.server.cli import bind
-from decoder.server.decoding import SequenceRequest, SequenceUpdate, StepStats
+from decoder.batch import SequenceRequest, SequenceUpdate, StepStats
 from decoder.server.process import ServerProcess  # noqa: F401  (the tests' server process)
 from decoder.server.serving import ModelInfo, ServerState, build_app
-from decoder.stopping import StopChecker
 from tests.decoder.helpers import EOS, VOCAB, make_tokenizer
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }} {% endfor %}"
@@ -44,7 +43,7 @@ def fake_continuation(prompt: list[int], n: int) -> list[int]:
 class FakeDecoder:
     """``BatchDecoder``'s interface without a model: each sequence continues with
     ``fake_continuation``, two tokens per step while drafting (one draft token accepted out of
-    three verified), one without. Stops as the real decoder does (``StopChecker``).
+    three verified), one without. Stops as the real decoder does (``FakeStops``).
 
     ``gate``: steps wait until it is set (so that requests stay in flight). ``step_s``: each
     step sleeps that long. ``fail_at_step``: that step raises. ``eos_after``: the sequence emits
@@ -65,7 +64,7 @@ class FakeDecoder:
         self.aborted: list[str] = []
         self.validated = 0
         self._waiting: list[SequenceRequest] = []
-        self._running: dict[str, tuple[SequenceRequest, StopChecker, list[int]]] = {}
+        self._running: dict[str, tuple[SequenceRequest, FakeStops, list[int]]] = {}
         self._abort: set[str] = set()
         self.lock = threading.Lock()  # guards what tests read from another thread
 
@@ -89,7 +88,8 @@ class FakeDecoder:
         self.validated += 1
         if any(not 0 <= t < VOCAB for t in request.prompt_ids):
             raise ValueError(f"prompt token ids must be in [0, {VOCAB})")
-        StopChecker(request.max_new_tokens, (EOS,), request.stop, self.tokenizer)
+        if request.max_new_tokens < 1 or any(not s for s in request.stop):
+            raise ValueError("bad request")
 
     def add(self, request: SequenceRequest) -> None:
         if request.prompt_ids == [4, 4, 4]:
@@ -117,7 +117,7 @@ class FakeDecoder:
             self._abort.clear()
             while self._waiting and len(self._running) < self.max_batch:
                 r = self._waiting.pop(0)
-                checker = StopChecker(r.max_new_tokens, (EOS,), r.stop, self.tokenizer)
+                checker = FakeStops(r.max_new_tokens, r.stop, self.tokenizer)
                 self._running[r.request_id] = (r, checker, list(r.prompt_ids))
             batch = len(self._running)
             draft = accepted = emitted = 0
@@ -139,6 +139,31 @@ class FakeDecoder:
                 if done is not None:
                     del self._running[request_id]
         return updates, StepStats(batch, draft, accepted, emitted, 0.001 * batch, 0, 0.002)
+
+
+class FakeStops:
+    """``StopChecker``'s contract for the fake: EOS and stop strings end the output (kept in
+    it), else ``max_new_tokens``; strings are matched on the decoded output."""
+
+    def __init__(self, max_new_tokens: int, stop: tuple, tokenizer) -> None:
+        self.max_new_tokens, self.stop, self.tokenizer = max_new_tokens, stop, tokenizer
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+
+    def extend(self, emitted: list[int]) -> list[int]:
+        taken = []
+        for token in emitted:
+            if self.finish_reason is not None:
+                break
+            self.tokens.append(token)
+            taken.append(token)
+            if token == EOS:
+                self.finish_reason = "eos"
+            elif any(s in self.tokenizer.decode(self.tokens) for s in self.stop):
+                self.finish_reason = "stop"
+            elif len(self.tokens) >= self.max_new_tokens:
+                self.finish_reason = "length"
+        return taken
 
 
 class InProcessServer:
