@@ -27,6 +27,7 @@ the context.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -145,6 +146,7 @@ def main(model_path, datastore, n_prompts, max_new_tokens, dtypes, budgets, attn
                 second = generator.generate(ids, max_new_tokens, plain=plain)
                 result.add(want, first.tokens, second.tokens, first.stats.steps)
             rows.append(result.row())
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # progress, row by row
     print(f"# {model_path}, {attn}, CPU ({threads} threads), {n_prompts} HumanEval prompts x "
           f"{max_new_tokens} new tokens, greedy against model.generate in the same dtype; "
           f"drafts: {'datastore + context' if datastore else 'context'}")  # fmt: skip

@@ -20,14 +20,17 @@ what it would compute alone (greedy: the same tokens in float32; sampled: the sa
 Models whose rotary frequencies depend on the largest position in a pass (dynamic NTK, longrope)
 give every sequence a pass of its own and its own rotary state.
 
-The decoder is blocking and single-threaded: one thread drives it (``step`` until ``has_work`` is
-false); ``add`` and ``abort`` take effect at the next step boundary.
+The decoder is blocking: one thread drives it (``step`` until ``has_work`` is false); ``add``
+and ``abort`` take effect at the next step boundary. Inside a step, the sequences draft at the
+same time on a small pool of threads (their retrievals wait on the network or the engine, not on
+each other); everything else runs on the calling thread.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,7 +39,6 @@ from transformers import GenerationConfig
 
 from decoder.budget import choose_batch_budget, synchronize
 from decoder.draft_sources import DraftSource, draft_tree
-from decoder.tracing import GenerationTrace
 from decoder.draft_tree import DraftTree
 from decoder.kv_cache import BatchedCache
 from decoder.model_support import (
@@ -52,6 +54,7 @@ from decoder.sampling import node_chooser
 from decoder.settings import GenerationSettings, resolve_settings
 from decoder.stats import GenerationStats
 from decoder.stopping import StopChecker
+from decoder.tracing import GenerationTrace
 from decoder.verify import (
     RowTree,
     build_tree_batch,
@@ -143,7 +146,6 @@ class _Sequence:
         self.retrieval_s = 0.0
         self.verification_s = 0.0
         self.tree = DraftTree.empty()  # this step's
-        self.step_retrieval_s = 0.0
         # One trace per generation: the span is current while this sequence drafts.
         self.trace = GenerationTrace(len(request.prompt_ids), request.request_id)
 
@@ -196,6 +198,7 @@ class BatchDecoder:
         self._running: list[_Sequence] = []
         self._aborted: set[str] = set()
         self._shared = BatchedCache()  # the rows of sequences that share forward passes
+        self._pool: ThreadPoolExecutor | None = None  # drafts a step's sequences at once
 
     # --- the interface ------------------------------------------------------------------------
 
@@ -300,6 +303,9 @@ class BatchDecoder:
             self._close(seq, "abort")
         self._running, self._waiting = [], []
         self._shared = BatchedCache()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
     # --- joining and leaving ----------------------------------------------------------------
 
@@ -398,11 +404,28 @@ class BatchDecoder:
                 self._report(seq, taken, updates)
         totals.verification_s += time.perf_counter() - t0
         sequences = [seq for seq in sequences if seq not in rebuilt]
+        t0 = time.perf_counter()
+        drafting = [seq for seq in sequences if seq.sources]
         for seq in sequences:
-            self._draft(seq, totals)
+            seq.tree = DraftTree.empty()
+        failures = sum(seq.failures() for seq in drafting)
+        if len(drafting) > 1:
+            # The sequences' retrievals wait on their retrievers at the same time, not in turn.
+            list(self._drafting_pool().map(self._draft, drafting))
+        else:
+            for seq in drafting:
+                self._draft(seq)
+        drafting_s = time.perf_counter() - t0
+        totals.retrieval_s += drafting_s
+        totals.failures += sum(seq.failures() for seq in drafting) - failures
         for group in self._groups(sequences):
-            self._budget(group)
+            self._budget(group, drafting_s)
             self._verify(group, updates, totals)
+
+    def _drafting_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.max_batch, thread_name_prefix="drafting")
+        return self._pool
 
     def _rebuild_if_wanted(self, seq: _Sequence) -> list[int] | None:
         """Phi-3 longrope: at the crossing, the model's own input preparation drops the cache and
@@ -422,15 +445,12 @@ class BatchDecoder:
         seq.context.extend(taken)
         return taken
 
-    def _draft(self, seq: _Sequence, totals: _Totals) -> None:
-        seq.tree = DraftTree.empty()
-        seq.step_retrieval_s = 0.0
-        if not seq.sources:
-            return
+    def _draft(self, seq: _Sequence) -> None:
+        """This step's tree for ``seq`` (its own sources and state only: sequences draft at the
+        same time)."""
         prefix_len = len(seq.context) - 1
         depth, nodes = tree_limits(self.profile, prefix_len, seq.stopper.tokens_left, seq.rope)
         t0 = time.perf_counter()
-        failures = seq.failures()
         if depth > 0:
             try:
                 with seq.trace.drafting():
@@ -444,11 +464,7 @@ class BatchDecoder:
                 level = logging.DEBUG if seq.drafting_failures else logging.WARNING
                 log.log(level, "drafting failed; this step verifies no drafts", exc_info=True)
                 seq.drafting_failures += 1
-        elapsed = time.perf_counter() - t0
-        seq.step_retrieval_s = elapsed
-        seq.retrieval_s += elapsed
-        totals.retrieval_s += elapsed
-        totals.failures += seq.failures() - failures
+        seq.retrieval_s += time.perf_counter() - t0
 
     def _groups(self, sequences: list[_Sequence]) -> list[list[_Sequence]]:
         """Sequences that share one forward pass (those with a cache of their own go alone)."""
@@ -456,7 +472,7 @@ class BatchDecoder:
         alone = [[seq] for seq in sequences if seq.cache is not None]
         return ([shared] if shared else []) + alone
 
-    def _budget(self, group: list[_Sequence]) -> None:
+    def _budget(self, group: list[_Sequence], drafting_s: float) -> None:
         config = self.generator.config
         drafted = [seq for seq in group if len(seq.tree)]
         if not config.adaptive or not drafted:
@@ -467,8 +483,7 @@ class BatchDecoder:
             scores = seq.tree.ranked_scores()
             ranked.append(correction.correct(scores) if correction is not None else scores)
         cost = self.generator.verification_cost(len(group))
-        retrieval_s = sum(seq.step_retrieval_s for seq in group)
-        cap = choose_batch_budget(ranked, cost, retrieval_s, config.max_budget)
+        cap = choose_batch_budget(ranked, cost, drafting_s, config.max_budget)
         for seq in group:
             seq.tree = seq.tree.prune(cap)
 

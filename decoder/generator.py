@@ -137,7 +137,8 @@ class RestGenerator:
     retriever that does not answer yet (``RetrieverUnavailable``) costs one warning: generations
     decode without it and use it once it answers, its tokenizer checked then, unless
     ``config.require_retriever``. ``draft_sources``: more proposers, shared by every call (they
-    must not keep per-call state). ``served``: the outputs of earlier calls (prompts excluded),
+    must not keep per-call state, and may be asked from several threads at once: a batch drafts
+    its sequences together). ``served``: the outputs of earlier calls (prompts excluded),
     added as each call ends. ``score_correction``: how far recent steps bore out the draft
     scores (the adaptive budget uses it). The model must pass
     ``decoder.model_support.check_model``.
