@@ -8,7 +8,7 @@ use super::cache::{datastore_identity, CacheKey, LevelCache};
 use super::ngram::{NgramIndex, ServedOutputs};
 use super::score::{DraftTree, Level, LevelCounts, ScoreError, Scorer};
 use crate::cancel::Cancel;
-use crate::datastore::{Datastore, Query};
+use crate::datastore::{Datastore, Policy, Query};
 use crate::search::Tree;
 use crate::session::SearchSession;
 use std::sync::Mutex;
@@ -148,7 +148,8 @@ impl Drafter {
 /// The datastore's back-off levels for `context`, or None when a search failed or ran past the
 /// deadline (the step then drafts without the datastore). The first level goes through the
 /// generation's search session; each next one is the search whose `max_span` is one less than
-/// the last match (what `Datastore::search_levels` answers), taken from `cache` when it is short.
+/// the last match (what `Datastore::search_levels` answers). Answers for short suffixes come
+/// from `cache` when it has them (see `short_answer`).
 fn datastore_levels(
     session: &mut SearchSession,
     cache: Option<&Mutex<LevelCache>>,
@@ -163,11 +164,35 @@ fn datastore_levels(
     let cancel = Cancel::at(retrieval.deadline.map(|d| Instant::now() + d));
     // Only the last max_span tokens can be matched (what a remote retriever is sent, too).
     let tail = &context[context.len().saturating_sub(query.max_span)..];
-    let first = session.search_levels_cancellable(datastore, tail, query, 1, None, &cancel).ok()??.trees.swap_remove(0);
+    let identity = cache.map(|_| datastore_identity(datastore));
+    let search = |session: Option<&mut SearchSession>, suffix: &[i64], q: &Query| -> Option<Tree> {
+        let found = match session {
+            Some(session) => session.search_levels_cancellable(datastore, suffix, q, 1, None, &cancel),
+            None => datastore.search_levels_cancellable(suffix, q, 1, None, &cancel),
+        };
+        found.ok()??.trees.into_iter().next()
+    };
+    let first = match (cache, identity) {
+        // An exact-policy tree depends on the matched suffix only: when the longest match is
+        // short, the tree is the short suffix's, which the cache may hold. Finding the match
+        // alone (a budget of 0) costs a few microseconds; growing a short suffix's tree, much
+        // more.
+        (Some(cache), Some(id)) if query.policy == Policy::Exact && query.budget > 0 => {
+            let probe = search(Some(session), tail, &Query { budget: 0, ..query.clone() })?;
+            let m = probe.match_length as usize;
+            if m == 0 {
+                return Some(Vec::new());
+            }
+            match CacheKey::new(id, &Query { max_span: m, ..query.clone() }, &tail[tail.len() - m..]) {
+                Some(key) => short_answer(cache, key, || search(None, &tail[tail.len() - m..], &Query { max_span: m, ..query.clone() }))?,
+                None => search(Some(session), tail, query)?,
+            }
+        }
+        _ => search(Some(session), tail, query)?,
+    };
     if first.match_length == 0 {
         return Some(Vec::new());
     }
-    let identity = cache.map(|_| datastore_identity(datastore));
     let mut trees = vec![first];
     while trees.len() < retrieval.levels {
         let span = trees[trees.len() - 1].match_length as usize - 1;
@@ -177,20 +202,9 @@ fn datastore_levels(
         let suffix = &tail[tail.len() - span..];
         let level_query = Query { max_span: span, ..query.clone() };
         let key = identity.and_then(|id| CacheKey::new(id, &level_query, suffix));
-        let cached = match (cache, &key) {
-            (Some(c), Some(k)) => lock(c).get(k),
-            _ => None,
-        };
-        let tree = match cached {
-            Some(tree) => tree,
-            None => {
-                let found = datastore.search_levels_cancellable(suffix, &level_query, 1, None, &cancel).ok()??;
-                let tree = found.trees.into_iter().next()?;
-                if let (Some(c), Some(k)) = (cache, key) {
-                    lock(c).insert(k, tree.clone());
-                }
-                tree
-            }
+        let tree = match (cache, key) {
+            (Some(cache), Some(key)) => short_answer(cache, key, || search(None, suffix, &level_query))?,
+            _ => search(None, suffix, &level_query)?,
         };
         if tree.match_length == 0 {
             break;
@@ -198,6 +212,16 @@ fn datastore_levels(
         trees.push(tree);
     }
     Some(trees)
+}
+
+/// The cached answer for `key`, or `search`'s (kept when it finished).
+fn short_answer(cache: &Mutex<LevelCache>, key: CacheKey, search: impl FnOnce() -> Option<Tree>) -> Option<Tree> {
+    if let Some(tree) = lock(cache).get(&key) {
+        return Some(tree);
+    }
+    let tree = search()?;
+    lock(cache).insert(key, tree.clone());
+    Some(tree)
 }
 
 fn lock(cache: &Mutex<LevelCache>) -> std::sync::MutexGuard<'_, LevelCache> {
