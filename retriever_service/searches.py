@@ -33,12 +33,17 @@ class AsyncSearches:
         params: SearchParams,
         shards: Sequence[str] | None,
         timeout_s: float | None,
+        *,
+        levels: int = 1,
+        session=None,
     ) -> asyncio.Future:
-        """A future of the executor's result (a ``SearchResult``, or the serialized response of
-        an ``as_wire`` executor), or of the exception the search raised (``TimeoutError`` when it
-        was still queued ``timeout_s`` seconds from now)."""
+        """A future of the executor's result (``levels`` back-off levels as
+        ``Datastore.search_levels`` gives them, or the serialized response of an ``as_wire``
+        executor), or of the exception the search raised (``TimeoutError`` when it was still
+        queued ``timeout_s`` seconds from now). ``session``: the stream's search session."""
         tag = next(self._tags)
-        self._executor.submit(tag, context, params, shards, timeout_s)
+        self._executor.submit(tag, context, params, shards, timeout_s, levels=levels,
+                              session=session)
         future = self._waiting[tag] = self._loop.create_future()
         return future
 

@@ -74,29 +74,33 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         return self._info
 
     async def Search(self, request: bytes, context) -> bytes:
-        return await self._answer(request, context, "Search")
+        return await self._answer(request, context, "Search", None)
 
     async def SearchStream(self, request_iterator, context):
         # One response per request, in order: the next request is only read once this one's
-        # response has been handed to gRPC.
+        # response has been handed to gRPC. A stream is one decoding session: its searches share
+        # an engine search session, which narrows what the stream's last search found (the same
+        # answers, found faster; see rest.datastore.SearchSession).
+        session = self._datastore.session()
         async for request in request_iterator:
-            yield await self._answer(request, context, "SearchStream")
+            yield await self._answer(request, context, "SearchStream", session)
 
-    async def _answer(self, request: bytes, context, method: str) -> bytes:
+    async def _answer(self, request: bytes, context, method: str, session) -> bytes:
         try:
             if self._telemetry is None:
-                return await self._search(request, context)
+                return await self._search(request, context, session)
             with self._telemetry.search(method) as record:
-                response = await self._search(request, context)
+                response = await self._search(request, context, session)
                 if record.span.is_recording():  # the span's attributes need the result
                     record.result = wire.search_result(pb.SearchResponse.FromString(response))
                 return response
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def _search(self, request: bytes, context) -> bytes:
-        """The serialized ``SearchResponse``: the engine encodes it (``as_wire``), which saves
-        building the message from Python objects on the event loop."""
+    async def _search(self, request: bytes, context, session) -> bytes:
+        """The serialized ``SearchResponse`` with every back-off level the request asked for:
+        the engine encodes it (``as_wire``), which saves building the message from Python
+        objects on the event loop."""
         parsed = self._parser.parse(decode(pb.SearchRequest, request))
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
@@ -116,13 +120,14 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 # try the search here for a short, bounded slice first.
                 response = self._datastore.try_search(
                     parsed.context, parsed.params, parsed.shards, self._inline_search_s,
-                    as_wire=True)
+                    levels=parsed.levels, as_wire=True, session=session)
                 if response is not None:
                     return response
             self._in_flight += 1
             try:
                 return await self._searches.search(
-                    parsed.context, parsed.params, parsed.shards, remaining)
+                    parsed.context, parsed.params, parsed.shards, remaining,
+                    levels=parsed.levels, session=session)
             finally:
                 self._in_flight -= 1
         except TimeoutError:  # still queued for a worker when the deadline passed
