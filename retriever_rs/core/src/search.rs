@@ -746,7 +746,7 @@ impl Searcher {
         self.heap.clear();
         let mut g = Growth { s: self, views, match_length, limits };
         let root = Node::Sa { start: 0, n: g.s.node_spans.len() as u32 };
-        g.expand(root, 0, -1, (0, 0), 1);
+        g.expand(root, 0, -1, (0, 0), 1, limits.budget);
         // The node added last when the budget ran out: its children are left out by the budget.
         let mut unexpanded = None;
         let mut steps = 0u32;
@@ -759,7 +759,8 @@ impl Searcher {
             let (depth, parent) = (e.depth(), e.parent());
             if e.pending() {
                 let p = g.s.pendings[e.at as usize];
-                g.expand(Node::Sa { start: p.spans.0, n: p.spans.1 }, depth - 1, parent, p.pushed, p.refine);
+                let room = limits.budget - tree.tokens.len();
+                g.expand(Node::Sa { start: p.spans.0, n: p.spans.1 }, depth - 1, parent, p.pushed, p.refine, room);
                 continue;
             }
             if e.at + 1 < e.end {
@@ -773,7 +774,7 @@ impl Searcher {
             tree.counts.push(e.count());
             if (depth as usize) < limits.max_depth {
                 if tree.tokens.len() < limits.budget {
-                    g.expand(node, depth, index, (0, 0), 1);
+                    g.expand(node, depth, index, (0, 0), 1, limits.budget - tree.tokens.len());
                 } else {
                     unexpanded = Some((node, depth, index));
                 }
@@ -781,7 +782,7 @@ impl Searcher {
         }
         if tree.tokens.len() == limits.budget {
             if let Some((node, depth, index)) = unexpanded {
-                g.expand(node, depth, index, (0, 0), 1);
+                g.expand(node, depth, index, (0, 0), 1, 0);
             }
             // The best entry left is the largest count left out, once no pending entry (a bound,
             // not a count) is above it.
@@ -796,7 +797,7 @@ impl Searcher {
                 }
                 g.s.heap.pop();
                 let p = g.s.pendings[top.at as usize];
-                g.expand(Node::Sa { start: p.spans.0, n: p.spans.1 }, top.depth() - 1, top.parent(), p.pushed, p.refine);
+                g.expand(Node::Sa { start: p.spans.0, n: p.spans.1 }, top.depth() - 1, top.parent(), p.pushed, p.refine, 0);
             }
         }
         Some(tree)
@@ -814,7 +815,11 @@ struct Growth<'s, 'v, 'a> {
 impl Growth<'_, '_, '_> {
     /// Finds the children of `node` (at `depth`; 0 = the matched suffix), except the tokens of
     /// `pushed`, and pushes the best of them (and a pending entry for what sampling left open).
-    fn expand(&mut self, node: Node, depth: u32, parent: i32, pushed: (u32, u32), refine: u32) {
+    ///
+    /// `room`: how many nodes the tree may still take. Only the best `room + 1` children are
+    /// kept: no more than `room` of them can be added, and the next is the best one the budget
+    /// leaves out (`Tree::cut_count`), whatever the other families hold.
+    fn expand(&mut self, node: Node, depth: u32, parent: i32, pushed: (u32, u32), refine: u32, room: usize) {
         if depth as usize >= self.limits.max_depth {
             return;
         }
@@ -839,8 +844,15 @@ impl Growth<'_, '_, '_> {
             return;
         }
         if children.len() > 1 {
-            children.sort_unstable_by_key(|c| (Reverse(c.count), c.token));
+            let order = |c: &Child| (Reverse(c.count), c.token);
+            let keep = room + 1;
+            if children.len() > keep {
+                children.select_nth_unstable_by_key(keep - 1, order);
+                self.s.children.truncate(family + keep);
+            }
+            self.s.children[family..].sort_unstable_by_key(order);
         }
+        let children = &self.s.children[family..];
         let best = children[0];
         let end = self.s.children.len() as u32;
         self.s.heap.push(Entry::new(best.count, false, depth + 1, parent, best.token, family as u32, end));
@@ -955,7 +967,10 @@ impl Growth<'_, '_, '_> {
                 }
             }
         }
-        runs.sort_unstable_by_key(|r| (r.0, r.1.shard));
+        if spans.len() > 1 {
+            // One shard's runs come in token order already; several shards' are merged by token.
+            runs.sort_unstable_by_key(|r| (r.0, r.1.shard));
+        }
         let already = pushed.0 as usize..(pushed.0 + pushed.1) as usize;
         let pushed_start = s.pushed.len();
         if missed_bound > 0 {
