@@ -1,6 +1,7 @@
 """Latency and throughput of the retrieval service on loopback, beside its floors.
 
     python bench/service_latency.py [--json bench/out/service_latency.json]
+    python bench/service_latency.py --workload random --n 200 --seconds 0.3   # a quick check
 
 Workload (fixed; the reference workload of shared/bench/humaneval-replay.md): the CPython standard
 library's sources (``rest.corpus``) tokenized by a ``ByteLevelBPETokenizer`` trained on them
@@ -14,6 +15,15 @@ Every figure is measured in the same run against:
 - a bare gRPC echo service (the same ``grpc.aio`` server setup, bytes in, the same bytes out, no
   work), called the same way: the floor any gRPC service in Python pays on this machine;
 - the retrieval server: a real ``retriever-server`` subprocess.
+
+Drafting steps: what a decoding step's retrieval costs, in-process against through the server.
+The steps of a HumanEval replay (each context the last one plus the tokens the exact policy's
+tree would have let the step accept, and one more), each drafted by the decoder's own datastore
+source (``decoder.draft_sources.RetrieverDraftSource``, 3 back-off levels, the decoder's search
+parameters): in-process from a ``LocalRetriever`` session, and remotely from a session that sends
+each step's levels in one ``SearchStream`` request (one round trip a step). The target: a remote
+step costs at most the in-process step plus 1.3x one echo stream round trip (all three p50s from
+the same interleaved run).
 
 Latency: one client, one call at a time, p50/p99 over ``--n`` calls per row, unary and stream
 (the same blocking-API client for the echo and the search), the rows taking turns in blocks of
@@ -48,9 +58,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from rest.retriever import LocalRetriever, RetrievalSession  # noqa: E402
 from rest.types import SearchParams  # noqa: E402
 from retriever_service import wire  # noqa: E402
 from retriever_service.client import RemoteRetriever  # noqa: E402
+from retriever_service.v1 import retriever_pb2 as pb  # noqa: E402
 
 ECHO_SERVICE = "bench.Echo"
 CONTEXT_TOKENS = 32
@@ -129,11 +141,31 @@ def _split(flat: np.ndarray, ends: np.ndarray) -> list[list[int]]:
     return [part.tolist() for part in np.split(flat, ends[:-1])]
 
 
-def build_workload(out_dir: Path, n_contexts: int, seed: int):
+def random_corpus(seed: int = 0) -> tuple[list[list[int]], list[list[int]]]:
+    """A small synthetic corpus (recurring phrases among random tokens) and targets cut from it,
+    for a quick run of every row (``--workload random``)."""
+    rng = np.random.default_rng(seed)
+    phrases = [rng.integers(0, 300, size=rng.integers(3, 12)).tolist() for _ in range(30)]
+    docs = []
+    for _ in range(300):
+        doc: list[int] = []
+        while len(doc) < 200:
+            doc += (phrases[rng.integers(len(phrases))] if rng.random() < 0.5
+                    else rng.integers(0, 300, size=rng.integers(1, 6)).tolist())
+        docs.append(doc)
+    return docs, [docs[i][:120] for i in range(0, 300, 15)]
+
+
+def build_workload(out_dir: Path, n_contexts: int, seed: int, workload: str = "reference"):
     from rest.datastore import Datastore, build_datastore
 
-    docs, targets = reference_corpus(ROOT / "bench/out/cache")
-    build_datastore(out_dir, docs, vocab_size=16384, tokenizer_name="stdlib-bpe16384",
+    if workload == "reference":
+        docs, targets = reference_corpus(ROOT / "bench/out/cache")
+        vocab_size = 16384
+    else:
+        docs, targets = random_corpus(seed)
+        vocab_size = 300
+    build_datastore(out_dir, docs, vocab_size=vocab_size, tokenizer_name="stdlib-bpe16384",
                     tokenizer_fingerprint="stdlib-bpe16384")
     rng = np.random.default_rng(seed)
     contexts = []
@@ -141,7 +173,24 @@ def build_workload(out_dir: Path, n_contexts: int, seed: int):
         target = targets[rng.integers(len(targets))]
         end = int(rng.integers(1, len(target) + 1))
         contexts.append(target[max(0, end - CONTEXT_TOKENS) : end])
-    return Datastore.open(out_dir), contexts
+    return Datastore.open(out_dir), contexts, targets
+
+
+def replay_steps(datastore, targets: list[list[int]], n: int) -> list[list[int]]:
+    """The contexts of a replay's steps (see the module documentation), target after target, at
+    most ``n``: the first fifth of each target is its prompt."""
+    from bench.engine import accepted
+
+    steps: list[list[int]] = []
+    for target in itertools.cycle(targets):
+        i = max(1, len(target) // 5)
+        while i < len(target) and len(steps) < n:
+            context = target[max(0, i - CONTEXT_TOKENS + 1) : i + 1]
+            steps.append(context)
+            i += 1 + accepted(datastore.search(context, PARAMS), target, i)
+        if len(steps) >= n:
+            return steps
+    return steps
 
 
 # --- callers: each returns a function doing one call ---------------------------------------------
@@ -163,9 +212,9 @@ class RawStream:
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._responses = channel.stream_stream(method)(iter(self._requests.get, self._END))
 
-    def __call__(self, payload: bytes) -> None:
+    def __call__(self, payload: bytes) -> bytes:
         self._requests.put(payload)
-        next(self._responses)
+        return next(self._responses)
 
     def close(self) -> None:
         self._requests.put(self._END)
@@ -295,6 +344,43 @@ class SessionCaller:
         self._session.close()
 
 
+class StreamLevelsSession(RetrievalSession):
+    """Every back-off level of a step in one ``SearchStream`` request (``SearchRequest.levels``):
+    one round trip a step, over one stream for the whole session."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stream = RawStream(channel, "/rest.retriever.v1.Retriever/SearchStream")
+
+    def search(self, context, params):
+        return self.search_levels(context, params, 1)[0]
+
+    def search_levels(self, context, params, levels):
+        request = wire.search_request(context, params, levels=levels).SerializeToString()
+        return wire.search_levels_result(pb.SearchResponse.FromString(self._stream(request)))
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class DraftingCaller:
+    """One decoding session's datastore drafting: ``RetrieverDraftSource.propose`` per step, with
+    the decoder's own parameters and levels."""
+
+    def __init__(self, session: RetrievalSession) -> None:
+        from decoder.config import DecodingConfig
+        from decoder.draft_sources import RetrieverDraftSource
+
+        config = DecodingConfig()
+        self._source = RetrieverDraftSource(session, config.search, config.retrieval_levels)
+
+    def __call__(self, context) -> bool:
+        self._source.propose(context)
+        return True
+
+    def close(self) -> None:
+        self._source.close()
+
+
 class EngineCaller:
     def __init__(self, datastore) -> None:
         self._datastore = datastore
@@ -309,8 +395,9 @@ class EngineCaller:
 def run(args) -> dict:
     workdir = Path(tempfile.mkdtemp(prefix="service-latency-"))
     print("building the datastore (stdlib, reference BPE tokenizer)...", flush=True)
-    datastore, contexts = build_workload(workdir / "ds", args.n, args.seed)
+    datastore, contexts, targets = build_workload(workdir / "ds", args.n, args.seed, args.workload)
     requests = [wire.search_request(c, PARAMS).SerializeToString() for c in contexts]
+    steps = replay_steps(datastore, targets, args.n)
     search_proc, search_addr = start_process([
         "-m", "retriever_service.server", "--datastore", str(workdir / "ds"), "--port", "0",
         "--max-concurrent-searches", "256", "--log-level", "WARNING"])
@@ -325,7 +412,14 @@ def run(args) -> dict:
         echo_stream = RawStream(echo_channel, f"/{ECHO_SERVICE}/Stream")
         search_stream = RawStream(search_channel, "/rest.retriever.v1.Retriever/SearchStream")
         session = SessionCaller(retriever)
+        local = LocalRetriever(str(workdir / "ds"))
+        local_drafting = DraftingCaller(local.session())
+        remote_drafting = DraftingCaller(StreamLevelsSession(search_channel))
+        client_drafting = DraftingCaller(retriever.session())
         results["latency"] = interleaved_latency({
+            "drafting step in-process": (local_drafting, steps),
+            "drafting step via retriever-server": (remote_drafting, steps),
+            "drafting step via RemoteRetriever": (client_drafting, steps),
             "engine": (EngineCaller(datastore), contexts),
             "echo unary": (unary_caller(echo_channel, f"/{ECHO_SERVICE}/Unary"), requests),
             "Search unary": (
@@ -334,8 +428,10 @@ def run(args) -> dict:
             "SearchStream": (search_stream, requests),
             "SearchStream via RemoteRetriever": (session, contexts),
         }, args.n)
-        for stream in (echo_stream, search_stream, session):
+        for stream in (echo_stream, search_stream, session, local_drafting, remote_drafting,
+                       client_drafting):
             stream.close()
+        local.close()
 
         print("throughput...", flush=True)
         for c in args.concurrency:
@@ -368,6 +464,18 @@ def report(results: dict) -> str:
         row = lat[name]
         ratio = f"{row['p50_us'] / lat[floor]['p50_us']:.2f}x" if floor else ""
         lines.append(f"| {name} | {row['p50_us']:.0f} | {row['p99_us']:.0f} | {ratio} |")
+    step_local = lat["drafting step in-process"]["p50_us"]
+    step_remote = lat["drafting step via retriever-server"]["p50_us"]
+    echo = lat["echo stream"]["p50_us"]
+    bound = step_local + 1.3 * echo
+    lines += ["", "| drafting step (3 levels, replay order) | p50 µs | p99 µs |", "|---|---:|---:|"]
+    for name in ("drafting step in-process", "drafting step via retriever-server",
+                 "drafting step via RemoteRetriever"):
+        lines.append(f"| {name} | {lat[name]['p50_us']:.0f} | {lat[name]['p99_us']:.0f} |")
+    lines.append(f"\nremote step - in-process step = {step_remote - step_local:.0f} µs = "
+                 f"{(step_remote - step_local) / echo:.2f}x the echo stream round trip "
+                 f"({echo:.0f} µs); target <= 1.3x (a remote step <= {bound:.0f} µs): "
+                 f"{'met' if step_remote <= bound else 'NOT met'}")
     lines += ["", "| throughput (searches/s, errors) | " +
               " | ".join(f"{c} streams" for c in results["throughput"]) + " |",
               "|---|" + "---:|" * len(results["throughput"])]
@@ -397,6 +505,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput cell")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workload", choices=["reference", "random"], default="reference",
+                        help="random: a small synthetic corpus, for a quick run of every row")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/out/service_latency.json")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

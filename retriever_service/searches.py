@@ -34,13 +34,18 @@ class AsyncSearches:
         params: SearchParams,
         shards: Sequence[str] | None,
         timeout_s: float | None,
+        *,
+        levels: int = 1,
+        session=None,
     ) -> asyncio.Future:
-        """A future of the executor's result (a ``SearchResult``, or the serialized response of
-        an ``as_wire`` executor), or of the exception the search raised (``TimeoutError`` when it
-        was still queued, or still running, ``timeout_s`` seconds from now). Cancelling the
-        future (the call went away) gives the search up in the engine."""
+        """A future of the executor's result (``levels`` back-off levels as
+        ``Datastore.search_levels`` gives them, or the serialized response of an ``as_wire``
+        executor), or of the exception the search raised (``TimeoutError`` when it was still
+        queued, or still running, ``timeout_s`` seconds from now). Cancelling the future (the call
+        went away) gives the search up in the engine. ``session``: the stream's search session."""
         tag = next(self._tags)
-        self._executor.submit(tag, context, params, shards, timeout_s)
+        self._executor.submit(tag, context, params, shards, timeout_s, levels=levels,
+                              session=session)
         future = self._waiting[tag] = self._loop.create_future()
         future.add_done_callback(lambda f: f.cancelled() and self._executor.cancel(tag))
         return future

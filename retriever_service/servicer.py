@@ -85,23 +85,26 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         return self._info
 
     async def Search(self, request: bytes, context) -> bytes:
-        return await self._answer(request, context, "Search")
+        return await self._answer(request, context, "Search", None)
 
     async def SearchStream(self, request_iterator, context):
         # One response per request, in order: the next request is only read once this one's
-        # response has been handed to gRPC.
+        # response has been handed to gRPC. A stream is one decoding session: its searches share
+        # an engine search session, which narrows what the stream's last search found (the same
+        # answers, found faster; see rest.datastore.SearchSession).
+        session = self._datastore.session()
         async for request in request_iterator:
-            yield await self._answer(request, context, "SearchStream")
+            yield await self._answer(request, context, "SearchStream", session)
 
-    async def _answer(self, request: bytes, context, method: str) -> bytes:
+    async def _answer(self, request: bytes, context, method: str, session) -> bytes:
         try:
             if self._telemetry is None:
-                return await self._search(decode(pb.SearchRequest, request), context)
-            return await self._traced_search(request, context, method)
+                return await self._search(decode(pb.SearchRequest, request), context, session)
+            return await self._traced_search(request, context, method, session)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
 
-    async def _traced_search(self, data: bytes, context, method: str) -> bytes:
+    async def _traced_search(self, data: bytes, context, method: str, session) -> bytes:
         malformed = request = None
         try:
             request = decode(pb.SearchRequest, data)
@@ -112,14 +115,15 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         with self._telemetry.search(method, parent) as record:
             if malformed is not None:
                 raise malformed
-            response = await self._search(request, context)
+            response = await self._search(request, context, session)
             if record.span.is_recording():  # the span's attributes need the result
                 record.result = wire.search_result(pb.SearchResponse.FromString(response))
             return response
 
-    async def _search(self, request: pb.SearchRequest, context) -> bytes:
-        """The serialized ``SearchResponse``: the engine encodes it (``as_wire``), which saves
-        building the message from Python objects on the event loop."""
+    async def _search(self, request: pb.SearchRequest, context, session) -> bytes:
+        """The serialized ``SearchResponse`` with every back-off level the request asked for:
+        the engine encodes it (``as_wire``), which saves building the message from Python
+        objects on the event loop."""
         parsed = self._parser.parse(request)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
@@ -140,13 +144,15 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 inline_s = self._inline_search_s if remaining is None else min(
                     self._inline_search_s, remaining)
                 response = self._datastore.try_search(
-                    parsed.context, parsed.params, parsed.shards, inline_s, as_wire=True)
+                    parsed.context, parsed.params, parsed.shards, inline_s,
+                    levels=parsed.levels, as_wire=True, session=session)
                 if response is not None:
                     return response
             self._in_flight += 1
             try:
                 return await self._searches.search(
-                    parsed.context, parsed.params, parsed.shards, remaining)
+                    parsed.context, parsed.params, parsed.shards, remaining,
+                    levels=parsed.levels, session=session)
             finally:
                 self._in_flight -= 1
         except TimeoutError:  # still queued for a worker when the deadline passed

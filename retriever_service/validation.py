@@ -21,6 +21,7 @@ from typing import NamedTuple
 import grpc
 from google.protobuf.message import DecodeError
 
+from rest.datastore import MAX_LEVELS
 from rest.types import SearchParams
 from retriever_service.v1 import retriever_pb2 as pb
 from retriever_service.wire import PARAM_FIELDS, POLICY_FROM_WIRE
@@ -74,6 +75,7 @@ class ParsedSearch(NamedTuple):  # a tuple: built once per request, cheaper than
     context: list[int]
     params: SearchParams
     shards: list[str] | None  # None: every served shard
+    levels: int = 1  # back-off levels to answer (SearchRequest.levels)
 
 
 class SearchRequestParser:
@@ -91,8 +93,9 @@ class SearchRequestParser:
         params = self.params(request.params)  # an unset message serializes to b"": defaults
         context = parse_context(request.context, self.limits)
         shards = parse_shard(request.shard, self.limits) if request.HasField("shard") else None
+        levels = parse_levels(request.levels) if request.HasField("levels") else 1
         # The engine only looks at the last max_span tokens; slicing here saves copying the rest.
-        return ParsedSearch(context[-params.max_span :], params, shards)
+        return ParsedSearch(context[-params.max_span :], params, shards, levels)
 
     def params(self, wire: pb.SearchParams) -> SearchParams:
         key = wire.SerializeToString(deterministic=True)
@@ -174,6 +177,14 @@ def check_caps(params: SearchParams, limits: RequestLimits) -> None:
                 f"params.{name}: {value} is more than this server's limit of {cap} for the"
                 f" {params.policy} policy ({option}); ask for at most {cap}",
             )
+def parse_levels(levels: int) -> int:
+    """``SearchRequest.levels``: 1 to ``MAX_LEVELS`` (each level is a whole search)."""
+    if not 1 <= levels <= MAX_LEVELS:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"levels: must be in 1..{MAX_LEVELS} (each back-off level is a whole search), got {levels}",
+        )
+    return levels
 
 
 def parse_shard(shard: str, limits: RequestLimits) -> list[str]:

@@ -84,14 +84,20 @@ class GatedDatastore:
     def info(self):
         return self._datastore.info()
 
-    def search(self, context, params, shards=None):
+    def search_levels(self, context, params, levels, shards=None):
+        """``(first level, levels)``: ``Datastore.search`` and ``Datastore.search_levels``."""
         with self._lock:
             self.calls += 1
         self.entered.release()
         assert self.gate.wait(20), "test gate never opened"
-        return self._datastore.search(context, params, shards=shards)
+        return (self._datastore.search(context, params, shards=shards),
+                self._datastore.search_levels(context, params, levels, shards=shards))
 
-    def try_search(self, context, params, shards, time_limit_s, *, as_wire=False):
+    def session(self):
+        return None  # searches here are stateless; a session only makes them faster
+
+    def try_search(self, context, params, shards, time_limit_s, *, levels=1, as_wire=False,
+                   session=None):
         return None
 
     def search_executor(self, workers: int, *, as_wire: bool = False) -> ThreadSearchExecutor:
@@ -116,9 +122,10 @@ class ThreadSearchExecutor:
         for _ in range(workers):
             threading.Thread(target=self._work, daemon=True).start()
 
-    def submit(self, tag, context, params, shards=None, timeout_s=None) -> None:
+    def submit(self, tag, context, params, shards=None, timeout_s=None, *, levels=1,
+               session=None) -> None:
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self._jobs.put((tag, list(context), params, shards, deadline))
+        self._jobs.put((tag, list(context), params, shards, deadline, levels))
 
     def fileno(self) -> int:
         return self._wake_reader.fileno()
@@ -141,14 +148,15 @@ class ThreadSearchExecutor:
 
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
-            tag, context, params, shards, deadline = job
+            tag, context, params, shards, deadline, levels = job
             if deadline is not None and time.monotonic() >= deadline:
                 outcome = TimeoutError("deadline passed before the search started; not searched")
             else:
                 try:
-                    outcome = self._datastore.search(context, params, shards=shards)
+                    first, found = self._datastore.search_levels(context, params, levels, shards)
+                    outcome = found
                     if self._as_wire:
-                        outcome = wire.search_response(outcome).SerializeToString()
+                        outcome = wire.search_response(first, found[1:]).SerializeToString()
                 except Exception as exc:  # noqa: BLE001 - handed back like the native executor
                     outcome = exc
             with self._lock:

@@ -113,3 +113,14 @@ def test_refusals_stay_short_whatever_the_request_or_the_server_holds():
     assert "100000 characters" in message and "shard-00000" in message
     assert "and 4992 more" in message
     assert len(RequestError(grpc.StatusCode.INTERNAL, "z" * 50_000).message) == MAX_MESSAGE_CHARS
+
+
+def test_levels_default_to_one_and_are_capped():
+    from rest.datastore import MAX_LEVELS
+
+    assert parse(context=[1]).levels == 1
+    assert parse(context=[1], levels=MAX_LEVELS).levels == MAX_LEVELS
+    for levels in (0, MAX_LEVELS + 1):
+        error = refusal(context=[1], levels=levels)
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.message.startswith("levels"), error.message

@@ -4,7 +4,7 @@ use crate::cancel::Cancel;
 use crate::error::{Error, Result};
 use crate::format::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
 use crate::rest_policy::rest_tree_until;
-use crate::search::{with_scratch, Limits, Searcher, Tree};
+use crate::search::{with_scratch, Limits, Searcher, Tree, MAX_BUDGET, MAX_DEPTH};
 use crate::shard::{Shard, ShardView};
 use crate::watch::{Events, ShardChange, Watching};
 use rayon::prelude::*;
@@ -288,8 +288,11 @@ impl Datastore {
                 q.min_span, q.max_span
             )));
         }
-        if q.max_depth == 0 {
-            return Err(Error::InvalidQuery("max_depth must be >= 1".into()));
+        if q.max_depth == 0 || q.max_depth > MAX_DEPTH {
+            return Err(Error::InvalidQuery(format!("max_depth must be in 1..={MAX_DEPTH}, got {}", q.max_depth)));
+        }
+        if q.budget > MAX_BUDGET {
+            return Err(Error::InvalidQuery(format!("budget must be <= {MAX_BUDGET}, got {}", q.budget)));
         }
         let vocab = self.manifest.vocab_size as i64;
         context

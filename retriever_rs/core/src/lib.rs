@@ -14,6 +14,7 @@ mod mmap;
 pub mod rest_policy;
 pub mod scrub;
 pub mod search;
+pub mod search_index;
 pub mod session;
 pub mod shard;
 pub mod watch;

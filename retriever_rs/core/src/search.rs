@@ -114,17 +114,32 @@ fn compare_suffix(v: &ShardView, i: u32, pattern: &[u32], from: usize) -> Orderi
     Ordering::Equal
 }
 
-/// The interval of suffixes that start with `pattern` (empty when it does not occur).
+/// The interval of suffixes that start with `pattern` (empty when it does not occur), searched
+/// inside the interval of its first token (`search_index`).
 pub fn pattern_interval(v: &ShardView, shard: u32, pattern: &[u32]) -> Span {
-    let n = v.sa.len() as u32;
-    let lo = partition(0, n, |i| compare_suffix(v, i, pattern, 0) == Ordering::Less);
+    let Some(&first) = pattern.first() else {
+        return Span { shard, lo: 0, hi: v.sa.len() as u32 };
+    };
+    let (start, end) = v.first_tokens.get(first, || {
+        let span = interval_in(v, shard, 0, v.sa.len() as u32, &pattern[..1], 0);
+        (span.lo, span.hi)
+    });
+    if pattern.len() == 1 || start == end {
+        return Span { shard, lo: start, hi: end };
+    }
+    interval_in(v, shard, start, end, pattern, 1)
+}
+
+/// The interval of `pattern` inside `[start, end)`, where every suffix starts with the first
+/// `from` tokens of `pattern`.
+fn interval_in(v: &ShardView, shard: u32, start: u32, end: u32, pattern: &[u32], from: usize) -> Span {
+    let lo = partition(start, end, |i| compare_suffix(v, i, pattern, from) == Ordering::Less);
     // Most probes of a longest-match search find nothing or a few occurrences: check the first
-    // candidate, then gallop to the end of the interval instead of a second binary search over
-    // the whole array.
-    if lo == n || compare_suffix(v, lo, pattern, 0) != Ordering::Equal {
+    // candidate, then gallop to the end of the interval instead of a second binary search.
+    if lo == end || compare_suffix(v, lo, pattern, from) != Ordering::Equal {
         return Span { shard, lo, hi: lo };
     }
-    let hi = gallop_end(lo, n, |i| compare_suffix(v, i, pattern, 0) == Ordering::Equal);
+    let hi = gallop_end(lo, end, |i| compare_suffix(v, i, pattern, from) == Ordering::Equal);
     Span { shard, lo, hi }
 }
 
@@ -363,28 +378,53 @@ struct Pending {
 /// before any real entry that one of them could beat.
 #[derive(Clone, Copy, Debug)]
 struct Entry {
-    count: u64,
-    pending: bool,
-    depth: u32,
-    parent: i32,
-    token: u32,
+    /// The order of the search in one integer (larger is popped first): count desc, pending
+    /// first, depth asc, parent asc, token asc. See `Entry::new`.
+    key: u128,
     at: u32,
     end: u32,
 }
 
-type EntryKey = (u64, bool, Reverse<u32>, Reverse<i32>, Reverse<u32>);
+/// The most nodes a tree may have and the deepest it may be, for `Entry`'s packed key.
+pub const MAX_BUDGET: usize = (1 << 22) - 2;
+pub const MAX_DEPTH: usize = 510;
 
 impl Entry {
-    /// Larger is popped first: count desc, pending first, depth asc, parent asc, token asc.
     #[inline]
-    fn key(&self) -> EntryKey {
-        (self.count, self.pending, Reverse(self.depth), Reverse(self.parent), Reverse(self.token))
+    fn new(count: u64, pending: bool, depth: u32, parent: i32, token: u32, at: u32, end: u32) -> Self {
+        debug_assert!(depth as usize <= MAX_DEPTH + 1 && parent < MAX_BUDGET as i32);
+        let order = ((pending as u64) << 63)
+            | ((511 - depth as u64) << 54)
+            | ((((1u64 << 22) - 1) - (parent + 1) as u64) << 32)
+            | (u32::MAX - token) as u64;
+        Entry { key: ((count as u128) << 64) | order as u128, at, end }
+    }
+
+    #[inline]
+    fn count(&self) -> u64 {
+        (self.key >> 64) as u64
+    }
+    #[inline]
+    fn pending(&self) -> bool {
+        (self.key >> 63) & 1 == 1
+    }
+    #[inline]
+    fn depth(&self) -> u32 {
+        511 - ((self.key >> 54) & 511) as u32
+    }
+    #[inline]
+    fn parent(&self) -> i32 {
+        (((1u64 << 22) - 1) - ((self.key >> 32) as u64 & ((1 << 22) - 1))) as i32 - 1
+    }
+    #[inline]
+    fn token(&self) -> u32 {
+        u32::MAX - self.key as u32
     }
 }
 
 impl PartialEq for Entry {
     fn eq(&self, other: &Self) -> bool {
-        self.key() == other.key()
+        self.key == other.key
     }
 }
 impl Eq for Entry {}
@@ -395,7 +435,7 @@ impl PartialOrd for Entry {
 }
 impl Ord for Entry {
     fn cmp(&self, other: &Self) -> Ordering {
-        self.key().cmp(&other.key())
+        self.key.cmp(&other.key)
     }
 }
 
@@ -706,7 +746,7 @@ impl Searcher {
         self.heap.clear();
         let mut g = Growth { s: self, views, match_length, limits };
         let root = Node::Sa { start: 0, n: g.s.node_spans.len() as u32 };
-        g.expand(root, 0, -1, (0, 0), 1);
+        g.expand(root, 0, -1, (0, 0), 1, limits.budget);
         // The node added last when the budget ran out: its children are left out by the budget.
         let mut unexpanded = None;
         let mut steps = 0u32;
@@ -716,37 +756,39 @@ impl Searcher {
                 return None;
             }
             let Some(e) = g.s.heap.pop() else { break };
-            if e.pending {
+            let (depth, parent) = (e.depth(), e.parent());
+            if e.pending() {
                 let p = g.s.pendings[e.at as usize];
-                g.expand(Node::Sa { start: p.spans.0, n: p.spans.1 }, e.depth - 1, e.parent, p.pushed, p.refine);
+                let room = limits.budget - tree.tokens.len();
+                g.expand(Node::Sa { start: p.spans.0, n: p.spans.1 }, depth - 1, parent, p.pushed, p.refine, room);
                 continue;
             }
             if e.at + 1 < e.end {
                 let next = g.s.children[e.at as usize + 1];
-                g.s.heap.push(Entry { count: next.count, token: next.token, at: e.at + 1, ..e });
+                g.s.heap.push(Entry::new(next.count, false, depth, parent, next.token, e.at + 1, e.end));
             }
             let node = g.s.children[e.at as usize].node;
             let index = tree.tokens.len() as i32;
-            tree.tokens.push(e.token);
-            tree.parents.push(e.parent);
-            tree.counts.push(e.count);
-            if (e.depth as usize) < limits.max_depth {
+            tree.tokens.push(e.token());
+            tree.parents.push(parent);
+            tree.counts.push(e.count());
+            if (depth as usize) < limits.max_depth {
                 if tree.tokens.len() < limits.budget {
-                    g.expand(node, e.depth, index, (0, 0), 1);
+                    g.expand(node, depth, index, (0, 0), 1, limits.budget - tree.tokens.len());
                 } else {
-                    unexpanded = Some((node, e.depth, index));
+                    unexpanded = Some((node, depth, index));
                 }
             }
         }
         if tree.tokens.len() == limits.budget {
             if let Some((node, depth, index)) = unexpanded {
-                g.expand(node, depth, index, (0, 0), 1);
+                g.expand(node, depth, index, (0, 0), 1, 0);
             }
             // The best entry left is the largest count left out, once no pending entry (a bound,
             // not a count) is above it.
             while let Some(top) = g.s.heap.peek().copied() {
-                if !top.pending {
-                    tree.cut_count = top.count;
+                if !top.pending() {
+                    tree.cut_count = top.count();
                     break;
                 }
                 steps += 1;
@@ -755,7 +797,7 @@ impl Searcher {
                 }
                 g.s.heap.pop();
                 let p = g.s.pendings[top.at as usize];
-                g.expand(Node::Sa { start: p.spans.0, n: p.spans.1 }, top.depth - 1, top.parent, p.pushed, p.refine);
+                g.expand(Node::Sa { start: p.spans.0, n: p.spans.1 }, top.depth() - 1, top.parent(), p.pushed, p.refine, 0);
             }
         }
         Some(tree)
@@ -773,7 +815,11 @@ struct Growth<'s, 'v, 'a> {
 impl Growth<'_, '_, '_> {
     /// Finds the children of `node` (at `depth`; 0 = the matched suffix), except the tokens of
     /// `pushed`, and pushes the best of them (and a pending entry for what sampling left open).
-    fn expand(&mut self, node: Node, depth: u32, parent: i32, pushed: (u32, u32), refine: u32) {
+    ///
+    /// `room`: how many nodes the tree may still take. Only the best `room + 1` children are
+    /// kept: no more than `room` of them can be added, and the next is the best one the budget
+    /// leaves out (`Tree::cut_count`), whatever the other families hold.
+    fn expand(&mut self, node: Node, depth: u32, parent: i32, pushed: (u32, u32), refine: u32, room: usize) {
         if depth as usize >= self.limits.max_depth {
             return;
         }
@@ -797,17 +843,19 @@ impl Growth<'_, '_, '_> {
         if children.is_empty() {
             return;
         }
-        children.sort_unstable_by_key(|c| (Reverse(c.count), c.token));
+        if children.len() > 1 {
+            let order = |c: &Child| (Reverse(c.count), c.token);
+            let keep = room + 1;
+            if children.len() > keep {
+                children.select_nth_unstable_by_key(keep - 1, order);
+                self.s.children.truncate(family + keep);
+            }
+            self.s.children[family..].sort_unstable_by_key(order);
+        }
+        let children = &self.s.children[family..];
         let best = children[0];
-        self.s.heap.push(Entry {
-            count: best.count,
-            pending: false,
-            depth: depth + 1,
-            parent,
-            token: best.token,
-            at: family as u32,
-            end: self.s.children.len() as u32,
-        });
+        let end = self.s.children.len() as u32;
+        self.s.heap.push(Entry::new(best.count, false, depth + 1, parent, best.token, family as u32, end));
     }
 
     /// Copies the continuations of the occurrences in `node_spans[spans]` (a node at `depth`)
@@ -822,13 +870,16 @@ impl Growth<'_, '_, '_> {
         if several {
             out.clear();
         }
+        let total: u64 = s.node_spans[spans.clone()].iter().map(Span::len).sum();
+        let mut row = out.len();
+        out.resize(row + total as usize * width, ROW_END);
         for span in &s.node_spans[spans] {
             let v = &self.views[span.shard as usize];
             for i in span.lo..span.hi {
-                let row = out.len();
-                out.resize(row + width, ROW_END);
+                let cells = &mut out[row..row + width];
+                row += width;
                 let Some(&pos) = v.sa.get(i as usize) else { continue };
-                for (c, cell) in out[row..].iter_mut().enumerate() {
+                for (c, cell) in cells.iter_mut().enumerate() {
                     match v.text.get(pos as usize + offset + c) {
                         Some(t) if t != v.separator => *cell = t,
                         _ => break,
@@ -916,7 +967,10 @@ impl Growth<'_, '_, '_> {
                 }
             }
         }
-        runs.sort_unstable_by_key(|r| (r.0, r.1.shard));
+        if spans.len() > 1 {
+            // One shard's runs come in token order already; several shards' are merged by token.
+            runs.sort_unstable_by_key(|r| (r.0, r.1.shard));
+        }
         let already = pushed.0 as usize..(pushed.0 + pushed.1) as usize;
         let pushed_start = s.pushed.len();
         if missed_bound > 0 {
@@ -948,15 +1002,7 @@ impl Growth<'_, '_, '_> {
                 pushed: (pushed_start as u32, (s.pushed.len() - pushed_start) as u32),
                 refine: refine.saturating_mul(REFINE_FACTOR),
             });
-            s.heap.push(Entry {
-                count: missed_bound,
-                pending: true,
-                depth: depth + 1,
-                parent,
-                token: 0,
-                at: (s.pendings.len() - 1) as u32,
-                end: 0,
-            });
+            s.heap.push(Entry::new(missed_bound, true, depth + 1, parent, 0, (s.pendings.len() - 1) as u32, 0));
         }
     }
 }

@@ -2,6 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::{checksum, separator_for, ShardHeader, HEADER_LEN};
+use crate::search_index::FirstTokens;
 use crate::mmap::{open_regular, view};
 use crate::watch::{Events, Watched, Watching};
 use std::os::unix::fs::FileExt;
@@ -43,6 +44,8 @@ pub struct Shard {
     pub header: ShardHeader,
     /// The mapping, under watch: out of service once the file changes (see `watch`).
     file: Arc<Watched>,
+    /// First-token intervals, kept for every search (`search_index`).
+    first_tokens: FirstTokens,
 }
 
 /// A borrowed view of a shard's arrays: what searches work on.
@@ -51,6 +54,7 @@ pub struct ShardView<'a> {
     pub text: Text<'a>,
     pub sa: &'a [u32],
     pub separator: u32,
+    pub first_tokens: &'a FirstTokens,
 }
 
 impl Shard {
@@ -67,7 +71,8 @@ impl Shard {
         file.read_exact_at(&mut head, 0).map_err(|e| Error::io(path, e))?;
         let header = ShardHeader::decode(path, &head, len)?;
         let file = Watched::new(name, path, open, file, len, events, watching)?;
-        let shard = Shard { name: name.to_string(), path: path.to_path_buf(), header, file };
+        let first_tokens = FirstTokens::new(header.vocab_size);
+        let shard = Shard { name: name.to_string(), path: path.to_path_buf(), header, file, first_tokens };
         shard.view()?; // checks that the sections can be viewed
         Ok(shard)
     }
@@ -81,7 +86,13 @@ impl Shard {
             Text::U32(view::<u32>(&self.path, bytes, h.tokens_offset(), h.n_tokens)?)
         };
         let sa = view::<u32>(&self.path, bytes, h.sa_offset(), h.n_tokens)?;
-        Ok(ShardView { path: &self.path, text, sa, separator: separator_for(h.token_width) })
+        Ok(ShardView {
+            path: &self.path,
+            text,
+            sa,
+            separator: separator_for(h.token_width),
+            first_tokens: &self.first_tokens,
+        })
     }
 
     /// Whether the shard is in service: its file has not changed since it was mapped.
