@@ -361,7 +361,8 @@ class SearchRecord:
     __slots__ = ("result", "error", "span")
 
     def __init__(self, span=None) -> None:
-        self.result: SearchResult | None = None
+        # One search's result, or a list of them (one per back-off level, longest match first).
+        self.result: SearchResult | list[SearchResult] | None = None
         self.error: str | None = None
         self.span = span
 
@@ -380,6 +381,11 @@ def _annotate(span, record: SearchRecord, latency: float) -> None:
         span.set_attribute("rest.error", record.error)
     elif record.result is not None:
         result = record.result
+        if isinstance(result, list):  # every back-off level: the longest match describes it
+            span.set_attribute("rest.levels", len(result))
+            if not result:
+                return
+            result = result[0]
         span.set_attribute("rest.match_length", result.match_length)
         span.set_attribute("rest.occurrences", result.occurrences)
         span.set_attribute("rest.nodes", len(result.tokens))

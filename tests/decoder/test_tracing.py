@@ -106,7 +106,9 @@ def test_one_generation_is_one_trace_across_a_server_process(tmp_path, global_sp
     (generation,) = [s for s in client_spans if s.name == SPAN_NAME]
     trace_id = generation.context.trace_id
     client_searches = [s for s in client_spans if s.name == SEARCH]
-    assert len(client_searches) >= result.stats.steps - 1  # every drafting step searched
+    # Every drafting step searched: all but the prefill's and a last step with one token left
+    # (nothing to draft for).
+    assert len(client_searches) >= result.stats.steps - 2
     for span in client_searches:
         assert span.context.trace_id == trace_id
         assert span.parent.span_id == generation.context.span_id
