@@ -207,8 +207,10 @@ def chart(rows: list[dict], summary: dict, path: Path) -> None:
 @click.option("--budget", default="auto", show_default=True,
               help="Draft nodes per step, or 'auto': chosen every step from the calibrated cost of a "
                    "verification pass and the drafts' scores (the decoder's default).")
-@click.option("--retrieval-levels", "levels", default=1, show_default=True,
-              help="Datastore searches per step (back-off levels); each is a gRPC round trip.")
+# The decoder's default (DecodingConfig.retrieval_levels), written out: importing the decoder
+# here would load torch for `rest --help`.
+@click.option("--retrieval-levels", "levels", default=3, show_default=True,
+              help="Back-off levels of the datastore per step (all in one gRPC round trip).")
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:1...")
 @click.option("--out", "out_dir", default="results/demo", show_default=True, type=click.Path(file_okay=False))
 def demo_command(model, problems, max_new_tokens, budget, levels, device, out_dir):
