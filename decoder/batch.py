@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import GenerationConfig
 
-from decoder.budget import choose_batch_budget, synchronize
+from decoder.budget import choose_batch_budget, drafting_pays, synchronize
 from decoder.draft_sources import DraftSource, draft_tree
 from decoder.draft_tree import DraftTree
 from decoder.kv_cache import BatchedCache
@@ -406,6 +406,9 @@ class BatchDecoder:
         sequences = [seq for seq in sequences if seq not in rebuilt]
         t0 = time.perf_counter()
         drafting = [seq for seq in sequences if seq.sources]
+        gate = self.generator.drafting_gate
+        if drafting and gate is not None and not gate.opens(len(sequences)):
+            drafting = []  # drafting has not paid at this batch size lately: plain steps
         for seq in sequences:
             seq.tree = DraftTree.empty()
         failures = sum(seq.failures() for seq in drafting)
@@ -418,9 +421,13 @@ class BatchDecoder:
         drafting_s = time.perf_counter() - t0
         totals.retrieval_s += drafting_s
         totals.failures += sum(seq.failures() for seq in drafting) - failures
+        verdicts = []
         for group in self._groups(sequences):
-            self._budget(group, drafting_s)
+            verdicts.append(self._budget(group, drafting_s))
             self._verify(group, updates, totals)
+        verdicts = [paid for paid in verdicts if paid is not None]
+        if gate is not None and verdicts:
+            gate.observe(len(sequences), any(verdicts))
 
     def _drafting_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -472,11 +479,13 @@ class BatchDecoder:
         alone = [[seq] for seq in sequences if seq.cache is not None]
         return ([shared] if shared else []) + alone
 
-    def _budget(self, group: list[_Sequence], drafting_s: float) -> None:
+    def _budget(self, group: list[_Sequence], drafting_s: float) -> bool | None:
+        """Cut the group's trees to the adaptive budget; returns whether drafting paid
+        (``drafting_pays``), or None when nothing was drafted or the budget is fixed."""
         config = self.generator.config
         drafted = [seq for seq in group if len(seq.tree)]
         if not config.adaptive or not drafted:
-            return
+            return None
         correction = self.generator.score_correction
         ranked = []
         for seq in group:
@@ -486,6 +495,7 @@ class BatchDecoder:
         cap = choose_batch_budget(ranked, cost, drafting_s, config.max_budget)
         for seq in group:
             seq.tree = seq.tree.prune(cap)
+        return drafting_pays(ranked, cost, drafting_s, cap)
 
     def _verify(self, group: list[_Sequence], updates: list[SequenceUpdate], totals: _Totals) -> None:
         t0 = time.perf_counter()

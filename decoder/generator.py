@@ -32,7 +32,7 @@ import torch
 from transformers import GenerationConfig
 
 from decoder.batch import BatchDecoder, SequenceRequest
-from decoder.budget import BatchCostModel, CostModel, ScoreCorrection
+from decoder.budget import BatchCostModel, CostModel, DraftingGate, ScoreCorrection
 from decoder.config import DecodingConfig
 from decoder.draft_sources import DraftSource, open_draft_sources, served_outputs
 from decoder.errors import TokenizerMismatchError
@@ -161,6 +161,8 @@ class RestGenerator:
         self.score_correction: ScoreCorrection | None = None
         if config.score_correction:
             self.score_correction = ScoreCorrection(config.score_correction_decay)
+        # Whether steps of each batch size draft at all (the adaptive budget only).
+        self.drafting_gate: DraftingGate | None = DraftingGate() if config.adaptive else None
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.profile = check_model(model)
         self.costs = BatchCostModel(model, self.profile, config.max_budget,
