@@ -8,7 +8,9 @@ A ``BatchDecoder`` holds the running sequences of a ``RestGenerator``. Every ``s
 2. every other running sequence drafts its own tree (its own draft sources; a drafting step that
    fails becomes a plain step), cut to what its positions allow (``tree_limits``) and to the
    budget, which adapts to the batch (``choose_batch_budget``: as the batch fills, nodes cost more
-   verification and trees shrink, down to none);
+   verification and trees shrink, down to none). The drafting time itself is spent before any
+   budget is chosen: at a batch size where drafting, its time counted, was slower than a plain
+   step (``drafting_pays``), steps skip drafting for a while and probe again (``DraftingGate``);
 3. all the trees go through the model in one forward pass (padded, per-row positions, one 4D mask
    per row and per attention pattern, ``decoder.verify``); each sequence walks its own tree with its
    own logits processors, token history and random generator, and keeps its own accepted path in
@@ -492,6 +494,8 @@ class BatchDecoder:
             scores = seq.tree.ranked_scores()
             ranked.append(correction.correct(scores) if correction is not None else scores)
         cost = self.generator.verification_cost(len(group))
+        if self.generator.cost_correction is not None:
+            cost = self.generator.cost_correction.correct(len(group), cost)
         cap = choose_batch_budget(ranked, cost, drafting_s, config.max_budget)
         for seq in group:
             seq.tree = seq.tree.prune(cap)
@@ -528,6 +532,11 @@ class BatchDecoder:
         synchronize(self.model.device)
         elapsed = time.perf_counter() - t0
         totals.verification_s += elapsed
+        costs = self.generator.cost_correction
+        model = self.generator.costs.known(len(group)) if costs is not None else None
+        if model is not None:  # plain steps too: they tell what a step costs without drafts
+            widest = max(len(seq.tree) for seq in group)
+            costs.observe(len(group), float(model.cost(widest + 1)), elapsed)
         correction = self.generator.score_correction
         for seq, accepted, emitted in zip(group, kept, emitted_by_row):
             if correction is not None and seq.sources:

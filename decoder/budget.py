@@ -114,6 +114,47 @@ def _batch_rates(
     return gain / (cost.cost(widest + 1) + retrieval_s)  # [k + 1]
 
 
+class CostCorrection:
+    """What real steps cost beyond what the calibrated ``CostModel`` predicts, learnt online per
+    batch size.
+
+    Calibration times forward passes after a short prefix, at one moment. A real step also builds
+    its masks, walks its trees and moves the accepted entries in the KV cache, over contexts that
+    grow as the outputs do (longer cache copies and attention for every row), on a machine whose
+    load changes. That extra is mostly per step and per row, not per tree token: each step of a
+    batch size adds its measured verification time and the time its batch size's cost model
+    predicted for it (forgetting older steps by ``decay`` per step), and ``extra_s`` is the
+    difference of the two sums over the steps (0 before any step). ``correct`` adds it to every
+    tree size. Steps cheaper than predicted mean a calibration under heavier load than now:
+    then every size is scaled by measured / predicted instead (a negative extra would make small
+    trees look cheaper than they are relative to large ones).
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
+        if not 0 <= decay < 1:
+            raise ValueError("need 0 <= decay < 1")
+        self.decay = decay
+        self._sums: dict[int, tuple[float, float, float]] = {}  # size -> (steps, predicted, measured)
+
+    def extra_s(self, batch_size: int) -> float:
+        steps, predicted, measured = self._sums.get(batch_size, (0.0, 0.0, 0.0))
+        return (measured - predicted) / steps if steps else 0.0
+
+    def observe(self, batch_size: int, predicted_s: float, measured_s: float) -> None:
+        steps, predicted, measured = self._sums.get(batch_size, (0.0, 0.0, 0.0))
+        d = self.decay
+        self._sums[batch_size] = (d * steps + 1, d * predicted + predicted_s, d * measured + measured_s)
+
+    def correct(self, batch_size: int, cost: CostModel) -> CostModel:
+        steps, predicted, measured = self._sums.get(batch_size, (0.0, 0.0, 0.0))
+        if not steps or measured == predicted or predicted <= 0:
+            return cost
+        if measured > predicted:
+            extra = (measured - predicted) / steps
+            return CostModel(cost.sizes, tuple(s + extra for s in cost.seconds))
+        return CostModel(cost.sizes, tuple(s * measured / predicted for s in cost.seconds))
+
+
 def choose_batch_budget(
     ranked_scores: Sequence[Sequence[float]], cost: CostModel, retrieval_s: float, max_budget: int
 ) -> int:
@@ -287,6 +328,15 @@ class BatchCostModel:
             known = (low, high, interpolate(low, high, (batch_size - lower) / lower))
             self._between[batch_size] = known
         return known[2]
+
+    def known(self, batch_size: int) -> CostModel | None:
+        """``for_batch(batch_size)`` if that needs no measurement, else None."""
+        lower = 1 << (batch_size.bit_length() - 1)
+        if batch_size in self.by_batch_size or (
+            lower in self.by_batch_size and 2 * lower in self.by_batch_size
+        ):
+            return self.for_batch(batch_size)
+        return None
 
     def _measured(self, batch_size: int) -> CostModel:
         if batch_size not in self.by_batch_size:

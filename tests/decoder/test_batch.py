@@ -173,9 +173,9 @@ def test_sampled_sequences_follow_plain_sampling_in_a_full_batch() -> None:
 
 def test_the_adaptive_budget_shrinks_trees_as_the_batch_fills() -> None:
     # A (fictitious) forward pass costs 1 s plus 0.25 s per token and row, so that the real
-    # drafting time hardly counts. Alone, the first draft nodes pay for themselves; at 8 rows a
-    # node of the widest tree costs 2 s for the batch, more than the 0.6 tokens per row it is
-    # expected to bring in: plain steps.
+    # drafting time hardly counts (and no cost correction learns what real steps cost). Alone,
+    # the first draft nodes pay for themselves; at 8 rows a node of the widest tree costs 2 s for
+    # the batch, more than the 0.6 tokens per row it is expected to bring in: plain steps.
     model, tokenizer = make_model("llama"), make_tokenizer()
 
     def wrong_and_confident(context):
@@ -185,7 +185,8 @@ def test_the_adaptive_budget_shrinks_trees_as_the_batch_fills() -> None:
     for rows in (1, 8):
         generator = RestGenerator(model, tokenizer, draft_sources=[FunctionSource(wrong_and_confident)],
                                   config=DecodingConfig(context_drafts=False, served_drafts=False,
-                                                        score_correction=False))  # fmt: skip
+                                                        score_correction=False,
+                                                        cost_correction=False))  # fmt: skip
         for b in range(1, 9):
             generator.costs.by_batch_size[b] = CostModel((1, 65), (1.0 + b * 0.25,
                                                                    1.0 + b * 65 * 0.25))

@@ -7,6 +7,7 @@ import pytest
 
 from decoder.budget import (
     BatchCostModel,
+    CostCorrection,
     CostModel,
     DraftingGate,
     ScoreCorrection,
@@ -212,3 +213,34 @@ def test_a_probe_that_pays_reopens_the_gate() -> None:
     assert gate.skipping(16) == 2  # back to the first wait
     with pytest.raises(ValueError):
         DraftingGate(first_wait=0)
+
+
+def test_the_cost_correction_adds_what_steps_cost_beyond_the_model() -> None:
+    correction = CostCorrection(decay=0.5)
+    assert correction.extra_s(16) == 0.0
+    assert correction.correct(16, FLAT_THEN_LINEAR) is FLAT_THEN_LINEAR
+    correction.observe(16, predicted_s=1e-3, measured_s=3e-3)  # a step took 2 ms more
+    assert correction.extra_s(16) == pytest.approx(2e-3) and correction.extra_s(4) == 0.0
+    np.testing.assert_allclose(correction.correct(16, FLAT_THEN_LINEAR).seconds,
+                               [3e-3, 3e-3, 3e-3, 4e-3, 6e-3])  # fmt: skip
+    correction.observe(16, predicted_s=2e-3, measured_s=2e-3)  # the older step weighs half
+    assert correction.extra_s(16) == pytest.approx(0.5 * 2e-3 / 1.5)
+    faster = CostCorrection()
+    faster.observe(16, predicted_s=4e-3, measured_s=1e-3)  # calibrated under heavier load
+    np.testing.assert_allclose(faster.correct(16, FLAT_THEN_LINEAR).seconds,
+                               [0.25e-3, 0.25e-3, 0.25e-3, 0.5e-3, 1e-3])  # scaled  # fmt: skip
+
+
+def test_per_step_costs_beyond_the_forward_pass_weigh_on_plain_steps_too() -> None:
+    # 4 ms for the pass, 1 ms per token of the widest row, 4 ms of drafting. Against the
+    # calibrated passes alone, drafting does not pay; once steps are seen to cost 4 ms more than
+    # that, with or without drafts, a plain step is slower too and the drafts pay.
+    cost = CostModel((1, 65), (4e-3, 4e-3 + 64e-3))
+    rows = [[0.9, 0.5, 0.3, 0.2, 0.1]] * 8
+    correction = CostCorrection()
+    cap = choose_batch_budget(rows, correction.correct(8, cost), 4e-3, 64)
+    assert cap == 3 and not drafting_pays(rows, correction.correct(8, cost), 4e-3, cap)
+    correction.observe(8, predicted_s=5e-3, measured_s=9e-3)
+    corrected = correction.correct(8, cost)
+    cap = choose_batch_budget(rows, corrected, 4e-3, 64)
+    assert cap == 4 and drafting_pays(rows, corrected, 4e-3, cap)
