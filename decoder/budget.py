@@ -134,7 +134,8 @@ class CostCorrection:
         if not 0 <= decay < 1:
             raise ValueError("need 0 <= decay < 1")
         self.decay = decay
-        self._sums: dict[int, tuple[float, float, float]] = {}  # size -> (steps, predicted, measured)
+        # batch size -> (steps, predicted seconds, measured seconds), decayed sums
+        self._sums: dict[int, tuple[float, float, float]] = {}
 
     def extra_s(self, batch_size: int) -> float:
         steps, predicted, measured = self._sums.get(batch_size, (0.0, 0.0, 0.0))
@@ -143,7 +144,8 @@ class CostCorrection:
     def observe(self, batch_size: int, predicted_s: float, measured_s: float) -> None:
         steps, predicted, measured = self._sums.get(batch_size, (0.0, 0.0, 0.0))
         d = self.decay
-        self._sums[batch_size] = (d * steps + 1, d * predicted + predicted_s, d * measured + measured_s)
+        self._sums[batch_size] = (d * steps + 1, d * predicted + predicted_s,
+                                  d * measured + measured_s)  # fmt: skip
 
     def correct(self, batch_size: int, cost: CostModel) -> CostModel:
         steps, predicted, measured = self._sums.get(batch_size, (0.0, 0.0, 0.0))
