@@ -8,7 +8,9 @@ A ``BatchDecoder`` holds the running sequences of a ``RestGenerator``. Every ``s
 2. every other running sequence drafts its own tree (its own draft sources; a drafting step that
    fails becomes a plain step), cut to what its positions allow (``tree_limits``) and to the
    budget, which adapts to the batch (``choose_batch_budget``: as the batch fills, nodes cost more
-   verification and trees shrink, down to none);
+   verification and trees shrink, down to none). The drafting time itself is spent before any
+   budget is chosen: at a batch size where drafting, its time counted, was slower than a plain
+   step (``drafting_pays``), steps skip drafting for a while and probe again (``DraftingGate``);
 3. all the trees go through the model in one forward pass (padded, per-row positions, one 4D mask
    per row and per attention pattern, ``decoder.verify``); each sequence walks its own tree with its
    own logits processors, token history and random generator, and keeps its own accepted path in
@@ -37,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import GenerationConfig
 
-from decoder.budget import choose_batch_budget, synchronize
+from decoder.budget import choose_batch_budget, drafting_pays, synchronize
 from decoder.draft_sources import DraftSource, draft_tree
 from decoder.draft_tree import DraftTree
 from decoder.kv_cache import BatchedCache
@@ -406,6 +408,9 @@ class BatchDecoder:
         sequences = [seq for seq in sequences if seq not in rebuilt]
         t0 = time.perf_counter()
         drafting = [seq for seq in sequences if seq.sources]
+        gate = self.generator.drafting_gate
+        if drafting and gate is not None and not gate.opens(len(sequences)):
+            drafting = []  # drafting has not paid at this batch size lately: plain steps
         for seq in sequences:
             seq.tree = DraftTree.empty()
         failures = sum(seq.failures() for seq in drafting)
@@ -418,9 +423,13 @@ class BatchDecoder:
         drafting_s = time.perf_counter() - t0
         totals.retrieval_s += drafting_s
         totals.failures += sum(seq.failures() for seq in drafting) - failures
+        verdicts = []
         for group in self._groups(sequences):
-            self._budget(group, drafting_s)
+            verdicts.append(self._budget(group, drafting_s))
             self._verify(group, updates, totals)
+        verdicts = [paid for paid in verdicts if paid is not None]
+        if gate is not None and verdicts:
+            gate.observe(len(sequences), any(verdicts))
 
     def _drafting_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
@@ -472,20 +481,25 @@ class BatchDecoder:
         alone = [[seq] for seq in sequences if seq.cache is not None]
         return ([shared] if shared else []) + alone
 
-    def _budget(self, group: list[_Sequence], drafting_s: float) -> None:
+    def _budget(self, group: list[_Sequence], drafting_s: float) -> bool | None:
+        """Cut the group's trees to the adaptive budget; returns whether drafting paid
+        (``drafting_pays``), or None when nothing was drafted or the budget is fixed."""
         config = self.generator.config
         drafted = [seq for seq in group if len(seq.tree)]
         if not config.adaptive or not drafted:
-            return
+            return None
         correction = self.generator.score_correction
         ranked = []
         for seq in group:
             scores = seq.tree.ranked_scores()
             ranked.append(correction.correct(scores) if correction is not None else scores)
         cost = self.generator.verification_cost(len(group))
+        if self.generator.cost_correction is not None:
+            cost = self.generator.cost_correction.correct(len(group), cost)
         cap = choose_batch_budget(ranked, cost, drafting_s, config.max_budget)
         for seq in group:
             seq.tree = seq.tree.prune(cap)
+        return drafting_pays(ranked, cost, drafting_s, cap)
 
     def _verify(self, group: list[_Sequence], updates: list[SequenceUpdate], totals: _Totals) -> None:
         t0 = time.perf_counter()
@@ -518,6 +532,11 @@ class BatchDecoder:
         synchronize(self.model.device)
         elapsed = time.perf_counter() - t0
         totals.verification_s += elapsed
+        costs = self.generator.cost_correction
+        model = self.generator.costs.known(len(group)) if costs is not None else None
+        if model is not None:  # plain steps too: they tell what a step costs without drafts
+            widest = max(len(seq.tree) for seq in group)
+            costs.observe(len(group), float(model.cost(widest + 1)), elapsed)
         correction = self.generator.score_correction
         for seq, accepted, emitted in zip(group, kept, emitted_by_row):
             if correction is not None and seq.sources:

@@ -63,7 +63,11 @@ class DecodingConfig:
     ``score_correction``: scale the scores, before choosing an automatic budget, by how many
     draft tokens recent steps accepted against how many their scores predicted (an exponential
     moving sum forgetting ``score_correction_decay`` per step): over-confident drafts then cost
-    fewer wasted verifications.
+    fewer wasted verifications. ``cost_correction``: add to the calibrated verification cost what
+    recent steps of the same batch size cost beyond it (``decoder.budget.CostCorrection``).
+    ``drafting_gate``: skip the drafting phase for a while at a batch size where a step's drafts,
+    with the drafting time counted, were expected to be slower than a plain step
+    (``decoder.budget.DraftingGate``).
 
     ``retrieval_deadline_s``: a retrieval slower than this (all of a step's levels together)
     gives no datastore drafts for that step (the output does not change); ``None`` waits.
@@ -101,6 +105,8 @@ class DecodingConfig:
     served_max_tokens: int = 1 << 16
     score_correction: bool = True
     score_correction_decay: float = 0.9
+    cost_correction: bool = True
+    drafting_gate: bool = True
     retrieval_deadline_s: float | None = 0.1
     allow_tokenizer_mismatch: bool = False
     require_retriever: bool = False

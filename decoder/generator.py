@@ -32,7 +32,13 @@ import torch
 from transformers import GenerationConfig
 
 from decoder.batch import BatchDecoder, SequenceRequest
-from decoder.budget import BatchCostModel, CostModel, ScoreCorrection
+from decoder.budget import (
+    BatchCostModel,
+    CostCorrection,
+    CostModel,
+    DraftingGate,
+    ScoreCorrection,
+)
 from decoder.config import DecodingConfig
 from decoder.draft_sources import DraftSource, open_draft_sources, served_outputs
 from decoder.errors import TokenizerMismatchError
@@ -140,7 +146,9 @@ class RestGenerator:
     must not keep per-call state, and may be asked from several threads at once: a batch drafts
     its sequences together). ``served``: the outputs of earlier calls (prompts excluded),
     added as each call ends. ``score_correction``: how far recent steps bore out the draft
-    scores (the adaptive budget uses it). The model must pass
+    scores; ``cost_correction``: what recent steps cost beyond the calibrated verification cost;
+    ``drafting_gate``: the batch sizes at which drafting stopped paying (the adaptive budget uses
+    all three). The model must pass
     ``decoder.model_support.check_model``.
     """
 
@@ -161,6 +169,14 @@ class RestGenerator:
         self.score_correction: ScoreCorrection | None = None
         if config.score_correction:
             self.score_correction = ScoreCorrection(config.score_correction_decay)
+        # Whether steps of each batch size draft at all (the adaptive budget only).
+        self.drafting_gate: DraftingGate | None = None
+        if config.adaptive and config.drafting_gate:
+            self.drafting_gate = DraftingGate()
+        # How far real steps cost what the calibration predicts (the adaptive budget only).
+        self.cost_correction: CostCorrection | None = None
+        if config.adaptive and config.cost_correction:
+            self.cost_correction = CostCorrection()
         self.vocab_size = model.get_input_embeddings().num_embeddings
         self.profile = check_model(model)
         self.costs = BatchCostModel(model, self.profile, config.max_budget,

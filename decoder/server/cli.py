@@ -70,8 +70,9 @@ def make_loader(options: dict[str, Any], retriever: Any, served_name: str):
         config = DecodingConfig(budget=options["budget"])
         generator = RestGenerator(model, tokenizer, retriever, config)
         if config.adaptive:
-            log.info("calibrating verification cost per tree size")
-            generator.calibrate()
+            # Measured before requests come: a calibration inside a step stalls the whole batch.
+            log.info("calibrating verification cost per tree size and batch size")
+            generator.costs.measure_up_to(options["max_batch"])
         decoder = BatchDecoder(generator, max_batch=options["max_batch"])
         log.info("batches of at most %d sequences", options["max_batch"])
         info = ModelInfo(served_name, tokenizer, generator.encode, context_limit(model.config))

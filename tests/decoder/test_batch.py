@@ -173,9 +173,9 @@ def test_sampled_sequences_follow_plain_sampling_in_a_full_batch() -> None:
 
 def test_the_adaptive_budget_shrinks_trees_as_the_batch_fills() -> None:
     # A (fictitious) forward pass costs 1 s plus 0.25 s per token and row, so that the real
-    # drafting time hardly counts. Alone, the first draft nodes pay for themselves; at 8 rows a
-    # node of the widest tree costs 2 s for the batch, more than the 0.6 tokens per row it is
-    # expected to bring in: plain steps.
+    # drafting time hardly counts (and no cost correction learns what real steps cost). Alone,
+    # the first draft nodes pay for themselves; at 8 rows a node of the widest tree costs 2 s for
+    # the batch, more than the 0.6 tokens per row it is expected to bring in: plain steps.
     model, tokenizer = make_model("llama"), make_tokenizer()
 
     def wrong_and_confident(context):
@@ -185,7 +185,8 @@ def test_the_adaptive_budget_shrinks_trees_as_the_batch_fills() -> None:
     for rows in (1, 8):
         generator = RestGenerator(model, tokenizer, draft_sources=[FunctionSource(wrong_and_confident)],
                                   config=DecodingConfig(context_drafts=False, served_drafts=False,
-                                                        score_correction=False))  # fmt: skip
+                                                        score_correction=False,
+                                                        cost_correction=False))  # fmt: skip
         for b in range(1, 9):
             generator.costs.by_batch_size[b] = CostModel((1, 65), (1.0 + b * 0.25,
                                                                    1.0 + b * 65 * 0.25))
@@ -197,6 +198,41 @@ def test_the_adaptive_budget_shrinks_trees_as_the_batch_fills() -> None:
         full = [s for s in stats if s.batch_size == rows]
         drafted[rows] = sum(s.draft_tokens for s in full) / sum(s.batch_size for s in full)
     assert drafted[1] > 2 and drafted[8] == 0
+
+
+def test_a_batch_where_drafting_does_not_pay_skips_drafting_and_probes_again() -> None:
+    # The fictitious costs of the test above: at 8 rows no draft pays for its verification, so
+    # after the first drafting step the gate skips drafting (no source is asked), then probes
+    # with one drafting step after 4, 8, ... skipped ones; alone, every step drafts.
+    model, tokenizer = make_model("llama"), make_tokenizer()
+    asked = []
+
+    def wrong_and_confident(context):
+        asked.append(len(context))
+        return [scored_level((3, 4, 5, 6), (-1, 0, 1, 2), (0.6, 0.5, 0.4, 0.3))]
+
+    drafting_steps = {}
+    for rows in (1, 8):
+        generator = RestGenerator(model, tokenizer, draft_sources=[FunctionSource(wrong_and_confident)],
+                                  config=DecodingConfig(context_drafts=False, served_drafts=False,
+                                                        score_correction=False,
+                                                        cost_correction=False))  # fmt: skip
+        for b in range(1, 9):
+            generator.costs.by_batch_size[b] = CostModel((1, 65), (1.0 + b * 0.25,
+                                                                   1.0 + b * 65 * 0.25))
+        decoder = BatchDecoder(generator, max_batch=rows)
+        # (prompts whose outputs hold no eos: the batch keeps its size)
+        reqs = [SequenceRequest(f"q{i}", prompt_of(5, seed=10 + i), 24) for i in range(rows)]
+        asked.clear()
+        tokens, _, stats = run(decoder, {0: reqs})
+        for r in reqs:
+            assert tokens[r.request_id] == hf_greedy(model, r.prompt_ids, 24)
+        decoding = [s for s in stats if s.batch_size == rows][1:]  # the first step only joins
+        assert len(asked) % rows == 0
+        drafting_steps[rows] = (len(asked) // rows, len(decoding))
+    assert drafting_steps[1] == (22, 23)  # every step that has room for a draft
+    # 8 rows: draft, skip 4, probe, skip 8, probe, skip the remaining 8 (of 16).
+    assert drafting_steps[8] == (3, 23)
 
 
 def test_bad_requests_are_refused_with_one_message() -> None:

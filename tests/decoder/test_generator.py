@@ -455,7 +455,10 @@ def test_over_confident_drafts_shrink_the_adaptive_budget() -> None:
     cost = CostModel((1, 65), (1e-3, 1e-3 + 64e-4))
     drafted = {}
     for correct in (False, True):
-        config = DecodingConfig(context_drafts=False, served_drafts=False, score_correction=correct)
+        # The injected cost is what steps cost (no cost correction learns the real ones), and no
+        # drafting gate: a drafting phase slowed by load elsewhere must not skip steps.
+        config = DecodingConfig(context_drafts=False, served_drafts=False, score_correction=correct,
+                                cost_correction=False, drafting_gate=False)  # fmt: skip
         generator = RestGenerator(model, tokenizer, config=config,
                                   draft_sources=[FunctionSource(wrong)])  # fmt: skip
         generator.cost_model = cost
