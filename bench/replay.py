@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Union
 
-from decoder.config import DecodingConfig
+from decoder.config import DecodingConfig, NgramParams
 from decoder.draft_sources import DraftSource, draft_tree, open_draft_sources, served_outputs
 from decoder.draft_tree import count_trie
 from rest.retriever import RetrievalSession, Retriever
@@ -576,6 +576,13 @@ DECODER_VARIANTS: dict[str, dict] = {
     "decoder-1-level": {"retrieval_levels": 1},
     "decoder-min-span-2": {"search": SearchParams(min_span=2)},
     "decoder-128-candidates": {"search": SearchParams(min_span=1, budget=128)},
+    # Scoring and source settings around the defaults (docs/BENCHMARKS.md, drafting policies).
+    "decoder-served-32": {"served": NgramParams(max_occurrences=32, trust=3.0)},
+    "decoder-served-trust-4": {"served": NgramParams(max_occurrences=64, trust=4.0)},
+    "decoder-context-trust-2": {"context": NgramParams(trust=2.0)},
+    "decoder-context-16-gram": {"context": NgramParams(max_ngram=16)},
+    "decoder-4-levels": {"retrieval_levels": 4},
+    "decoder-retrieval-trust-32": {"retrieval_trust": 32.0},
 }
 
 

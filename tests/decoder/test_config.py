@@ -15,7 +15,7 @@ def test_defaults_draft_like_the_replay_benchmarks_decoder_policy() -> None:
     assert (config.search.budget, config.search.max_depth) == (64, 10)
     assert (config.retrieval_levels, config.retrieval_trust) == (3, 16.0)
     assert config.context_drafts and config.context == NgramParams(1, 4, 10, 32, 1.0)
-    assert config.served_drafts and config.served == NgramParams(1, 4, 10, 32, 3.0)
+    assert config.served_drafts and config.served == NgramParams(1, 4, 10, 64, 3.0)
     assert config.score_correction
 
 
