@@ -39,6 +39,10 @@ const REFINE_FACTOR: u32 = 8;
 /// A node with at most this many occurrences is split in a table of its continuations (a
 /// `Block`) rather than in the suffix array.
 const DENSE_LIMIT: u64 = 64;
+/// A longest-match search whose shortest suffix has at most this many occurrences reads the
+/// tokens before each of them (one cache miss each, and the tree reads the same lines) instead
+/// of binary searching over the lengths (several interval searches of two misses per step).
+const EXTEND_LIMIT: u64 = 64;
 /// How many remembered-prefix probes the longest-match search tries, longest first, before it
 /// falls back to a binary search over the remaining lengths.
 const REMEMBERED_PROBES: usize = 3;
@@ -276,6 +280,34 @@ fn push_intervals(views: &[ShardView], pattern: &[u32], out: &mut Vec<Span>) {
             out.push(span);
         }
     }
+}
+
+/// The longest suffix of `context` of at most `hi` tokens that occurs, found from `spans`, the
+/// intervals of its suffix of `len` tokens (which occurs, `len <= hi`): an occurrence of a longer
+/// suffix ends with an occurrence of that one, so the longest match is `len` plus the longest run
+/// of context tokens found just before one of its occurrences.
+fn longest_extension(views: &[ShardView], spans: &[Span], context: &[u32], len: usize, hi: usize) -> usize {
+    let before = &context[..context.len() - len];
+    let room = hi - len;
+    let mut best = 0;
+    for span in spans {
+        let v = &views[span.shard as usize];
+        for i in span.lo..span.hi {
+            let Some(&pos) = v.sa.get(i as usize) else { continue };
+            let pos = pos as usize;
+            let mut e = 0;
+            while e < room && e < pos && v.text.get(pos - 1 - e) == Some(before[before.len() - 1 - e]) {
+                e += 1;
+            }
+            if e > best {
+                best = e;
+                if best == room {
+                    return hi;
+                }
+            }
+        }
+    }
+    len + best
 }
 
 /// The longest suffix of `context` (between `min_span` and `max_span` tokens) that occurs in any
@@ -519,6 +551,14 @@ pub struct Searcher {
     /// Which of an expansion's intervals were sampled.
     sampled: Vec<bool>,
     heap: BinaryHeap<Entry>,
+    /// A small root's trie (`dense_tree`): its nodes, the row ranges of one level's nodes and
+    /// the next's, the nodes in their order, one group's nodes, and each node's tree index.
+    trie: Vec<TrieNode>,
+    level: Vec<(u32, u32, u32)>,
+    next_level: Vec<(u32, u32, u32)>,
+    order: Vec<u64>,
+    group: Vec<(u64, u32)>,
+    placed: Vec<i32>,
 }
 
 impl Default for Searcher {
@@ -549,6 +589,12 @@ impl Searcher {
             tokens: Vec::new(),
             sampled: Vec::new(),
             heap: BinaryHeap::new(),
+            trie: Vec::new(),
+            level: Vec::new(),
+            next_level: Vec::new(),
+            order: Vec::new(),
+            group: Vec::new(),
+            placed: Vec::new(),
         }
     }
 
@@ -674,10 +720,28 @@ impl Searcher {
         if !self.probe(views, suffix(limits.min_span)) {
             return 0;
         }
-        // Occurrence is monotone in the length (a suffix of an occurring suffix occurs), so the
-        // length is binary searched: O(log max_span) interval searches.
         let mut lo = limits.min_span;
         self.best_spans.clone_from(&self.spans);
+        let occurrences: u64 = self.spans.iter().map(Span::len).sum();
+        if lo < hi && occurrences <= EXTEND_LIMIT {
+            // Few occurrences (the usual case): the tokens before them tell the longest match,
+            // and only its interval is searched, instead of a binary search over the lengths.
+            let m = longest_extension(views, &self.spans, context, lo, hi);
+            if m < hi && self.remember {
+                // Known absent without a probe: bounds the next search of the session.
+                self.memory.record(suffix(m + 1), None);
+            }
+            if m == lo {
+                return lo;
+            }
+            if self.probe(views, suffix(m)) {
+                return m;
+            }
+            // Only a corrupt shard (a suffix array out of order) gets here: binary search below.
+            hi = m - 1;
+        }
+        // Occurrence is monotone in the length (a suffix of an occurring suffix occurs), so the
+        // length is binary searched: O(log max_span) interval searches.
         while lo < hi {
             let mid = lo + (hi - lo).div_ceil(2);
             if self.probe(views, suffix(mid)) {
@@ -740,6 +804,16 @@ impl Searcher {
         self.node_spans.extend_from_slice(&self.spans);
         self.blocks.clear();
         self.rows.clear();
+        if occurrences <= DENSE_LIMIT {
+            // Asked once, where the best-first loop below asks at its first step.
+            if limits.budget > 0 && cancel.is_cancelled() {
+                return None;
+            }
+            let mut g = Growth { s: self, views, match_length, limits };
+            g.copy_rows(0..g.s.node_spans.len(), 0);
+            self.dense_tree(&mut tree, limits.max_depth, limits.budget);
+            return Some(tree);
+        }
         self.children.clear();
         self.pendings.clear();
         self.pushed.clear();
@@ -801,6 +875,115 @@ impl Searcher {
             }
         }
         Some(tree)
+    }
+}
+
+/// A node of a small root's trie (`Searcher::dense_tree`); `parent` indexes the trie (`NO_PARENT`:
+/// a child of the root).
+#[derive(Clone, Copy, Debug)]
+struct TrieNode {
+    count: u32,
+    depth: u32,
+    parent: u32,
+    token: u32,
+}
+
+const NO_PARENT: u32 = u32::MAX;
+/// `Searcher::dense_tree`'s order keys: `(u32::MAX - count) << 32 | depth << TRIE_BITS | node`.
+const TRIE_BITS: u32 = 22;
+
+impl Searcher {
+    /// The tree of a root with at most `DENSE_LIMIT` occurrences, whose continuations are the
+    /// single block in `self.rows` (`width` cells a row, rows in suffix-array order), into `tree`.
+    ///
+    /// Best-first growth adds nodes in the order (count desc, depth asc, parent asc, token asc),
+    /// and each node comes after its parent in that order (its count is at most the parent's,
+    /// its depth larger). For a small root every node of the trie of its rows is known at once
+    /// (at most rows x width), so the tree is the first `budget` trie nodes in that order, and
+    /// the cut count the count of the next one: a selection and a few small sorts instead of a
+    /// heap operation and an expansion per node. The order is settled group by group of equal
+    /// (count, depth), whose parents all lie in earlier groups and so have their tree index.
+    fn dense_tree(&mut self, tree: &mut Tree, width: usize, budget: usize) {
+        let rows = &self.rows;
+        let n = (rows.len() / width) as u32;
+        let cell = |r: u32, c: usize| rows[r as usize * width + c];
+        // The trie, level by level: a node at depth c + 1 is a run of rows equal on c + 1 cells.
+        self.trie.clear();
+        self.level.clear();
+        self.level.push((0, n, NO_PARENT));
+        for c in 0..width {
+            self.next_level.clear();
+            for &(lo, hi, parent) in &self.level {
+                let mut r = lo;
+                while r < hi {
+                    let token = cell(r, c);
+                    if token == ROW_END {
+                        break; // ended rows sort last
+                    }
+                    let mut end = r + 1;
+                    while end < hi && cell(end, c) == token {
+                        end += 1;
+                    }
+                    self.next_level.push((r, end, self.trie.len() as u32));
+                    self.trie.push(TrieNode { count: end - r, depth: c as u32 + 1, parent, token });
+                    r = end;
+                }
+            }
+            if self.next_level.is_empty() {
+                break;
+            }
+            std::mem::swap(&mut self.level, &mut self.next_level);
+        }
+        // The first `budget + 1` nodes by (count desc, depth asc), with every node that ties
+        // with the last of them: ties are ordered by parent, which the trie index does not tell.
+        self.order.clear();
+        self.order.extend(self.trie.iter().enumerate().map(|(i, node)| {
+            ((u32::MAX - node.count) as u64) << 32 | (node.depth as u64) << TRIE_BITS | i as u64
+        }));
+        let need = budget + 1;
+        if self.order.len() > need {
+            self.order.select_nth_unstable(need - 1);
+            let last = self.order[need - 1] >> TRIE_BITS;
+            let mut end = need;
+            for i in need..self.order.len() {
+                if self.order[i] >> TRIE_BITS == last {
+                    self.order.swap(end, i);
+                    end += 1;
+                }
+            }
+            self.order.truncate(end);
+        }
+        self.order.sort_unstable();
+        self.placed.clear();
+        self.placed.resize(self.trie.len(), -1);
+        let mut i = 0;
+        while i < self.order.len() {
+            let key = self.order[i] >> TRIE_BITS;
+            let mut j = i + 1;
+            while j < self.order.len() && self.order[j] >> TRIE_BITS == key {
+                j += 1;
+            }
+            self.group.clear();
+            for &k in &self.order[i..j] {
+                let node = (k & ((1 << TRIE_BITS) - 1)) as u32;
+                let parent = self.trie[node as usize].parent;
+                let at = if parent == NO_PARENT { -1 } else { self.placed[parent as usize] };
+                self.group.push((((at + 1) as u64) << 32 | self.trie[node as usize].token as u64, node));
+            }
+            self.group.sort_unstable();
+            for &(sort_key, node) in &self.group {
+                let t = self.trie[node as usize];
+                if tree.tokens.len() == budget {
+                    tree.cut_count = t.count as u64;
+                    return;
+                }
+                self.placed[node as usize] = tree.tokens.len() as i32;
+                tree.tokens.push(t.token);
+                tree.parents.push((sort_key >> 32) as i32 - 1);
+                tree.counts.push(t.count as u64);
+            }
+            i = j;
+        }
     }
 }
 
