@@ -24,7 +24,7 @@
 //! separator, so a corrupt shard gives wrong (and `verify`-detectable) results, not a crash.
 
 use crate::cancel::Cancel;
-use crate::shard::ShardView;
+use crate::shard::{ShardView, Text};
 use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -43,6 +43,12 @@ const DENSE_LIMIT: u64 = 64;
 /// tokens before each of them (one cache miss each, and the tree reads the same lines) instead
 /// of binary searching over the lengths (several interval searches of two misses per step).
 const EXTEND_LIMIT: u64 = 64;
+/// A root with at most this many occurrences (and continuation cells) gets its tree from the
+/// trie of its continuations (`Searcher::dense_tree`): it reads every occurrence once, as
+/// splitting it in the suffix array would (its children are soon small enough to be copied),
+/// at a fraction of the instructions.
+const DENSE_ROOT_LIMIT: u64 = 1024;
+const DENSE_ROOT_CELLS: u64 = 16 * 1024;
 /// How many remembered-prefix probes the longest-match search tries, longest first, before it
 /// falls back to a binary search over the remaining lengths.
 const REMEMBERED_PROBES: usize = 3;
@@ -254,6 +260,18 @@ fn sampled_runs(v: &ShardView, span: Span, offset: usize, stride: u32, out: &mut
         i = last + stride;
     }
     2 * stride as u64 - 1
+}
+
+/// Copies `text` into `cells` up to the first separator (the rest of `cells` is left as it is).
+#[inline]
+fn fill_row<T: Copy + Into<u32>>(cells: &mut [u32], text: &[T], separator: u32) {
+    for (cell, &t) in cells.iter_mut().zip(text) {
+        let t = t.into();
+        if t == separator {
+            break;
+        }
+        *cell = t;
+    }
 }
 
 /// The exact run of each of `tokens` (sorted) inside `span` at `offset`, where it occurs.
@@ -559,6 +577,10 @@ pub struct Searcher {
     order: Vec<u64>,
     group: Vec<(u64, u32)>,
     placed: Vec<i32>,
+    /// A small root's trie nodes of count 1 that have a parent of a larger count: (depth,
+    /// parent, row); and the count-1 nodes placed at the last depth: (row, tree index).
+    heads: Vec<(u32, u32, u32)>,
+    singles: Vec<(u32, i32)>,
 }
 
 impl Default for Searcher {
@@ -595,6 +617,8 @@ impl Searcher {
             order: Vec::new(),
             group: Vec::new(),
             placed: Vec::new(),
+            heads: Vec::new(),
+            singles: Vec::new(),
         }
     }
 
@@ -804,7 +828,7 @@ impl Searcher {
         self.node_spans.extend_from_slice(&self.spans);
         self.blocks.clear();
         self.rows.clear();
-        if occurrences <= DENSE_LIMIT {
+        if occurrences <= DENSE_ROOT_LIMIT && occurrences * limits.max_depth as u64 <= DENSE_ROOT_CELLS {
             // Asked once, where the best-first loop below asks at its first step.
             if limits.budget > 0 && cancel.is_cancelled() {
                 return None;
@@ -908,7 +932,10 @@ impl Searcher {
         let n = (rows.len() / width) as u32;
         let cell = |r: u32, c: usize| rows[r as usize * width + c];
         // The trie, level by level: a node at depth c + 1 is a run of rows equal on c + 1 cells.
+        // A node of count 1 (one row) has only count-1 nodes under it, which come after every
+        // larger count: only its head is kept here (most nodes are in such chains).
         self.trie.clear();
+        self.heads.clear();
         self.level.clear();
         self.level.push((0, n, NO_PARENT));
         for c in 0..width {
@@ -924,8 +951,12 @@ impl Searcher {
                     while end < hi && cell(end, c) == token {
                         end += 1;
                     }
-                    self.next_level.push((r, end, self.trie.len() as u32));
-                    self.trie.push(TrieNode { count: end - r, depth: c as u32 + 1, parent, token });
+                    if end - r == 1 {
+                        self.heads.push((c as u32 + 1, parent, r));
+                    } else {
+                        self.next_level.push((r, end, self.trie.len() as u32));
+                        self.trie.push(TrieNode { count: end - r, depth: c as u32 + 1, parent, token });
+                    }
                     r = end;
                 }
             }
@@ -934,8 +965,9 @@ impl Searcher {
             }
             std::mem::swap(&mut self.level, &mut self.next_level);
         }
-        // The first `budget + 1` nodes by (count desc, depth asc), with every node that ties
-        // with the last of them: ties are ordered by parent, which the trie index does not tell.
+        // The first `budget + 1` nodes of count 2 or more by (count desc, depth asc), with every
+        // node that ties with the last of them: ties are ordered by parent, which the trie index
+        // does not tell.
         self.order.clear();
         self.order.extend(self.trie.iter().enumerate().map(|(i, node)| {
             ((u32::MAX - node.count) as u64) << 32 | (node.depth as u64) << TRIE_BITS | i as u64
@@ -983,6 +1015,40 @@ impl Searcher {
                 tree.counts.push(t.count as u64);
             }
             i = j;
+        }
+        // Every node of count 2 or more is placed; then the count-1 nodes, depth by depth: the
+        // heads of that depth and the next node of each chain placed at the depth before.
+        self.singles.clear();
+        let mut h = 0;
+        for c in 0..width {
+            self.group.clear();
+            for &(r, at) in &self.singles {
+                let token = cell(r, c);
+                if token != ROW_END {
+                    self.group.push((((at + 1) as u64) << 32 | token as u64, r));
+                }
+            }
+            while h < self.heads.len() && self.heads[h].0 as usize == c + 1 {
+                let (_, parent, r) = self.heads[h];
+                let at = if parent == NO_PARENT { -1 } else { self.placed[parent as usize] };
+                self.group.push((((at + 1) as u64) << 32 | cell(r, c) as u64, r));
+                h += 1;
+            }
+            if self.group.is_empty() && h == self.heads.len() {
+                break;
+            }
+            self.group.sort_unstable();
+            self.singles.clear();
+            for &(sort_key, r) in &self.group {
+                if tree.tokens.len() == budget {
+                    tree.cut_count = 1;
+                    return;
+                }
+                self.singles.push((r, tree.tokens.len() as i32));
+                tree.tokens.push(sort_key as u32);
+                tree.parents.push((sort_key >> 32) as i32 - 1);
+                tree.counts.push(1);
+            }
         }
     }
 }
@@ -1062,11 +1128,10 @@ impl Growth<'_, '_, '_> {
                 let cells = &mut out[row..row + width];
                 row += width;
                 let Some(&pos) = v.sa.get(i as usize) else { continue };
-                for (c, cell) in cells.iter_mut().enumerate() {
-                    match v.text.get(pos as usize + offset + c) {
-                        Some(t) if t != v.separator => *cell = t,
-                        _ => break,
-                    }
+                let at = pos as usize + offset;
+                match v.text {
+                    Text::U16(text) => fill_row(cells, text.get(at..).unwrap_or_default(), v.separator),
+                    Text::U32(text) => fill_row(cells, text.get(at..).unwrap_or_default(), v.separator),
                 }
             }
         }
