@@ -42,7 +42,7 @@ const DENSE_LIMIT: u64 = 64;
 /// A longest-match search whose shortest suffix has at most this many occurrences reads the
 /// tokens before each of them (one cache miss each, and the tree reads the same lines) instead
 /// of binary searching over the lengths (several interval searches of two misses per step).
-const EXTEND_LIMIT: u64 = 64;
+const EXTEND_LIMIT: u64 = 256;
 /// A root with at most this many occurrences (and continuation cells) gets its tree from the
 /// trie of its continuations (`Searcher::dense_tree`): it reads every occurrence once, as
 /// splitting it in the suffix array would (its children are soon small enough to be copied),
@@ -143,7 +143,7 @@ pub fn pattern_interval(v: &ShardView, shard: u32, pattern: &[u32]) -> Span {
 /// The interval of `pattern` inside `[start, end)`, where every suffix starts with the first
 /// `from` tokens of `pattern`.
 fn interval_in(v: &ShardView, shard: u32, start: u32, end: u32, pattern: &[u32], from: usize) -> Span {
-    let lo = partition(start, end, |i| compare_suffix(v, i, pattern, from) == Ordering::Less);
+    let lo = partition_touching(start, end, |i| compare_suffix(v, i, pattern, from) == Ordering::Less, |i| touch(v.sa, i));
     // Most probes of a longest-match search find nothing or a few occurrences: check the first
     // candidate, then gallop to the end of the interval instead of a second binary search.
     if lo == end || compare_suffix(v, lo, pattern, from) != Ordering::Equal {
@@ -157,7 +157,7 @@ fn interval_in(v: &ShardView, shard: u32, start: u32, end: u32, pattern: &[u32],
 /// continue with `token` at `offset`.
 #[inline]
 fn narrow(v: &ShardView, span: Span, offset: usize, token: u32) -> Span {
-    let lo = partition(span.lo, span.hi, |j| token_at(v, j, offset) < token);
+    let lo = partition_touching(span.lo, span.hi, |j| token_at(v, j, offset) < token, |j| touch(v.sa, j));
     if lo == span.hi || token_at(v, lo, offset) != token {
         return Span { lo, hi: lo, ..span };
     }
@@ -177,6 +177,35 @@ fn partition(mut lo: u32, mut hi: u32, is_before: impl Fn(u32) -> bool) -> u32 {
         }
     }
     lo
+}
+
+/// `partition`, reading ahead: each step also reads the suffix-array entries that the next step
+/// may look at (the middles of both halves). A step over a large mapped suffix array otherwise
+/// waits for two cache misses one after the other (the entry, then the tokens it points to);
+/// read ahead, the next entry arrives while this step's tokens do.
+#[inline]
+fn partition_touching(mut lo: u32, mut hi: u32, is_before: impl Fn(u32) -> bool, read: impl Fn(u32)) -> u32 {
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if hi - lo > 2 {
+            read(lo + (mid - lo) / 2);
+            read(mid + 1 + (hi - mid - 1) / 2);
+        }
+        if is_before(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Reads `sa[i]` (if there is one) only to have it cached for a step to come.
+#[inline]
+fn touch(sa: &[u32], i: u32) {
+    if let Some(&x) = sa.get(i as usize) {
+        std::hint::black_box(x);
+    }
 }
 
 /// The end of the run of indexes from `i` (where `same` holds) on which `same` holds, below `hi`
@@ -304,25 +333,31 @@ fn push_intervals(views: &[ShardView], pattern: &[u32], out: &mut Vec<Span>) {
 /// intervals of its suffix of `len` tokens (which occurs, `len <= hi`): an occurrence of a longer
 /// suffix ends with an occurrence of that one, so the longest match is `len` plus the longest run
 /// of context tokens found just before one of its occurrences.
-fn longest_extension(views: &[ShardView], spans: &[Span], context: &[u32], len: usize, hi: usize) -> usize {
+/// Each occurrence's `(shard, position, tokens matched before it)` is left in `extended`, in
+/// suffix-array order.
+fn longest_extension(
+    views: &[ShardView],
+    spans: &[Span],
+    context: &[u32],
+    len: usize,
+    hi: usize,
+    extended: &mut Vec<(u32, u32, u32)>,
+) -> usize {
     let before = &context[..context.len() - len];
     let room = hi - len;
     let mut best = 0;
+    extended.clear();
     for span in spans {
         let v = &views[span.shard as usize];
         for i in span.lo..span.hi {
             let Some(&pos) = v.sa.get(i as usize) else { continue };
-            let pos = pos as usize;
+            let at = pos as usize;
             let mut e = 0;
-            while e < room && e < pos && v.text.get(pos - 1 - e) == Some(before[before.len() - 1 - e]) {
+            while e < room && e < at && v.text.get(at - 1 - e) == Some(before[before.len() - 1 - e]) {
                 e += 1;
             }
-            if e > best {
-                best = e;
-                if best == room {
-                    return hi;
-                }
-            }
+            best = best.max(e);
+            extended.push((span.shard, pos, e as u32));
         }
     }
     len + best
@@ -333,6 +368,9 @@ fn longest_extension(views: &[ShardView], spans: &[Span], context: &[u32], len: 
 pub fn longest_match(views: &[ShardView], context: &[u32], limits: &Limits) -> (usize, Vec<Span>) {
     with_scratch(|s| {
         let m = s.longest_match(views, context, limits);
+        if s.at_starts {
+            s.probe(views, &context[context.len() - m..]);
+        }
         (m, s.spans.clone())
     })
 }
@@ -581,6 +619,14 @@ pub struct Searcher {
     /// parent, row); and the count-1 nodes placed at the last depth: (row, tree index).
     heads: Vec<(u32, u32, u32)>,
     singles: Vec<(u32, i32)>,
+    /// Where the continuations of the longest match start, `(shard, token index)` in
+    /// suffix-array order, when `at_starts`: the match was found from the tokens before the
+    /// occurrences of a shorter suffix, and its tree is grown from those occurrences instead of
+    /// searching its interval (`longest_match`). Any probe clears `at_starts`.
+    starts: Vec<(u32, u32)>,
+    at_starts: bool,
+    /// Each occurrence's extension, during `longest_extension`: `(shard, position, tokens)`.
+    extended: Vec<(u32, u32, u32)>,
 }
 
 impl Default for Searcher {
@@ -619,6 +665,9 @@ impl Searcher {
             placed: Vec::new(),
             heads: Vec::new(),
             singles: Vec::new(),
+            starts: Vec::new(),
+            at_starts: false,
+            extended: Vec::new(),
         }
     }
 
@@ -706,6 +755,7 @@ impl Searcher {
     /// The length of the longest suffix of `context` within the limits that occurs (0: none),
     /// its intervals left in `self.spans`.
     fn longest_match(&mut self, views: &[ShardView], context: &[u32], limits: &Limits) -> usize {
+        self.at_starts = false;
         let longest = limits.max_span.min(context.len());
         if longest < limits.min_span {
             self.spans.clear();
@@ -750,13 +800,25 @@ impl Searcher {
         if lo < hi && occurrences <= EXTEND_LIMIT {
             // Few occurrences (the usual case): the tokens before them tell the longest match,
             // and only its interval is searched, instead of a binary search over the lengths.
-            let m = longest_extension(views, &self.spans, context, lo, hi);
+            let m = longest_extension(views, &self.spans, context, lo, hi, &mut self.extended);
             if m < hi && self.remember {
                 // Known absent without a probe: bounds the next search of the session.
                 self.memory.record(suffix(m + 1), None);
             }
             if m == lo {
                 return lo;
+            }
+            // The occurrences of the match are those that extend that far, and its tree only
+            // needs where their continuations start (the same tokens follow, in the same order).
+            let longest_run = (m - lo) as u32;
+            let n = self.extended.iter().filter(|e| e.2 == longest_run).count() as u64;
+            if n * limits.max_depth as u64 <= DENSE_ROOT_CELLS {
+                self.starts.clear();
+                self.starts.extend(
+                    self.extended.iter().filter(|e| e.2 == longest_run).map(|e| (e.0, e.1.saturating_add(lo as u32))),
+                );
+                self.at_starts = true;
+                return m;
             }
             if self.probe(views, suffix(m)) {
                 return m;
@@ -782,6 +844,7 @@ impl Searcher {
     /// The intervals of `pattern` into `self.spans`; whether it occurs. A remembering searcher
     /// narrows the intervals of the longest remembered pattern that `pattern` starts with.
     fn probe(&mut self, views: &[ShardView], pattern: &[u32]) -> bool {
+        self.at_starts = false;
         self.spans.clear();
         if self.remember {
             if let Some(known) = self.last.longest_prefix_of(pattern).copied() {
@@ -816,7 +879,8 @@ impl Searcher {
         limits: &Limits,
         cancel: &Cancel,
     ) -> Option<Tree> {
-        let occurrences = self.spans.iter().map(Span::len).sum();
+        let occurrences =
+            if self.at_starts { self.starts.len() as u64 } else { self.spans.iter().map(Span::len).sum() };
         let mut tree = Tree { match_length: match_length as u32, occurrences, ..Tree::default() };
         if match_length == 0 {
             return Some(tree);
@@ -828,13 +892,18 @@ impl Searcher {
         self.node_spans.extend_from_slice(&self.spans);
         self.blocks.clear();
         self.rows.clear();
-        if occurrences <= DENSE_ROOT_LIMIT && occurrences * limits.max_depth as u64 <= DENSE_ROOT_CELLS {
+        // (`at_starts` holds only for such a root: see `longest_match`.)
+        if self.at_starts || occurrences <= DENSE_ROOT_LIMIT && occurrences * limits.max_depth as u64 <= DENSE_ROOT_CELLS {
             // Asked once, where the best-first loop below asks at its first step.
             if limits.budget > 0 && cancel.is_cancelled() {
                 return None;
             }
-            let mut g = Growth { s: self, views, match_length, limits };
-            g.copy_rows(0..g.s.node_spans.len(), 0);
+            if self.at_starts {
+                self.copy_rows_at_starts(views, limits.max_depth);
+            } else {
+                let mut g = Growth { s: self, views, match_length, limits };
+                g.copy_rows(0..g.s.node_spans.len(), 0);
+            }
             self.dense_tree(&mut tree, limits.max_depth, limits.budget);
             return Some(tree);
         }
@@ -917,7 +986,36 @@ const NO_PARENT: u32 = u32::MAX;
 const TRIE_BITS: u32 = 22;
 
 impl Searcher {
-    /// The tree of a root with at most `DENSE_LIMIT` occurrences, whose continuations are the
+    /// `Growth::copy_rows` of the root, from `self.starts` (see `longest_match`).
+    fn copy_rows_at_starts(&mut self, views: &[ShardView], width: usize) {
+        let several = self.starts.iter().any(|s| s.0 != self.starts[0].0);
+        let out = if several { &mut self.unsorted_rows } else { &mut self.rows };
+        out.clear();
+        out.resize(self.starts.len() * width, ROW_END);
+        for (cells, &(shard, at)) in out.chunks_exact_mut(width).zip(&self.starts) {
+            let v = &views[shard as usize];
+            let at = at as usize;
+            match v.text {
+                Text::U16(text) => fill_row(cells, text.get(at..).unwrap_or_default(), v.separator),
+                Text::U32(text) => fill_row(cells, text.get(at..).unwrap_or_default(), v.separator),
+            }
+        }
+        if several {
+            // Each shard's rows are in order; merged as `copy_rows` merges them.
+            let rows = &self.unsorted_rows;
+            let row = |r: u32| &rows[r as usize * width..(r as usize + 1) * width];
+            self.row_order.clear();
+            self.row_order.extend(0..self.starts.len() as u32);
+            self.row_order.sort_by(|&a, &b| row(a).cmp(row(b)));
+            self.rows.clear();
+            for &r in &self.row_order {
+                self.rows.extend_from_slice(row(r));
+            }
+        }
+        self.blocks.push(Block { start: 0, width: width as u32, depth: 0 });
+    }
+
+    /// The tree of a root with at most `DENSE_ROOT_LIMIT` occurrences, whose continuations are the
     /// single block in `self.rows` (`width` cells a row, rows in suffix-array order), into `tree`.
     ///
     /// Best-first growth adds nodes in the order (count desc, depth asc, parent asc, token asc),
