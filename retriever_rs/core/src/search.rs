@@ -42,12 +42,12 @@ const DENSE_LIMIT: u64 = 64;
 /// A longest-match search whose shortest suffix has at most this many occurrences reads the
 /// tokens before each of them (one cache miss each, and the tree reads the same lines) instead
 /// of binary searching over the lengths (several interval searches of two misses per step).
-const EXTEND_LIMIT: u64 = 256;
+const EXTEND_LIMIT: u64 = 128;
 /// A root with at most this many occurrences (and continuation cells) gets its tree from the
-/// trie of its continuations (`Searcher::dense_tree`): it reads every occurrence once, as
-/// splitting it in the suffix array would (its children are soon small enough to be copied),
-/// at a fraction of the instructions.
-const DENSE_ROOT_LIMIT: u64 = 1024;
+/// trie of its continuations (`Searcher::dense_tree`), at a fraction of the instructions of the
+/// best-first split. It reads every occurrence, which sampling a larger root need not: past
+/// about 128, cache misses cost more than the instructions saved (100M tokens, budget 64).
+const DENSE_ROOT_LIMIT: u64 = 128;
 const DENSE_ROOT_CELLS: u64 = 16 * 1024;
 /// How many remembered-prefix probes the longest-match search tries, longest first, before it
 /// falls back to a binary search over the remaining lengths.
