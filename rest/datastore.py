@@ -39,8 +39,7 @@ class ShardChange(NamedTuple):
 
 def _engine_query(params: SearchParams, shards: Sequence[str] | None) -> tuple:
     """A search's parameters and shards as the engine's ``query, shards`` arguments."""
-    query = (params.min_span, params.max_span, params.budget, params.max_depth, params.policy)
-    return query, list(shards) if shards is not None else None
+    return params._query, list(shards) if shards is not None else None
 
 
 def _as_list(tokens: Sequence[int]) -> list[int]:
@@ -154,6 +153,10 @@ class Datastore:
         result's ``searched_shards``). ValueError for an empty context or an id outside the
         vocabulary; KeyError for an unknown shard; ShardUnavailableError when a named shard (or
         every shard) is out of service."""
+        if shards is None:  # the usual call, without the helpers' calls (a search takes a few µs)
+            raw, searched = self._native.search(
+                context if type(context) is list else list(context), params._query, None)
+            return SearchResult.from_engine(raw, "", searched)
         raw, searched = self._native.search(_as_list(context), *_engine_query(params, shards))
         return SearchResult.from_engine(raw, _label(shards), searched)
 

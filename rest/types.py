@@ -39,6 +39,10 @@ class SearchParams:
             raise ValueError(f"max_depth must be in 1..256, got {self.max_depth}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+        # The engine's form of these parameters, made once (not a field: no part of equality,
+        # repr or asdict): building it on every search cost a noticeable part of a search.
+        object.__setattr__(self, "_query", (self.min_span, self.max_span, self.budget, self.max_depth,
+                                            self.policy))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@
 //! separator, so a corrupt shard gives wrong (and `verify`-detectable) results, not a crash.
 
 use crate::cancel::Cancel;
-use crate::shard::ShardView;
+use crate::shard::{ShardView, Text};
 use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
 use std::collections::BinaryHeap;
@@ -39,6 +39,16 @@ const REFINE_FACTOR: u32 = 8;
 /// A node with at most this many occurrences is split in a table of its continuations (a
 /// `Block`) rather than in the suffix array.
 const DENSE_LIMIT: u64 = 64;
+/// A longest-match search whose shortest suffix has at most this many occurrences reads the
+/// tokens before each of them (one cache miss each, and the tree reads the same lines) instead
+/// of binary searching over the lengths (several interval searches of two misses per step).
+const EXTEND_LIMIT: u64 = 128;
+/// A root with at most this many occurrences (and continuation cells) gets its tree from the
+/// trie of its continuations (`Searcher::dense_tree`), at a fraction of the instructions of the
+/// best-first split. It reads every occurrence, which sampling a larger root need not: past
+/// about 128, cache misses cost more than the instructions saved (100M tokens, budget 64).
+const DENSE_ROOT_LIMIT: u64 = 128;
+const DENSE_ROOT_CELLS: u64 = 16 * 1024;
 /// How many remembered-prefix probes the longest-match search tries, longest first, before it
 /// falls back to a binary search over the remaining lengths.
 const REMEMBERED_PROBES: usize = 3;
@@ -133,7 +143,7 @@ pub fn pattern_interval(v: &ShardView, shard: u32, pattern: &[u32]) -> Span {
 /// The interval of `pattern` inside `[start, end)`, where every suffix starts with the first
 /// `from` tokens of `pattern`.
 fn interval_in(v: &ShardView, shard: u32, start: u32, end: u32, pattern: &[u32], from: usize) -> Span {
-    let lo = partition(start, end, |i| compare_suffix(v, i, pattern, from) == Ordering::Less);
+    let lo = partition_touching(start, end, |i| compare_suffix(v, i, pattern, from) == Ordering::Less, |i| touch(v.sa, i));
     // Most probes of a longest-match search find nothing or a few occurrences: check the first
     // candidate, then gallop to the end of the interval instead of a second binary search.
     if lo == end || compare_suffix(v, lo, pattern, from) != Ordering::Equal {
@@ -147,7 +157,7 @@ fn interval_in(v: &ShardView, shard: u32, start: u32, end: u32, pattern: &[u32],
 /// continue with `token` at `offset`.
 #[inline]
 fn narrow(v: &ShardView, span: Span, offset: usize, token: u32) -> Span {
-    let lo = partition(span.lo, span.hi, |j| token_at(v, j, offset) < token);
+    let lo = partition_touching(span.lo, span.hi, |j| token_at(v, j, offset) < token, |j| touch(v.sa, j));
     if lo == span.hi || token_at(v, lo, offset) != token {
         return Span { lo, hi: lo, ..span };
     }
@@ -167,6 +177,35 @@ fn partition(mut lo: u32, mut hi: u32, is_before: impl Fn(u32) -> bool) -> u32 {
         }
     }
     lo
+}
+
+/// `partition`, reading ahead: each step also reads the suffix-array entries that the next step
+/// may look at (the middles of both halves). A step over a large mapped suffix array otherwise
+/// waits for two cache misses one after the other (the entry, then the tokens it points to);
+/// read ahead, the next entry arrives while this step's tokens do.
+#[inline]
+fn partition_touching(mut lo: u32, mut hi: u32, is_before: impl Fn(u32) -> bool, read: impl Fn(u32)) -> u32 {
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if hi - lo > 2 {
+            read(lo + (mid - lo) / 2);
+            read(mid + 1 + (hi - mid - 1) / 2);
+        }
+        if is_before(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Reads `sa[i]` (if there is one) only to have it cached for a step to come.
+#[inline]
+fn touch(sa: &[u32], i: u32) {
+    if let Some(&x) = sa.get(i as usize) {
+        std::hint::black_box(x);
+    }
 }
 
 /// The end of the run of indexes from `i` (where `same` holds) on which `same` holds, below `hi`
@@ -252,6 +291,18 @@ fn sampled_runs(v: &ShardView, span: Span, offset: usize, stride: u32, out: &mut
     2 * stride as u64 - 1
 }
 
+/// Copies `text` into `cells` up to the first separator (the rest of `cells` is left as it is).
+#[inline]
+fn fill_row<T: Copy + Into<u32>>(cells: &mut [u32], text: &[T], separator: u32) {
+    for (cell, &t) in cells.iter_mut().zip(text) {
+        let t = t.into();
+        if t == separator {
+            break;
+        }
+        *cell = t;
+    }
+}
+
 /// The exact run of each of `tokens` (sorted) inside `span` at `offset`, where it occurs.
 fn exact_runs_of(v: &ShardView, span: Span, offset: usize, tokens: &[u32], out: &mut Vec<(u32, Span)>) {
     for &token in tokens {
@@ -278,11 +329,48 @@ fn push_intervals(views: &[ShardView], pattern: &[u32], out: &mut Vec<Span>) {
     }
 }
 
+/// The longest suffix of `context` of at most `hi` tokens that occurs, found from `spans`, the
+/// intervals of its suffix of `len` tokens (which occurs, `len <= hi`): an occurrence of a longer
+/// suffix ends with an occurrence of that one, so the longest match is `len` plus the longest run
+/// of context tokens found just before one of its occurrences.
+/// Each occurrence's `(shard, position, tokens matched before it)` is left in `extended`, in
+/// suffix-array order.
+fn longest_extension(
+    views: &[ShardView],
+    spans: &[Span],
+    context: &[u32],
+    len: usize,
+    hi: usize,
+    extended: &mut Vec<(u32, u32, u32)>,
+) -> usize {
+    let before = &context[..context.len() - len];
+    let room = hi - len;
+    let mut best = 0;
+    extended.clear();
+    for span in spans {
+        let v = &views[span.shard as usize];
+        for i in span.lo..span.hi {
+            let Some(&pos) = v.sa.get(i as usize) else { continue };
+            let at = pos as usize;
+            let mut e = 0;
+            while e < room && e < at && v.text.get(at - 1 - e) == Some(before[before.len() - 1 - e]) {
+                e += 1;
+            }
+            best = best.max(e);
+            extended.push((span.shard, pos, e as u32));
+        }
+    }
+    len + best
+}
+
 /// The longest suffix of `context` (between `min_span` and `max_span` tokens) that occurs in any
 /// shard, with its intervals. `(0, [])` when not even `min_span` tokens match.
 pub fn longest_match(views: &[ShardView], context: &[u32], limits: &Limits) -> (usize, Vec<Span>) {
     with_scratch(|s| {
         let m = s.longest_match(views, context, limits);
+        if s.at_starts {
+            s.probe(views, &context[context.len() - m..]);
+        }
         (m, s.spans.clone())
     })
 }
@@ -519,6 +607,26 @@ pub struct Searcher {
     /// Which of an expansion's intervals were sampled.
     sampled: Vec<bool>,
     heap: BinaryHeap<Entry>,
+    /// A small root's trie (`dense_tree`): its nodes, the row ranges of one level's nodes and
+    /// the next's, the nodes in their order, one group's nodes, and each node's tree index.
+    trie: Vec<TrieNode>,
+    level: Vec<(u32, u32, u32)>,
+    next_level: Vec<(u32, u32, u32)>,
+    order: Vec<u64>,
+    group: Vec<(u64, u32)>,
+    placed: Vec<i32>,
+    /// A small root's trie nodes of count 1 that have a parent of a larger count: (depth,
+    /// parent, row); and the count-1 nodes placed at the last depth: (row, tree index).
+    heads: Vec<(u32, u32, u32)>,
+    singles: Vec<(u32, i32)>,
+    /// Where the continuations of the longest match start, `(shard, token index)` in
+    /// suffix-array order, when `at_starts`: the match was found from the tokens before the
+    /// occurrences of a shorter suffix, and its tree is grown from those occurrences instead of
+    /// searching its interval (`longest_match`). Any probe clears `at_starts`.
+    starts: Vec<(u32, u32)>,
+    at_starts: bool,
+    /// Each occurrence's extension, during `longest_extension`: `(shard, position, tokens)`.
+    extended: Vec<(u32, u32, u32)>,
 }
 
 impl Default for Searcher {
@@ -549,6 +657,17 @@ impl Searcher {
             tokens: Vec::new(),
             sampled: Vec::new(),
             heap: BinaryHeap::new(),
+            trie: Vec::new(),
+            level: Vec::new(),
+            next_level: Vec::new(),
+            order: Vec::new(),
+            group: Vec::new(),
+            placed: Vec::new(),
+            heads: Vec::new(),
+            singles: Vec::new(),
+            starts: Vec::new(),
+            at_starts: false,
+            extended: Vec::new(),
         }
     }
 
@@ -636,6 +755,7 @@ impl Searcher {
     /// The length of the longest suffix of `context` within the limits that occurs (0: none),
     /// its intervals left in `self.spans`.
     fn longest_match(&mut self, views: &[ShardView], context: &[u32], limits: &Limits) -> usize {
+        self.at_starts = false;
         let longest = limits.max_span.min(context.len());
         if longest < limits.min_span {
             self.spans.clear();
@@ -674,10 +794,40 @@ impl Searcher {
         if !self.probe(views, suffix(limits.min_span)) {
             return 0;
         }
-        // Occurrence is monotone in the length (a suffix of an occurring suffix occurs), so the
-        // length is binary searched: O(log max_span) interval searches.
         let mut lo = limits.min_span;
         self.best_spans.clone_from(&self.spans);
+        let occurrences: u64 = self.spans.iter().map(Span::len).sum();
+        if lo < hi && occurrences <= EXTEND_LIMIT {
+            // Few occurrences (the usual case): the tokens before them tell the longest match,
+            // and only its interval is searched, instead of a binary search over the lengths.
+            let m = longest_extension(views, &self.spans, context, lo, hi, &mut self.extended);
+            if m < hi && self.remember {
+                // Known absent without a probe: bounds the next search of the session.
+                self.memory.record(suffix(m + 1), None);
+            }
+            if m == lo {
+                return lo;
+            }
+            // The occurrences of the match are those that extend that far, and its tree only
+            // needs where their continuations start (the same tokens follow, in the same order).
+            let longest_run = (m - lo) as u32;
+            let n = self.extended.iter().filter(|e| e.2 == longest_run).count() as u64;
+            if n * limits.max_depth as u64 <= DENSE_ROOT_CELLS {
+                self.starts.clear();
+                self.starts.extend(
+                    self.extended.iter().filter(|e| e.2 == longest_run).map(|e| (e.0, e.1.saturating_add(lo as u32))),
+                );
+                self.at_starts = true;
+                return m;
+            }
+            if self.probe(views, suffix(m)) {
+                return m;
+            }
+            // Only a corrupt shard (a suffix array out of order) gets here: binary search below.
+            hi = m - 1;
+        }
+        // Occurrence is monotone in the length (a suffix of an occurring suffix occurs), so the
+        // length is binary searched: O(log max_span) interval searches.
         while lo < hi {
             let mid = lo + (hi - lo).div_ceil(2);
             if self.probe(views, suffix(mid)) {
@@ -694,6 +844,7 @@ impl Searcher {
     /// The intervals of `pattern` into `self.spans`; whether it occurs. A remembering searcher
     /// narrows the intervals of the longest remembered pattern that `pattern` starts with.
     fn probe(&mut self, views: &[ShardView], pattern: &[u32]) -> bool {
+        self.at_starts = false;
         self.spans.clear();
         if self.remember {
             if let Some(known) = self.last.longest_prefix_of(pattern).copied() {
@@ -728,7 +879,8 @@ impl Searcher {
         limits: &Limits,
         cancel: &Cancel,
     ) -> Option<Tree> {
-        let occurrences = self.spans.iter().map(Span::len).sum();
+        let occurrences =
+            if self.at_starts { self.starts.len() as u64 } else { self.spans.iter().map(Span::len).sum() };
         let mut tree = Tree { match_length: match_length as u32, occurrences, ..Tree::default() };
         if match_length == 0 {
             return Some(tree);
@@ -740,6 +892,21 @@ impl Searcher {
         self.node_spans.extend_from_slice(&self.spans);
         self.blocks.clear();
         self.rows.clear();
+        // (`at_starts` holds only for such a root: see `longest_match`.)
+        if self.at_starts || occurrences <= DENSE_ROOT_LIMIT && occurrences * limits.max_depth as u64 <= DENSE_ROOT_CELLS {
+            // Asked once, where the best-first loop below asks at its first step.
+            if limits.budget > 0 && cancel.is_cancelled() {
+                return None;
+            }
+            if self.at_starts {
+                self.copy_rows_at_starts(views, limits.max_depth);
+            } else {
+                let mut g = Growth { s: self, views, match_length, limits };
+                g.copy_rows(0..g.s.node_spans.len(), 0);
+            }
+            self.dense_tree(&mut tree, limits.max_depth, limits.budget);
+            return Some(tree);
+        }
         self.children.clear();
         self.pendings.clear();
         self.pushed.clear();
@@ -801,6 +968,186 @@ impl Searcher {
             }
         }
         Some(tree)
+    }
+}
+
+/// A node of a small root's trie (`Searcher::dense_tree`); `parent` indexes the trie (`NO_PARENT`:
+/// a child of the root).
+#[derive(Clone, Copy, Debug)]
+struct TrieNode {
+    count: u32,
+    depth: u32,
+    parent: u32,
+    token: u32,
+}
+
+const NO_PARENT: u32 = u32::MAX;
+/// `Searcher::dense_tree`'s order keys: `(u32::MAX - count) << 32 | depth << TRIE_BITS | node`.
+const TRIE_BITS: u32 = 22;
+
+impl Searcher {
+    /// `Growth::copy_rows` of the root, from `self.starts` (see `longest_match`).
+    fn copy_rows_at_starts(&mut self, views: &[ShardView], width: usize) {
+        let several = self.starts.iter().any(|s| s.0 != self.starts[0].0);
+        let out = if several { &mut self.unsorted_rows } else { &mut self.rows };
+        out.clear();
+        out.resize(self.starts.len() * width, ROW_END);
+        for (cells, &(shard, at)) in out.chunks_exact_mut(width).zip(&self.starts) {
+            let v = &views[shard as usize];
+            let at = at as usize;
+            match v.text {
+                Text::U16(text) => fill_row(cells, text.get(at..).unwrap_or_default(), v.separator),
+                Text::U32(text) => fill_row(cells, text.get(at..).unwrap_or_default(), v.separator),
+            }
+        }
+        if several {
+            // Each shard's rows are in order; merged as `copy_rows` merges them.
+            let rows = &self.unsorted_rows;
+            let row = |r: u32| &rows[r as usize * width..(r as usize + 1) * width];
+            self.row_order.clear();
+            self.row_order.extend(0..self.starts.len() as u32);
+            self.row_order.sort_by(|&a, &b| row(a).cmp(row(b)));
+            self.rows.clear();
+            for &r in &self.row_order {
+                self.rows.extend_from_slice(row(r));
+            }
+        }
+        self.blocks.push(Block { start: 0, width: width as u32, depth: 0 });
+    }
+
+    /// The tree of a root with at most `DENSE_ROOT_LIMIT` occurrences, whose continuations are the
+    /// single block in `self.rows` (`width` cells a row, rows in suffix-array order), into `tree`.
+    ///
+    /// Best-first growth adds nodes in the order (count desc, depth asc, parent asc, token asc),
+    /// and each node comes after its parent in that order (its count is at most the parent's,
+    /// its depth larger). For a small root every node of the trie of its rows is known at once
+    /// (at most rows x width), so the tree is the first `budget` trie nodes in that order, and
+    /// the cut count the count of the next one: a selection and a few small sorts instead of a
+    /// heap operation and an expansion per node. The order is settled group by group of equal
+    /// (count, depth), whose parents all lie in earlier groups and so have their tree index.
+    fn dense_tree(&mut self, tree: &mut Tree, width: usize, budget: usize) {
+        let rows = &self.rows;
+        let n = (rows.len() / width) as u32;
+        let cell = |r: u32, c: usize| rows[r as usize * width + c];
+        // The trie, level by level: a node at depth c + 1 is a run of rows equal on c + 1 cells.
+        // A node of count 1 (one row) has only count-1 nodes under it, which come after every
+        // larger count: only its head is kept here (most nodes are in such chains).
+        self.trie.clear();
+        self.heads.clear();
+        self.level.clear();
+        self.level.push((0, n, NO_PARENT));
+        for c in 0..width {
+            self.next_level.clear();
+            for &(lo, hi, parent) in &self.level {
+                let mut r = lo;
+                while r < hi {
+                    let token = cell(r, c);
+                    if token == ROW_END {
+                        break; // ended rows sort last
+                    }
+                    let mut end = r + 1;
+                    while end < hi && cell(end, c) == token {
+                        end += 1;
+                    }
+                    if end - r == 1 {
+                        self.heads.push((c as u32 + 1, parent, r));
+                    } else {
+                        self.next_level.push((r, end, self.trie.len() as u32));
+                        self.trie.push(TrieNode { count: end - r, depth: c as u32 + 1, parent, token });
+                    }
+                    r = end;
+                }
+            }
+            if self.next_level.is_empty() {
+                break;
+            }
+            std::mem::swap(&mut self.level, &mut self.next_level);
+        }
+        // The first `budget + 1` nodes of count 2 or more by (count desc, depth asc), with every
+        // node that ties with the last of them: ties are ordered by parent, which the trie index
+        // does not tell.
+        self.order.clear();
+        self.order.extend(self.trie.iter().enumerate().map(|(i, node)| {
+            ((u32::MAX - node.count) as u64) << 32 | (node.depth as u64) << TRIE_BITS | i as u64
+        }));
+        let need = budget + 1;
+        if self.order.len() > need {
+            self.order.select_nth_unstable(need - 1);
+            let last = self.order[need - 1] >> TRIE_BITS;
+            let mut end = need;
+            for i in need..self.order.len() {
+                if self.order[i] >> TRIE_BITS == last {
+                    self.order.swap(end, i);
+                    end += 1;
+                }
+            }
+            self.order.truncate(end);
+        }
+        self.order.sort_unstable();
+        self.placed.clear();
+        self.placed.resize(self.trie.len(), -1);
+        let mut i = 0;
+        while i < self.order.len() {
+            let key = self.order[i] >> TRIE_BITS;
+            let mut j = i + 1;
+            while j < self.order.len() && self.order[j] >> TRIE_BITS == key {
+                j += 1;
+            }
+            self.group.clear();
+            for &k in &self.order[i..j] {
+                let node = (k & ((1 << TRIE_BITS) - 1)) as u32;
+                let parent = self.trie[node as usize].parent;
+                let at = if parent == NO_PARENT { -1 } else { self.placed[parent as usize] };
+                self.group.push((((at + 1) as u64) << 32 | self.trie[node as usize].token as u64, node));
+            }
+            self.group.sort_unstable();
+            for &(sort_key, node) in &self.group {
+                let t = self.trie[node as usize];
+                if tree.tokens.len() == budget {
+                    tree.cut_count = t.count as u64;
+                    return;
+                }
+                self.placed[node as usize] = tree.tokens.len() as i32;
+                tree.tokens.push(t.token);
+                tree.parents.push((sort_key >> 32) as i32 - 1);
+                tree.counts.push(t.count as u64);
+            }
+            i = j;
+        }
+        // Every node of count 2 or more is placed; then the count-1 nodes, depth by depth: the
+        // heads of that depth and the next node of each chain placed at the depth before.
+        self.singles.clear();
+        let mut h = 0;
+        for c in 0..width {
+            self.group.clear();
+            for &(r, at) in &self.singles {
+                let token = cell(r, c);
+                if token != ROW_END {
+                    self.group.push((((at + 1) as u64) << 32 | token as u64, r));
+                }
+            }
+            while h < self.heads.len() && self.heads[h].0 as usize == c + 1 {
+                let (_, parent, r) = self.heads[h];
+                let at = if parent == NO_PARENT { -1 } else { self.placed[parent as usize] };
+                self.group.push((((at + 1) as u64) << 32 | cell(r, c) as u64, r));
+                h += 1;
+            }
+            if self.group.is_empty() && h == self.heads.len() {
+                break;
+            }
+            self.group.sort_unstable();
+            self.singles.clear();
+            for &(sort_key, r) in &self.group {
+                if tree.tokens.len() == budget {
+                    tree.cut_count = 1;
+                    return;
+                }
+                self.singles.push((r, tree.tokens.len() as i32));
+                tree.tokens.push(sort_key as u32);
+                tree.parents.push((sort_key >> 32) as i32 - 1);
+                tree.counts.push(1);
+            }
+        }
     }
 }
 
@@ -879,11 +1226,10 @@ impl Growth<'_, '_, '_> {
                 let cells = &mut out[row..row + width];
                 row += width;
                 let Some(&pos) = v.sa.get(i as usize) else { continue };
-                for (c, cell) in cells.iter_mut().enumerate() {
-                    match v.text.get(pos as usize + offset + c) {
-                        Some(t) if t != v.separator => *cell = t,
-                        _ => break,
-                    }
+                let at = pos as usize + offset;
+                match v.text {
+                    Text::U16(text) => fill_row(cells, text.get(at..).unwrap_or_default(), v.separator),
+                    Text::U32(text) => fill_row(cells, text.get(at..).unwrap_or_default(), v.separator),
                 }
             }
         }
