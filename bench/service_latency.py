@@ -400,7 +400,8 @@ def run(args) -> dict:
     steps = replay_steps(datastore, targets, args.n)
     search_proc, search_addr = start_process([
         "-m", "retriever_service.server", "--datastore", str(workdir / "ds"), "--port", "0",
-        "--max-concurrent-searches", "256", "--log-level", "WARNING"])
+        "--max-concurrent-searches", "256", "--log-level", "WARNING",
+        "--inline-search-us", str(args.inline_search_us)])
     echo_proc, echo_addr = start_process([str(Path(__file__)), "--serve-echo"])
     results: dict = {"latency": {}, "throughput": {}}
     try:
@@ -505,6 +506,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per throughput cell")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--inline-search-us", type=int, default=200,
+                        help="the search server's --inline-search-us (its default: 200)")
     parser.add_argument("--workload", choices=["reference", "random"], default="reference",
                         help="random: a small synthetic corpus, for a quick run of every row")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/out/service_latency.json")
