@@ -207,9 +207,9 @@ def chart(rows: list[dict], summary: dict, path: Path) -> None:
 @click.option("--budget", default="auto", show_default=True,
               help="Draft nodes per step, or 'auto': chosen every step from the calibrated cost of a "
                    "verification pass and the drafts' scores (the decoder's default).")
-# The decoder's default (DecodingConfig.retrieval_levels), written out: importing the decoder
-# here would load torch for `rest --help`.
-@click.option("--retrieval-levels", "levels", default=3, show_default=True,
+# One level, not the decoder's 3: on the demo model more levels raise M little and cost more
+# retrieval time per step than they save (measured, docs/BENCHMARKS.md).
+@click.option("--retrieval-levels", "levels", default=1, show_default=True,
               help="Back-off levels of the datastore per step (all in one gRPC round trip).")
 @click.option("--device", default="cpu", show_default=True, help="Where the model runs: cpu, cuda, cuda:1...")
 @click.option("--out", "out_dir", default="results/demo", show_default=True, type=click.Path(file_okay=False))

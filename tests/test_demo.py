@@ -49,10 +49,3 @@ def test_demo_end_to_end_gives_identical_outputs_and_writes_results(
     assert (out / "demo.png").stat().st_size > 0
     assert len(list(cache_dir.glob("datastore-stdlib-*"))) == 1
 
-
-def test_demo_drafts_with_the_decoders_default_retrieval_levels():
-    # Every level travels in one round trip, so the demo has no reason to use fewer.
-    from decoder import DecodingConfig
-
-    (option,) = [p for p in demo_command.params if p.name == "levels"]
-    assert option.default == DecodingConfig.retrieval_levels
