@@ -6,9 +6,12 @@ or torch release.
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from collections.abc import Callable
 from importlib import metadata
+from pathlib import Path
 
 # The packages whose versions change what a benchmark measures.
 LIBRARIES = ("rest-decoding", "torch", "transformers", "tokenizers", "numpy", "grpcio", "protobuf")
@@ -75,3 +78,19 @@ def short_machine(info: dict) -> str:
     if info.get("gpu"):
         return str(info["gpu"])
     return f"{info['cpu']} ({info['cores']} cores)"
+
+
+def finish_run(results: dict, command: str, json_path: Path, load_at_start: float,
+               report: Callable[[dict], str], **extra: str) -> dict:
+    """The end of a service benchmark's run: ``results`` gets the machine (cores, Python, the
+    1-minute load average at start and at end, ``extra``) and the command; the report is printed
+    and the results written to ``json_path``."""
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), **extra,
+                          "loadavg_1m_at_start": load_at_start,
+                          "loadavg_1m_at_end": os.getloadavg()[0]}
+    results["command"] = command
+    print(report(results))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2))
+    print(f"wrote {json_path}")
+    return results

@@ -23,9 +23,7 @@ shard, and how often the merge of the shards' answers is certified exact (``merg
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -39,6 +37,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.environment import finish_run  # noqa: E402
 from decoder.config import DecodingConfig  # noqa: E402
 from rest.retriever import LocalRetriever  # noqa: E402
 from retriever_service import wire  # noqa: E402
@@ -325,16 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=ROOT / "bench/out/replica_load.json")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
-    results = run(args)
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(),
-                          "loadavg_1m_at_start": load_before,
-                          "loadavg_1m_at_end": os.getloadavg()[0]}
-    results["command"] = " ".join(["python -m bench.replica_load", *(argv or sys.argv[1:])])
-    print(report(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.json}")
-    return results
+    command = " ".join(["python -m bench.replica_load", *(argv or sys.argv[1:])])
+    return finish_run(run(args), command, args.json, load_before, report)
 
 
 if __name__ == "__main__":

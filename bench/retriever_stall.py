@@ -24,7 +24,6 @@ decoding's steps of the same phase. ``--model`` replaces the demo model; ``--tin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -37,6 +36,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.environment import finish_run  # noqa: E402
 from decoder import DecodingConfig, RestGenerator  # noqa: E402
 from retriever_service.client import RemoteRetriever  # noqa: E402
 from retriever_service.replicas import EjectionPolicy, ReplicaPolicy  # noqa: E402
@@ -197,15 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, default=ROOT / "bench/out/retriever_stall.json")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()[0]
-    results = run(args)
-    results["machine"] = {"cpus": os.cpu_count(), "loadavg_1m_at_start": load_before,
-                          "loadavg_1m_at_end": os.getloadavg()[0]}
-    results["command"] = " ".join(["python -m bench.retriever_stall", *(argv or sys.argv[1:])])
-    print(report(results))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.json}")
-    return results
+    command = " ".join(["python -m bench.retriever_stall", *(argv or sys.argv[1:])])
+    return finish_run(run(args), command, args.json, load_before, report)
 
 
 if __name__ == "__main__":

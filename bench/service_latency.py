@@ -40,9 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import os
-import platform
 import queue
 import re
 import subprocess
@@ -58,6 +56,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.environment import finish_run  # noqa: E402
 from rest.retriever import LocalRetriever, RetrievalSession  # noqa: E402
 from rest.types import SearchParams  # noqa: E402
 from retriever_service import wire  # noqa: E402
@@ -517,17 +516,8 @@ def main() -> None:
         asyncio.run(_serve_echo(0))
         return
     load_before = os.getloadavg()[0]
-    results = run(args)
-    results["machine"] = {
-        "cpus": os.cpu_count(), "python": platform.python_version(), "grpcio": grpc.__version__,
-        "loadavg_1m_at_start": load_before, "loadavg_1m_at_end": os.getloadavg()[0],
-    }
-    results["command"] = " ".join(["python", *sys.argv])
-    table = report(results)
-    print(table)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    print(f"wrote {args.json}")
+    finish_run(run(args), " ".join(["python", *sys.argv]), args.json, load_before, report,
+               grpcio=grpc.__version__)
 
 
 if __name__ == "__main__":

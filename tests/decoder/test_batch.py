@@ -171,6 +171,18 @@ def test_sampled_sequences_follow_plain_sampling_in_a_full_batch() -> None:
     assert list(samples[7]) == alone  # a seed gives the same draws in a batch and alone
 
 
+def generator_with_fictitious_costs(model, tokenizer, draft) -> RestGenerator:
+    """Drafts from ``draft`` alone, with no learnt corrections, and a forward pass that costs
+    1 s plus 0.25 s per token and row at every batch size up to 8."""
+    generator = RestGenerator(model, tokenizer, draft_sources=[FunctionSource(draft)],
+                              config=DecodingConfig(context_drafts=False, served_drafts=False,
+                                                    score_correction=False,
+                                                    cost_correction=False))  # fmt: skip
+    for b in range(1, 9):
+        generator.costs.by_batch_size[b] = CostModel((1, 65), (1.0 + b * 0.25, 1.0 + b * 65 * 0.25))
+    return generator
+
+
 def test_the_adaptive_budget_shrinks_trees_as_the_batch_fills() -> None:
     # A (fictitious) forward pass costs 1 s plus 0.25 s per token and row, so that the real
     # drafting time hardly counts (and no cost correction learns what real steps cost). Alone,
@@ -183,13 +195,7 @@ def test_the_adaptive_budget_shrinks_trees_as_the_batch_fills() -> None:
 
     drafted = {}
     for rows in (1, 8):
-        generator = RestGenerator(model, tokenizer, draft_sources=[FunctionSource(wrong_and_confident)],
-                                  config=DecodingConfig(context_drafts=False, served_drafts=False,
-                                                        score_correction=False,
-                                                        cost_correction=False))  # fmt: skip
-        for b in range(1, 9):
-            generator.costs.by_batch_size[b] = CostModel((1, 65), (1.0 + b * 0.25,
-                                                                   1.0 + b * 65 * 0.25))
+        generator = generator_with_fictitious_costs(model, tokenizer, wrong_and_confident)
         decoder = BatchDecoder(generator, max_batch=rows)
         reqs = [SequenceRequest(f"q{i}", prompt_of(5, seed=i), 10) for i in range(rows)]
         tokens, _, stats = run(decoder, {0: reqs})
@@ -213,13 +219,7 @@ def test_a_batch_where_drafting_does_not_pay_skips_drafting_and_probes_again() -
 
     drafting_steps = {}
     for rows in (1, 8):
-        generator = RestGenerator(model, tokenizer, draft_sources=[FunctionSource(wrong_and_confident)],
-                                  config=DecodingConfig(context_drafts=False, served_drafts=False,
-                                                        score_correction=False,
-                                                        cost_correction=False))  # fmt: skip
-        for b in range(1, 9):
-            generator.costs.by_batch_size[b] = CostModel((1, 65), (1.0 + b * 0.25,
-                                                                   1.0 + b * 65 * 0.25))
+        generator = generator_with_fictitious_costs(model, tokenizer, wrong_and_confident)
         decoder = BatchDecoder(generator, max_batch=rows)
         # (prompts whose outputs hold no eos: the batch keeps its size)
         reqs = [SequenceRequest(f"q{i}", prompt_of(5, seed=10 + i), 24) for i in range(rows)]
