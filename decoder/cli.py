@@ -159,18 +159,19 @@ def retriever_options(command: Callable) -> Callable:
         if bool(tls["tls_cert"]) != bool(tls["tls_key"]):
             raise click.UsageError("--tls-cert and --tls-key go together (mutual TLS)")
         endpoints = parse_endpoints(endpoint_text)
-        # click reads an empty variable as unset; an empty secret is a mistake, not "no token".
-        empty_variable = token is None and TOKEN_ENV in os.environ and not os.environ[TOKEN_ENV].strip()
-        if endpoints and (empty_variable or (token is not None and not token.strip())):
-            source = f"${TOKEN_ENV} is set but empty" if token is None or _from_environment(ctx, "token") \
-                else "--token is empty"
-            raise click.BadParameter(
-                f"{source}: give the retriever's token, or leave both unset for a retriever "
-                "without authentication", param_hint="--token",
-            )  # fmt: skip
-        if not endpoints:
+        # click reads an empty variable as unset: resolve_token reads it itself, so that an empty
+        # secret is an error rather than a retriever without authentication.
+        from_environment = token is None or _from_environment(ctx, "token")
+        if endpoints:
+            from retriever_service.auth import resolve_token  # grpc loads only for a retriever
+
+            try:
+                token = resolve_token(None if from_environment else token)
+            except ValueError as exc:
+                raise click.BadParameter(str(exc), param_hint="--token") from None
+        else:
             given = [f"--{n.replace('_', '-')}" for n, v in tls.items() if v]
-            if token is not None and not _from_environment(ctx, "token"):
+            if not from_environment:
                 given.insert(0, "--token")
             if given:
                 raise click.UsageError(f"{', '.join(given)}: only for --retriever")

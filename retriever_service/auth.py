@@ -56,13 +56,20 @@ def token_option(ctx: click.Context, param: click.Parameter, value: str | None) 
 
     The callback reads the variable itself: click treats an empty variable as unset, where an
     empty secret must be an error rather than a server (or a client) without authentication."""
-    source = f"--{param.name.replace('_', '-')}"
-    if value is None and os.environ.get(TOKEN_ENV) is not None:
-        value, source = os.environ[TOKEN_ENV], TOKEN_ENV
     try:
-        return check_token(value, source)
+        return resolve_token(value, f"--{param.name.replace('_', '-')}")
     except ValueError as exc:
         raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
+def resolve_token(value: str | None, option: str = "--token") -> str | None:
+    """The token of a ``--token`` option given ``value`` (``None``: not given), else of
+    ``REST_RETRIEVER_TOKEN`` even when empty (an empty secret is an error, not "no token"),
+    checked by ``check_token``; a ``ValueError`` names the option or the variable."""
+    source = option
+    if value is None and os.environ.get(TOKEN_ENV) is not None:
+        value, source = os.environ[TOKEN_ENV], TOKEN_ENV
+    return check_token(value, source)
 
 
 # The variable the callback reads, for whoever lists what a command reads from the environment

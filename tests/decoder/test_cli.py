@@ -178,7 +178,9 @@ def test_mutual_tls_with_a_token_and_a_server_name(model_dir, own_datastore, cer
 
 @pytest.mark.parametrize("args, env, message", [
     (["--retriever", "h:1", "--token", ""], {}, "--token is empty"),
-    (["--retriever", "h:1"], {"REST_RETRIEVER_TOKEN": " "}, "$REST_RETRIEVER_TOKEN is set but empty"),
+    (["--retriever", "h:1"], {"REST_RETRIEVER_TOKEN": " "}, "REST_RETRIEVER_TOKEN is empty"),
+    (["--retriever", "h:1"], {"REST_RETRIEVER_TOKEN": "secret\n"}, "REST_RETRIEVER_TOKEN starts or ends with whitespace"),
+    (["--retriever", "h:1", "--token", "two words"], {}, "--token holds characters a gRPC header cannot carry"),
     (["--retriever", "h:1", "--tls-cert", "{ca}"], {}, "--tls-cert and --tls-key go together"),
     (["--datastore", "{model}", "--tls-ca", "{ca}"], {}, "--tls-ca: only for --retriever"),
     (["--datastore", "{model}", "--token", "x"], {}, "--token: only for --retriever"),
