@@ -91,29 +91,23 @@ class BatchedCache:
         ``lengths[i]`` entries; everything else is dropped."""
         assert len(kept) == len(self.lengths)
         new_lengths = [n + len(k) for n, k in zip(self.lengths, kept)]
-        in_place = all(
-            n == width_before and list(k) == list(range(len(k)))
-            for n, k in zip(self.lengths, kept)
-        )  # a chain accepted right after a full row needs no move, only the crop
-        if not in_place:
-            start = min(self.lengths)
-            end = max(new_lengths)
-            total = self.cache.get_seq_length()
-            # index[i, r]: the entry that lands at cache index start + r of row i
-            index = torch.empty((len(kept), end - start), dtype=torch.long)
-            for i, (n, k) in enumerate(zip(self.lengths, kept)):
-                index[i] = torch.arange(start, end).clamp_(max=total - 1)
-                if k:
-                    index[i, n - start : n - start + len(k)] = width_before + torch.tensor(k)
+        # (row, to, from) of each kept entry that is not already where it belongs; nothing else
+        # moves (a row's stale entries beyond its length stay hidden by the masks). Moving only
+        # these, rather than every row's whole span from the shortest row's end, keeps the cost
+        # of a step with rows of different lengths to its accepted tokens.
+        moves = [
+            (row, n + j, width_before + index)
+            for row, (n, k) in enumerate(zip(self.lengths, kept))
+            for j, index in enumerate(k)
+            if n + j != width_before + index
+        ]
+        if moves:
             device = self.cache.layers[0].keys.device
-            index = index.to(device)
+            rows, to, source = (torch.tensor(c, dtype=torch.long, device=device) for c in zip(*moves))
             for layer in self.cache.layers:
-                rows, heads, _, dim = layer.keys.shape
-                gather = index[:, None, :, None].expand(rows, heads, -1, dim)
-                layer.keys[:, :, start:end] = layer.keys.gather(2, gather)
-                gather = index[:, None, :, None].expand(rows, layer.values.shape[1], -1,
-                                                        layer.values.shape[-1])  # fmt: skip
-                layer.values[:, :, start:end] = layer.values.gather(2, gather)
+                # the right-hand side is a copy taken before any write: moves may overlap
+                layer.keys[rows, :, to] = layer.keys[rows, :, source]
+                layer.values[rows, :, to] = layer.values[rows, :, source]
         self.lengths = new_lengths
         self.cache.crop(max(new_lengths))
 

@@ -80,3 +80,36 @@ def test_a_chain_accepted_by_a_single_full_row_is_only_cropped() -> None:
         forward_tree_batch(model, profile, kv, batch)
         kv.commit(4, [[0, 1, 2, 3]])
     assert_rows_hold(model, kv, [PREFIXES[0] + [20, 30, 31, 32]])
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_commit_moves_what_a_row_by_row_reference_moves(seed) -> None:
+    """Random rows, trees and accepted paths (overlapping moves included) against a reference
+    that rebuilds each row as its first ``lengths[i]`` entries followed by its kept entries."""
+    from transformers import DynamicCache
+
+    rng = torch.Generator().manual_seed(seed)
+    rows = int(torch.randint(1, 6, (), generator=rng))
+    lengths = [int(n) for n in torch.randint(0, 9, (rows,), generator=rng)]
+    width = max(lengths) if any(lengths) else 0
+    tree = int(torch.randint(1, 7, (), generator=rng))
+    kept = []
+    for _ in range(rows):
+        depth = int(torch.randint(0, tree + 1, (), generator=rng))
+        path = sorted(torch.randperm(tree - 1, generator=rng)[: max(depth - 1, 0)].add(1).tolist())
+        kept.append([0, *path] if depth else [])
+    cache = DynamicCache()
+    for layer in range(2):
+        keys = torch.randn(rows, 2, width + tree, 3, generator=rng)
+        cache.update(keys, keys + 100, layer)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers]
+    kv = BatchedCache()
+    kv.cache, kv.lengths = cache, list(lengths)
+    kv.commit(width, kept)
+    assert kv.lengths == [n + len(k) for n, k in zip(lengths, kept)]
+    for (keys, values), layer in zip(before, kv.cache.layers):
+        for row, (n, k) in enumerate(zip(lengths, kept)):
+            want = torch.cat([keys[row, :, :n], keys[row, :, [width + i for i in k]]], dim=1)
+            torch.testing.assert_close(layer.keys[row, :, : n + len(k)], want, rtol=0, atol=0)
+            want = torch.cat([values[row, :, :n], values[row, :, [width + i for i in k]]], dim=1)
+            torch.testing.assert_close(layer.values[row, :, : n + len(k)], want, rtol=0, atol=0)
