@@ -96,7 +96,9 @@ def apply(directory: Path, mutation) -> None:
             if mutation[4] and agreeable and mutation[2] in ("n_tokens", "n_docs"):  # manifest agrees
                 entry = manifest["shards"][mutation[1]]
                 entry[mutation[2]] = mutation[3]
-                manifest[mutation[2]] = sum(s[mutation[2]] for s in manifest["shards"])
+                counts = [s.get(mutation[2]) for s in manifest["shards"]]
+                if all(type(c) is int for c in counts):  # an earlier mutation may have broken one
+                    manifest[mutation[2]] = sum(counts)
                 manifest_path.write_text(json.dumps(manifest))
         elif kind == "cut":
             del data[mutation[2] % (len(data) + 1):]
