@@ -18,10 +18,67 @@ from collections.abc import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class SpareCapacityLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys and values are views of buffers with room to grow.
+
+    ``DynamicLayer.update`` concatenates, copying every row's whole cache at every step; here
+    the new entries are written after the old ones and only a full buffer is copied (into one a
+    quarter larger), so a step costs what it adds. ``crop`` keeps working as a view. Whoever sets
+    ``keys``/``values`` to tensors of their own (``BatchedCache`` when rows join or leave) is
+    noticed at the next update, which buffers them again."""
+
+    def lazy_initialization(self, key_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states)
+        self._key_buffer = self._value_buffer = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs=None):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states)
+        n = self.get_seq_length()
+        end = n + key_states.shape[-2]
+        if not (_is_prefix_view(self.keys, self._key_buffer, end)
+                and _is_prefix_view(self.values, self._value_buffer, end)):  # fmt: skip
+            capacity = end + max(end // 4, 64)
+            self._key_buffer = _buffer(self.keys, n, key_states, capacity)
+            self._value_buffer = _buffer(self.values, n, value_states, capacity)
+        self._key_buffer[..., n:end, :] = key_states
+        self._value_buffer[..., n:end, :] = value_states
+        self.keys = self._key_buffer[..., :end, :]
+        self.values = self._value_buffer[..., :end, :]
+        return self.keys, self.values
+
+
+def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor | None, end: int) -> bool:
+    """Whether ``tensor`` is ``buffer[..., :k, :]`` for some k, and ``buffer`` holds ``end``."""
+    return (
+        buffer is not None
+        and end <= buffer.shape[-2]
+        and tensor.data_ptr() == buffer.data_ptr()
+        and tensor.stride() == buffer.stride()
+        and tensor.shape[:2] == buffer.shape[:2]
+        and tensor.shape[-1] == buffer.shape[-1]
+    )
+
+
+def _buffer(old: torch.Tensor, n: int, new: torch.Tensor, capacity: int) -> torch.Tensor:
+    """An empty buffer shaped like ``new`` with ``capacity`` entries, ``old``'s ``n`` first."""
+    buffer = new.new_empty((*new.shape[:-2], capacity, new.shape[-1]))
+    if n:
+        buffer[..., :n, :] = old
+    return buffer
 
 
 def new_cache() -> DynamicCache:
-    return DynamicCache()
+    """An empty cache whose layers (full attention, made on the first update) grow in place.
+    A transformers without ``layer_class_to_replicate`` gets plain ``DynamicLayer``s: the same
+    entries, concatenated."""
+    cache = DynamicCache()
+    if getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        cache.layer_class_to_replicate = SpareCapacityLayer
+    return cache
 
 
 class BatchedCache:

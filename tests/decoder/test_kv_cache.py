@@ -113,3 +113,31 @@ def test_commit_moves_what_a_row_by_row_reference_moves(seed) -> None:
             torch.testing.assert_close(layer.keys[row, :, : n + len(k)], want, rtol=0, atol=0)
             want = torch.cat([values[row, :, :n], values[row, :, [width + i for i in k]]], dim=1)
             torch.testing.assert_close(layer.values[row, :, : n + len(k)], want, rtol=0, atol=0)
+
+
+def test_cache_layers_grow_in_place_and_keep_their_entries() -> None:
+    """new_cache's layers write each update after the last entry (no copy of the cache while the
+    buffer has room), crop as views, and take tensors set from outside into a new buffer."""
+    from decoder.kv_cache import SpareCapacityLayer, new_cache
+
+    cache = new_cache()
+    entries = torch.randn(2, 3, 10, 4)
+    cache.update(entries[:, :, :6], entries[:, :, :6] + 1, 0)
+    layer = cache.layers[0]
+    assert isinstance(layer, SpareCapacityLayer)  # transformers still makes layers from the class
+    start = layer.keys.data_ptr()
+    cache.update(entries[:, :, 6:8], entries[:, :, 6:8] + 1, 0)
+    assert layer.keys.data_ptr() == start  # written in place
+    cache.crop(7)
+    cache.update(entries[:, :, 8:10], entries[:, :, 8:10] + 1, 0)
+    want = torch.cat([entries[:, :, :7], entries[:, :, 8:10]], dim=2)
+    torch.testing.assert_close(layer.keys, want, rtol=0, atol=0)
+    torch.testing.assert_close(layer.values, want + 1, rtol=0, atol=0)
+    layer.keys, layer.values = layer.keys[[1, 0]], layer.values[[1, 0]]  # rows swapped outside
+    cache.update(entries[:, :, :1], entries[:, :, :1], 0)
+    torch.testing.assert_close(layer.keys[:, :, :9], want[[1, 0]], rtol=0, atol=0)
+    torch.testing.assert_close(layer.keys[:, :, 9:], entries[:, :, :1], rtol=0, atol=0)
+    big = torch.randn(2, 3, 500, 4)  # past the buffer's room: a larger one, entries kept
+    cache.update(big, big, 0)
+    torch.testing.assert_close(layer.keys[:, :, 10:], big, rtol=0, atol=0)
+    torch.testing.assert_close(layer.keys[:, :, :9], want[[1, 0]], rtol=0, atol=0)
