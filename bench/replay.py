@@ -579,10 +579,12 @@ DECODER_VARIANTS: dict[str, dict] = {
     # Scoring and source settings around the defaults (docs/BENCHMARKS.md, drafting policies).
     "decoder-served-32": {"served": NgramParams(max_occurrences=32, trust=3.0)},
     "decoder-served-trust-4": {"served": NgramParams(max_occurrences=64, trust=4.0)},
-    "decoder-context-trust-2": {"context": NgramParams(trust=2.0)},
-    "decoder-context-16-gram": {"context": NgramParams(max_ngram=16)},
+    "decoder-context-trust-1": {"context": NgramParams(trust=1.0)},
+    "decoder-context-16-gram": {"context": NgramParams(max_ngram=16, trust=2.0)},
     "decoder-4-levels": {"retrieval_levels": 4},
-    "decoder-retrieval-trust-32": {"retrieval_trust": 32.0},
+    "decoder-retrieval-trust-16": {"retrieval_trust": 16.0},
+    # The trusts before the current ones (context 1, datastore 16; served outputs 3 in both).
+    "decoder-previous-trusts": {"context": NgramParams(trust=1.0), "retrieval_trust": 16.0},
 }
 
 
