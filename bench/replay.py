@@ -517,7 +517,7 @@ class Losses:
     steps: int = 0
     accepted: int = 0  # draft tokens the budget's trees accepted
     oracle: int = 0  # draft tokens the best budget-node subtrees would have accepted
-    first_missed: dict = None  # rank of the right first token among the first tokens -> steps
+    first_missed: dict = None  # the right first token's rank among the first tokens -> steps
     first_missed_sources: dict = None  # sources listing the right first token -> steps
     too_shallow: int = 0  # steps with the right first token kept, but not the rest of the path
     calibration: dict = None  # (sources, match bucket, depth bucket) -> [nodes, right, predicted]
@@ -552,8 +552,8 @@ class Losses:
         if first in kept:
             self.too_shallow += 1
             return
-        rank = [j for j in ranking if full.parents[j] < 0].index(first)
-        bucket = str(rank) if rank < 10 else ">=10"
+        rank = 1 + [j for j in ranking if full.parents[j] < 0].index(first)  # 1: the best
+        bucket = str(rank) if rank <= 10 else ">10"
         self.first_missed[bucket] = self.first_missed.get(bucket, 0) + 1
         sources = listing[first][0]
         self.first_missed_sources[sources] = self.first_missed_sources.get(sources, 0) + 1

@@ -393,7 +393,7 @@ def test_loss_tracer_finds_the_right_first_token_left_out():
     listing = [("datastore", 2), ("context", 1), ("context", 1)]
     losses.add(full, listing, [0, 1, 6, 7], 1)  # root target[1]; the path is 6 7
     assert (losses.accepted, losses.oracle) == (0, 1)
-    assert losses.first_missed == {"1": 1} and losses.first_missed_sources == {"context": 1}
+    assert losses.first_missed == {"2": 1} and losses.first_missed_sources == {"context": 1}
     assert losses.calibration[("context", 1, 1)] == [1, 1, pytest.approx(0.3)]
     assert losses.calibration[("context", 1, 2)] == [1, 1, pytest.approx(0.2 / 0.3)]
     assert losses.calibration[("datastore", 2, 1)] == [1, 0, pytest.approx(0.6)]
