@@ -55,7 +55,8 @@ class DecodingConfig:
       round trip per level: 1 level saves two round trips for a little acceptance (M 2.33
       instead of 2.40 on the replay benchmark). Asking for 128 candidates instead of 64 gains
       nothing measurable there (M +0.0006) for about 40% more drafting time. Each level is
-      believed with ``retrieval_trust`` (32 occurrences make it half-believed).
+      believed with ``retrieval_trust`` (32 occurrences make a match of up to 4 tokens
+      half-believed; a longer match needs proportionally fewer, ``draft_sources.match_trust``).
     - ``context_drafts``: the sequence's own prompt and output (``context``), believed with trust
       2 (2 occurrences make a level half-believed).
     - ``served_drafts``: the outputs of the generator's earlier calls (``served``), at most
