@@ -40,13 +40,20 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, is_dataclass, replace
 from pathlib import Path
 from typing import Union
 
 from decoder.config import DecodingConfig, NgramParams
-from decoder.draft_sources import DraftSource, draft_tree, open_draft_sources, served_outputs
-from decoder.draft_tree import count_trie
+from decoder.draft_sources import (
+    ContextDraftSource,
+    DraftSource,
+    ServedDraftSource,
+    draft_tree,
+    open_draft_sources,
+    served_outputs,
+)
+from decoder.draft_tree import DraftTree, count_trie
 from rest.retriever import RetrievalSession, Retriever
 from rest.types import SearchParams
 
@@ -447,6 +454,135 @@ class DecoderPolicy(Policy):
             self.served.add(sequence[prompt_len:])
 
 
+class LossTracer(DecoderPolicy):
+    """The decoder's reference drafting (``drafting="python"``, the same trees as the engine's),
+    traced: where a step's ``budget``-node tree accepts fewer draft tokens than the best
+    ``budget``-node subtree of every candidate the sources proposed (the oracle: its deepest
+    node on the target's path, at most ``budget`` deep), which candidates had the right tokens.
+
+    Each step keeps the whole scored tree (no budget) with, per node, the sources (``context``,
+    ``served``, ``datastore``) whose levels list it and the longest such level's match length;
+    ``observe`` labels a target's steps once the target is known (after it is replayed) and
+    adds them to ``losses`` (a ``Losses``).
+    """
+
+    def __init__(self, datastore, config: DecodingConfig, vocab_size: int | None = None) -> None:
+        super().__init__(datastore, replace(config, drafting="python"), vocab_size)
+        self.losses = Losses(config.tree_budget)
+        self._steps: list[tuple[int, DraftTree, list[tuple[str, int]]]] = []
+
+    def propose(self, context: Sequence[int]) -> Tree:
+        if self.sources is None:
+            self.sources = open_draft_sources(self.config, self.retriever, self.served)
+        tagged = []
+        for source in self.sources:
+            inner = getattr(source, "source", source)  # a GuardedDraftSource's own
+            name = {ContextDraftSource: "context", ServedDraftSource: "served"}.get(type(inner), "datastore")
+            tagged.extend((name, level) for level in source.propose(context))
+        full = DraftTree.from_levels([level for _, level in tagged], vocab_size=self.vocab_size)
+        self._steps.append((len(context) - 1, full, _listing_sources(tagged, full)))
+        tree = full.prune(self.config.tree_budget)
+        return Tree(tuple(tree.tokens), tuple(tree.parents))
+
+    def observe(self, sequence: Sequence[int], prompt_len: int) -> None:
+        for i, full, listing in self._steps:
+            self.losses.add(full, listing, sequence, i)
+        self._steps = []
+        super().observe(sequence, prompt_len)
+
+
+def _listing_sources(tagged, tree: DraftTree) -> list[tuple[str, int]]:
+    """For each node of ``tree`` (built from the levels in ``tagged``): the sources listing its
+    path, joined with "+", and the longest match length among the levels listing it."""
+    where: dict[tuple[int, ...], tuple[set, int]] = {}
+    for name, level in tagged:
+        for path in level.counts():
+            names, longest = where.setdefault(path, (set(), 0))
+            names.add(name)
+            where[path] = (names, max(longest, level.match_length))
+    paths: list[tuple[int, ...]] = []
+    out = []
+    for token, parent in zip(tree.tokens, tree.parents):
+        paths.append((paths[parent] if parent >= 0 else ()) + (token,))
+        names, longest = where.get(paths[-1], (set(), 0))
+        out.append(("+".join(sorted(names)), longest))
+    return out
+
+
+@dataclass
+class Losses:
+    """What ``LossTracer`` saw, step by step (see there)."""
+
+    budget: int
+    steps: int = 0
+    accepted: int = 0  # draft tokens the budget's trees accepted
+    oracle: int = 0  # draft tokens the best budget-node subtrees would have accepted
+    first_missed: dict = None  # the right first token's rank among the first tokens -> steps
+    first_missed_sources: dict = None  # sources listing the right first token -> steps
+    too_shallow: int = 0  # steps with the right first token kept, but not the rest of the path
+    calibration: dict = None  # (sources, match bucket, depth bucket) -> [nodes, right, predicted]
+
+    def __post_init__(self) -> None:
+        self.first_missed = {}
+        self.first_missed_sources = {}
+        self.calibration = {}
+
+    def add(self, full: DraftTree, listing: list[tuple[str, int]], target: Sequence[int], i: int) -> None:
+        depth = full.depths()
+        right = [False] * len(full)  # on the target's path
+        for j, (token, parent) in enumerate(zip(full.tokens, full.parents)):
+            if parent < 0 or right[parent]:
+                right[j] = i + depth[j] < len(target) and target[i + depth[j]] == token
+                key = (listing[j][0], min(listing[j][1], 8), min(depth[j], 4))
+                cell = self.calibration.setdefault(key, [0, 0, 0.0])
+                parent_score = full.scores[parent] if parent >= 0 else 1.0
+                cell[0] += 1
+                cell[1] += right[j]
+                cell[2] += full.scores[j] / parent_score if parent_score > 0 else 0.0
+        ranking = full.ranking()
+        kept = set(ranking[: self.budget])
+        accepted = max((depth[j] for j in kept if right[j]), default=0)
+        oracle = min(self.budget, max((d for d, r in zip(depth, right) if r), default=0))
+        self.steps += 1
+        self.accepted += accepted
+        self.oracle += oracle
+        if accepted == oracle:
+            return
+        first = next(j for j in range(len(full)) if full.parents[j] < 0 and right[j])
+        if first in kept:
+            self.too_shallow += 1
+            return
+        rank = 1 + [j for j in ranking if full.parents[j] < 0].index(first)  # 1: the best
+        bucket = str(rank) if rank <= 10 else ">10"
+        self.first_missed[bucket] = self.first_missed.get(bucket, 0) + 1
+        sources = listing[first][0]
+        self.first_missed_sources[sources] = self.first_missed_sources.get(sources, 0) + 1
+
+    def report(self) -> str:
+        n = max(self.steps, 1)
+        lost = sum(self.first_missed.values())
+        ranks = sorted(self.first_missed.items(), key=lambda kv: (len(kv[0]), kv[0]))
+        lines = [
+            f"budget {self.budget}: {self.steps} steps; draft tokens accepted {self.accepted} "
+            f"(M {1 + self.accepted / n:.3f}), by the best {self.budget}-node subtrees "
+            f"{self.oracle} (M {1 + self.oracle / n:.3f})",
+            f"steps short of the best subtree: {lost} with the right first token left out, "
+            f"{self.too_shallow} with it kept but the path cut short",
+            "right first token's rank among the first tokens: "
+            + ", ".join(f"{rank}: {count}" for rank, count in ranks),
+            "sources listing it: " + ", ".join(f"{name or '-'}: {count}" for name, count in
+                                               sorted(self.first_missed_sources.items(),
+                                                      key=lambda kv: -kv[1])),
+            "calibration, nodes whose parent is on the path (sources; match length, 8 = 8+; "
+            "depth, 4 = 4+): nodes, right, mean conditional score",
+        ]
+        for key, (nodes, right, predicted) in sorted(self.calibration.items()):
+            if nodes >= 200:
+                lines.append(f"  {key[0]:<26} m={key[1]} d={key[2]}  {nodes:>7} "
+                             f"{right / nodes:6.3f} {predicted / nodes:6.3f}")
+        return "\n".join(lines)
+
+
 class TimedRetriever(Retriever):
     """A datastore searched in-process, as ``rest.retriever.LocalRetriever`` does, with the time
     spent in searches added up in ``seconds``."""
@@ -579,10 +715,12 @@ DECODER_VARIANTS: dict[str, dict] = {
     # Scoring and source settings around the defaults (docs/BENCHMARKS.md, drafting policies).
     "decoder-served-32": {"served": NgramParams(max_occurrences=32, trust=3.0)},
     "decoder-served-trust-4": {"served": NgramParams(max_occurrences=64, trust=4.0)},
-    "decoder-context-trust-2": {"context": NgramParams(trust=2.0)},
-    "decoder-context-16-gram": {"context": NgramParams(max_ngram=16)},
+    "decoder-context-trust-1": {"context": NgramParams(trust=1.0)},
+    "decoder-context-16-gram": {"context": NgramParams(max_ngram=16, trust=2.0)},
     "decoder-4-levels": {"retrieval_levels": 4},
-    "decoder-retrieval-trust-32": {"retrieval_trust": 32.0},
+    "decoder-retrieval-trust-16": {"retrieval_trust": 16.0},
+    # The trusts before the current ones (context 1, datastore 16; served outputs 3 in both).
+    "decoder-previous-trusts": {"context": NgramParams(trust=1.0), "retrieval_trust": 16.0},
 }
 
 
@@ -796,6 +934,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                              f"{' '.join(map(str, SWEEP_BUDGETS))}); a table, and a chart with --chart")
     parser.add_argument("--chart", type=Path, default=None, metavar="CHART.png",
                         help="the budget sweep's chart (with --budgets)")
+    parser.add_argument("--losses", action="store_true",
+                        help="instead: where the default drafting's trees at --budget fall short of "
+                             "the best subtree of its candidates (the reference drafting, traced)")
     args = parser.parse_args(argv)
     if args.chart and not args.budgets:
         parser.error("--chart goes with --budgets")
@@ -803,6 +944,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     workload = load_workload()
     _log(f"corpus: {workload.corpus_tokens:,} tokens; targets: {len(workload.targets)}, "
          f"{workload.scored_tokens:,} scored tokens")
+    if args.losses:
+        from rest.datastore import Datastore
+
+        tracer = LossTracer(Datastore.open(workload.datastore_path), decoder_config(args.budget),
+                            workload.vocab_size)  # fmt: skip
+        result = replay(tracer, workload.targets[: args.limit] if args.limit else workload.targets)
+        print(f"M {result.m:.3f}")
+        print(tracer.losses.report())
+        return 0
     if args.budgets:
         rows = budget_sweep(workload, args.policies, args.budgets, args.limit)
         print(format_budget_table(rows))

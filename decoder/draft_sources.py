@@ -288,10 +288,22 @@ class ServedDraftSource(DraftSource):
         return ngram_levels(self.served.segments(), context, self.params)
 
 
+SPECIFIC_MATCH = 4  # tokens: a datastore match longer than this needs proportionally less trust
+
+
+def match_trust(trust: float, match_length: int) -> float:
+    """The trust of a datastore level: ``trust`` for a match of up to ``SPECIFIC_MATCH`` tokens,
+    divided by match_length / SPECIFIC_MATCH beyond (a 16-token match takes a quarter): a long
+    match is specific, and few occurrences of it are enough to believe it. The engine's drafter
+    computes the same (``retriever_rs/core/src/draft/drafter.rs``)."""
+    return trust * SPECIFIC_MATCH / max(match_length, SPECIFIC_MATCH)
+
+
 class RetrieverDraftSource(DraftSource):
     """Drafts from a datastore with back-off: ``levels`` searches, the first for the longest
     matching suffix (``params``), each next one for the longest suffix shorter than the last
-    match (``max_span`` = last match length - 1), each answer a level believed with ``trust``.
+    match (``max_span`` = last match length - 1), each answer a level believed with
+    ``match_trust(trust, its match length)``.
 
     All levels come from one ``RetrievalSession.search_levels`` call.
     """
@@ -314,7 +326,7 @@ class RetrieverDraftSource(DraftSource):
             return []
         return [
             Level.from_trie(r.match_length, r.occurrences, r.tokens, r.parents, r.counts,
-                            self.trust)
+                            match_trust(self.trust, r.match_length))
             for r in results
             if r.tokens and r.occurrences > 0
         ]  # fmt: skip

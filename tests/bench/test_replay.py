@@ -363,3 +363,49 @@ def test_budget_sweep_prints_a_table_and_draws_the_curve(tmp_path, monkeypatch, 
         (1, "exact"), (1, "suffix-decoding"), (1, "decoder"), (4, "exact"), (4, "suffix-decoding"), (4, "decoder")]
     assert all(r["max_nodes"] <= r["budget"] for r in rows)
     assert chart.read_bytes()[:4] == b"\x89PNG"
+
+
+# --- where the budget's trees lose ------------------------------------------------------------
+
+
+def test_loss_tracer_drafts_the_decoders_trees_and_counts_what_the_best_subtree_would_accept(tmp_path):
+    ds = tiny_datastore(tmp_path, [[1, 2, 3, 4, 5, 6], [2, 3, 9, 9, 4], [5, 6, 7, 1, 2, 3]])
+    targets = [Target((1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 9, 9), 2), Target((4, 5, 6, 7, 1, 2, 3, 4, 5), 1)]
+    config = decoder_config(budget=2)
+    tracer = R.LossTracer(ds, config)
+    traced = replay(tracer, targets)
+    assert traced.m == replay(DecoderPolicy(ds, config), targets).m  # the same trees
+    losses = tracer.losses
+    assert losses.steps == traced.steps
+    assert losses.accepted == traced.scored_tokens - traced.steps  # each step: root + accepted
+    assert losses.accepted <= losses.oracle <= 2 * losses.steps
+    short = sum(losses.first_missed.values()) + losses.too_shallow
+    assert (short > 0) == (losses.oracle > losses.accepted)
+    assert sum(losses.first_missed_sources.values()) == sum(losses.first_missed.values())
+    assert all(right <= nodes for nodes, right, _ in losses.calibration.values())
+    assert f"budget 2: {losses.steps} steps" in losses.report()
+
+
+def test_loss_tracer_finds_the_right_first_token_left_out():
+    """Two first tokens, the wrong one scored higher: a budget of 1 keeps it, the oracle the other."""
+    losses = R.Losses(budget=1)
+    full = R.DraftTree([5, 6, 7], [-1, -1, 1], [0.6, 0.3, 0.2])
+    listing = [("datastore", 2), ("context", 1), ("context", 1)]
+    losses.add(full, listing, [0, 1, 6, 7], 1)  # root target[1]; the path is 6 7
+    assert (losses.accepted, losses.oracle) == (0, 1)
+    assert losses.first_missed == {"2": 1} and losses.first_missed_sources == {"context": 1}
+    assert losses.calibration[("context", 1, 1)] == [1, 1, pytest.approx(0.3)]
+    assert losses.calibration[("context", 1, 2)] == [1, 1, pytest.approx(0.2 / 0.3)]
+    assert losses.calibration[("datastore", 2, 1)] == [1, 0, pytest.approx(0.6)]
+
+
+def test_cli_losses_prints_the_report(tmp_path, monkeypatch, capsys):
+    ds_path = tmp_path / "ds"
+    build_datastore(ds_path, [[1, 2, 3, 4, 5, 6, 7], [3, 4, 5, 9]], vocab_size=16, tokenizer_name="t",
+                    tokenizer_fingerprint="fp")
+    targets = (Target((1, 2, 3, 4, 5, 6, 7, 3, 4, 5), 2), Target((9, 3, 4, 5, 6, 7), 1))
+    workload = R.Workload(ds_path, corpus_tokens=11, targets=targets, vocab_size=16)
+    monkeypatch.setattr(R, "load_workload", lambda fraction=(1, 1): workload)
+    assert R.main(["--losses", "--budget", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "budget 2:" in printed and "best 2-node subtrees" in printed and "calibration" in printed

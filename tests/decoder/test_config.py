@@ -13,8 +13,8 @@ def test_defaults_draft_like_the_replay_benchmarks_decoder_policy() -> None:
     config = DecodingConfig()
     assert (config.search.min_span, config.search.max_span) == (1, 16)
     assert (config.search.budget, config.search.max_depth) == (64, 10)
-    assert (config.retrieval_levels, config.retrieval_trust) == (3, 16.0)
-    assert config.context_drafts and config.context == NgramParams(1, 4, 10, 32, 1.0)
+    assert (config.retrieval_levels, config.retrieval_trust) == (3, 32.0)
+    assert config.context_drafts and config.context == NgramParams(1, 4, 10, 32, 2.0)
     assert config.served_drafts and config.served == NgramParams(1, 4, 10, 64, 3.0)
     assert config.score_correction
 

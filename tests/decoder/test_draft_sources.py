@@ -17,6 +17,7 @@ from decoder.draft_sources import (
     RetrieverDraftSource,
     ServedDraftSource,
     draft_tree,
+    match_trust,
     open_draft_sources,
     served_outputs,
 )
@@ -159,7 +160,7 @@ def test_retriever_levels_back_off_to_shorter_matches() -> None:
         (2, 9, {(5,): 5.0, (8,): 4.0}),
         (1, 50, {(5,): 50.0}),
     ]
-    assert all(level.trust == 16.0 for level in levels)
+    assert all(level.trust == 16.0 for level in levels)  # matches of up to 4 tokens
     # Only the last max_span tokens travel; each next search is for a shorter match.
     assert session.asked == [([6, 7, 8, 9], 4), ([8, 9], 2), ([9], 1)]
     source.close()
@@ -362,3 +363,12 @@ def test_short_suffix_answers_are_cached_across_generations_and_change_nothing(t
             assert held > 0 and hits > 0 and misses > 0
     for native, reference in zip(trees["native"], trees["python"]):
         assert_same_tree(native, reference)
+
+
+def test_a_long_datastore_match_needs_proportionally_less_trust() -> None:
+    assert [match_trust(16.0, m) for m in (1, 4, 5, 8, 16)] == [16.0, 16.0, 12.8, 8.0, 4.0]
+    session = Session(result(8, 2, (5,), (-1,), (2,)), result(3, 9, (5, 8), (-1, -1), (5, 4)))
+    source = RetrieverDraftSource(session, SearchParams(min_span=1, max_span=16), levels=2,
+                                  trust=16.0)  # fmt: skip
+    assert [(level.match_length, level.trust) for level in source.propose(list(range(20)))] == [
+        (8, 8.0), (3, 16.0)]

@@ -29,7 +29,8 @@ pub struct NgramParams {
 
 /// How the datastore drafts: `levels` back-off searches with `query` (the first for the longest
 /// matching suffix, each next one for the longest suffix shorter than the last match), each
-/// answer a level believed with `trust`; all of a step's searches given up after `deadline`.
+/// answer a level believed with `match_trust(trust, its match length)`; all of a step's searches
+/// given up after `deadline`.
 #[derive(Clone, Debug)]
 pub struct RetrievalParams {
     pub query: Query,
@@ -135,7 +136,7 @@ impl Drafter {
                 levels.push(Level {
                     match_length: *match_length,
                     occurrences: *occurrences,
-                    trust: retrieval.trust,
+                    trust: match_trust(retrieval.trust, *match_length),
                     counts: LevelCounts::Trie { tokens, parents, counts },
                 });
             }
@@ -143,6 +144,16 @@ impl Drafter {
         levels.extend(extra.iter().cloned());
         self.scorer.score(&levels, budget, vocab_size)
     }
+}
+
+/// Tokens: a datastore match longer than this needs proportionally less trust.
+pub const SPECIFIC_MATCH: u32 = 4;
+
+/// The trust of a datastore level (`decoder.draft_sources.match_trust`): `trust` for a match of
+/// up to `SPECIFIC_MATCH` tokens, divided by match_length / SPECIFIC_MATCH beyond: a long match is
+/// specific, and few occurrences of it are enough to believe it.
+pub fn match_trust(trust: f64, match_length: u32) -> f64 {
+    trust * SPECIFIC_MATCH as f64 / match_length.max(SPECIFIC_MATCH) as f64
 }
 
 /// The datastore's back-off levels for `context`, or None when a search failed or ran past the
@@ -302,6 +313,12 @@ mod tests {
         let mut firsts: Vec<u32> = tree.tokens.iter().zip(&tree.parents).filter(|(_, &p)| p < 0).map(|(&t, _)| t).collect();
         firsts.sort();
         assert_eq!(firsts, vec![4, 5]);
+    }
+
+    #[test]
+    fn a_long_match_needs_proportionally_less_trust() {
+        let got: Vec<f64> = [1, 4, 5, 8, 16].iter().map(|&m| match_trust(16.0, m)).collect();
+        assert_eq!(got, vec![16.0, 16.0, 12.8, 8.0, 4.0]);
     }
 
     #[test]
