@@ -125,7 +125,8 @@ fn compare_suffix(v: &ShardView, i: u32, pattern: &[u32], from: usize) -> Orderi
 }
 
 /// The interval of suffixes that start with `pattern` (empty when it does not occur), searched
-/// inside the interval of its first token (`search_index`).
+/// inside the interval of its first two tokens, itself found inside the first token's
+/// (`search_index`).
 pub fn pattern_interval(v: &ShardView, shard: u32, pattern: &[u32]) -> Span {
     let Some(&first) = pattern.first() else {
         return Span { shard, lo: 0, hi: v.sa.len() as u32 };
@@ -137,7 +138,14 @@ pub fn pattern_interval(v: &ShardView, shard: u32, pattern: &[u32]) -> Span {
     if pattern.len() == 1 || start == end {
         return Span { shard, lo: start, hi: end };
     }
-    interval_in(v, shard, start, end, pattern, 1)
+    let (start, end) = v.token_pairs.get(first, pattern[1], || {
+        let span = interval_in(v, shard, start, end, &pattern[..2], 1);
+        (span.lo, span.hi)
+    });
+    if pattern.len() == 2 || start == end {
+        return Span { shard, lo: start, hi: end };
+    }
+    interval_in(v, shard, start, end, pattern, 2)
 }
 
 /// The interval of `pattern` inside `[start, end)`, where every suffix starts with the first

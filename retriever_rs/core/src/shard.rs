@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use crate::format::{checksum, separator_for, ShardHeader, HEADER_LEN};
-use crate::search_index::FirstTokens;
+use crate::search_index::{FirstTokens, TokenPairs};
 use crate::mmap::{open_regular, view};
 use crate::watch::{Events, Watched, Watching};
 use std::os::unix::fs::FileExt;
@@ -46,6 +46,8 @@ pub struct Shard {
     file: Arc<Watched>,
     /// First-token intervals, kept for every search (`search_index`).
     first_tokens: FirstTokens,
+    /// First-pair intervals, kept for every search (`search_index`).
+    token_pairs: TokenPairs,
 }
 
 /// A borrowed view of a shard's arrays: what searches work on.
@@ -55,6 +57,7 @@ pub struct ShardView<'a> {
     pub sa: &'a [u32],
     pub separator: u32,
     pub first_tokens: &'a FirstTokens,
+    pub token_pairs: &'a TokenPairs,
 }
 
 impl Shard {
@@ -72,7 +75,8 @@ impl Shard {
         let header = ShardHeader::decode(path, &head, len)?;
         let file = Watched::new(name, path, open, file, len, events, watching)?;
         let first_tokens = FirstTokens::new(header.vocab_size);
-        let shard = Shard { name: name.to_string(), path: path.to_path_buf(), header, file, first_tokens };
+        let token_pairs = TokenPairs::new(header.n_tokens);
+        let shard = Shard { name: name.to_string(), path: path.to_path_buf(), header, file, first_tokens, token_pairs };
         shard.view()?; // checks that the sections can be viewed
         Ok(shard)
     }
@@ -92,6 +96,7 @@ impl Shard {
             sa,
             separator: separator_for(h.token_width),
             first_tokens: &self.first_tokens,
+            token_pairs: &self.token_pairs,
         })
     }
 
