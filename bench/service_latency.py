@@ -355,7 +355,7 @@ class StreamLevelsSession(RetrievalSession):
 
     def search_levels(self, context, params, levels):
         request = wire.search_request(context, params, levels=levels).SerializeToString()
-        return wire.search_levels_result(pb.SearchResponse.FromString(self._stream(request)))
+        return wire.search_levels_from_bytes(self._stream(request))
 
     def close(self) -> None:
         self._stream.close()

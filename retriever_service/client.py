@@ -530,19 +530,18 @@ class _ShardCall:
     def outstanding(self) -> bool:
         return any(not a.resolved for a in self.attempts)
 
-    def convert(self, response: pb.SearchResponse, endpoint: _Endpoint):
-        """The answer as ``rest.types`` (a list of levels when levels were asked for), checked
-        (``InvalidAnswer``)."""
+    def convert(self, data: bytes, endpoint: _Endpoint):
+        """The answer (a serialized ``SearchResponse``) as ``rest.types`` (a list of levels when
+        levels were asked for, decoded by the engine), checked (``InvalidAnswer``)."""
         info = endpoint.info
-        if response.searched_shards and not set(response.searched_shards) <= set(info.shards):
-            raise InvalidAnswer(f"an answer for shards {list(response.searched_shards)}, not"
-                                f" among the server's {list(info.shards)}")
         context_tokens = len(self.request.context)
         if self.levels is None:
-            result = wire.search_result(response)
+            result = wire.search_result(pb.SearchResponse.FromString(data))
+            _check_searched(result.searched_shards, info)
             check_result(result, self.params, context_tokens, info.vocab_size)
             return result
-        levels = wire.search_levels_result(response)
+        levels, searched = wire.decode_levels(data)
+        _check_searched(searched, info)
         if self.levels > 1 and len(levels) == 1 and \
                 levels[0].match_length > self.params.min_span:
             endpoint.levels_supported = False  # a shorter suffix always occurs: it ignored levels
@@ -550,6 +549,12 @@ class _ShardCall:
         endpoint.levels_supported = True
         check_levels(levels, self.params, context_tokens, info.vocab_size, self.levels)
         return levels
+
+
+def _check_searched(searched: Sequence[str], info: DatastoreInfo) -> None:
+    if searched and not set(searched) <= set(info.shards):
+        raise InvalidAnswer(f"an answer for shards {list(searched)}, not"
+                            f" among the server's {list(info.shards)}")
 
 
 class _OlderServer(Exception):
@@ -600,7 +605,7 @@ class _Stream:
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(self.span))
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.call = endpoint.stream_stub.SearchStream(
+        self.call = endpoint.search_stream(
             iter(self._requests.get, self._END), metadata=tuple(metadata) + tuple(carrier.items())
         )
         threading.Thread(target=self._read, daemon=True,
@@ -671,7 +676,10 @@ class _Endpoint:
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         self.channel = _channel(self.address, r._credentials, options)
-        self.stream_stub = pb_grpc.RetrieverStub(self.channel)
+        # Answers arrive as bytes: ``_ShardCall.convert`` decodes them (levels natively).
+        self.search_stream = self.channel.stream_stream(
+            STREAM_METHOD, request_serializer=pb.SearchRequest.SerializeToString,
+            response_deserializer=None)
         self.info_stub = _traced_stub(self.channel, r._tracer_provider)
         self.info: DatastoreInfo | None = None
         self.info_error: str | None = None
@@ -757,7 +765,7 @@ class _Endpoint:
                 self.group.stats.latencies.add(latency)
             self._metrics.add_sample(latency, self.answered_attributes)
 
-    def on_response(self, attempt: _Attempt, response: pb.SearchResponse) -> None:
+    def on_response(self, attempt: _Attempt, response: bytes) -> None:
         """On the stream's reader thread: one answer to ``attempt``."""
         latency = self._now() - attempt.sent_at
         try:

@@ -49,6 +49,9 @@ def test_levels_bytes_are_the_python_message(datastore, documents, params):
             assert encoded == expected, context
         response = pb.SearchResponse.FromString(encoded)
         assert wire.search_levels_result(response) == ([first, *backoff] if first.match_length else [])
+        # The engine's decoding of the same bytes: the same results, field for field.
+        assert wire.decode_levels(encoded) == (wire.search_levels_result(response),
+                                               tuple(response.searched_shards))
         assert list(response.searched_shards) == list(shards or datastore.shard_names)
 
 
@@ -93,6 +96,14 @@ def test_levels_survive_the_wire():
     assert wire.search_levels_result(response) == [first, second]
     assert wire.search_result(response) == first
     assert wire.search_levels_result(wire.search_levels_response([])) == []
+    data = wire.search_levels_response([first, second]).SerializeToString()
+    assert wire.search_levels_from_bytes(data) == [first, second]
+    assert wire.decode_levels(wire.search_levels_response([]).SerializeToString()) == ([], ())
+
+
+def test_the_engine_refuses_bytes_that_are_not_a_search_response():
+    with pytest.raises(ValueError, match="not a SearchResponse"):
+        wire.search_levels_from_bytes(b"\xff\xff\xff")
 
 
 def test_requests_carry_levels_only_when_asked():

@@ -383,16 +383,12 @@ impl Datastore {
                 let h = &self.shards[i].header;
                 [v.sa.as_ptr() as u64, v.sa.len() as u64, h.tokens_checksum, h.sa_checksum]
             }));
-            let trees = match q.policy {
+            // A search given up halfway leaves its work to the searcher, for the same search
+            // asked again (`Searcher::exact_levels`); one over other shards forgets it (`bind`).
+            match q.policy {
                 Policy::Exact => searcher.exact_levels(views, tail, &limits, levels, cancel),
                 Policy::Rest => rest_levels(views, tail, &limits, levels, cancel),
-            };
-            if trees.is_none() {
-                // Given up halfway (or about to be searched again over fewer shards): what the
-                // searcher probed may be partial.
-                searcher.forget();
             }
-            trees
         })?;
         Ok(found.map(|(mut trees, searched)| {
             for tree in &mut trees {

@@ -90,7 +90,7 @@ pub struct Tree {
     pub cut_count: u64,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
     pub min_span: usize,
     pub max_span: usize,
@@ -566,6 +566,13 @@ impl Memory {
         &self.spans[range.0 as usize..(range.0 + range.1) as usize]
     }
 
+    /// Adds what `other` probed.
+    fn absorb(&mut self, other: &Memory) {
+        for p in &other.probed {
+            self.record(other.tokens_of(p), p.spans.map(|range| other.spans_of(range)));
+        }
+    }
+
     fn record(&mut self, pattern: &[u32], spans: Option<&[Span]>) {
         let tokens = (self.tokens.len() as u32, pattern.len() as u32);
         self.tokens.extend_from_slice(pattern);
@@ -586,8 +593,22 @@ impl Memory {
     }
 }
 
+/// A remembering searcher's search that was given up halfway (cancelled): what it was asked, the
+/// trees it finished and the patterns it probed, so that the same search asked again (a server
+/// hands a search whose inline slice ran out to a worker) resumes instead of starting over.
+/// The finished trees depend only on the shards (the searcher is bound to them: `bind` forgets
+/// this too), the context's tail and the limits.
+struct Unfinished {
+    context: Vec<u32>,
+    limits: Limits,
+    levels: usize,
+    trees: Vec<Tree>,
+    probed: Memory,
+}
+
 /// Search state reused from search to search: scratch buffers, and for a remembering searcher
-/// the patterns its last search probed (see the module documentation). A remembering searcher
+/// the patterns its last search probed (see the module documentation), and the search it gave
+/// up halfway, if its last one was (`Unfinished`). A remembering searcher
 /// must only ever search the same shards (`crate::session::SearchSession` sees to it).
 pub struct Searcher {
     remember: bool,
@@ -596,6 +617,7 @@ pub struct Searcher {
     /// What the search in progress probes, and what the last one did.
     memory: Memory,
     last: Memory,
+    unfinished: Option<Unfinished>,
     /// The intervals of the last probe (`probe`'s output).
     spans: Vec<Span>,
     /// The intervals of the longest match so far, during its binary search.
@@ -651,6 +673,7 @@ impl Searcher {
             shards: Vec::new(),
             memory: Memory::default(),
             last: Memory::default(),
+            unfinished: None,
             spans: Vec::new(),
             best_spans: Vec::new(),
             node_spans: Vec::new(),
@@ -684,10 +707,11 @@ impl Searcher {
         Searcher { remember: true, ..Searcher::new() }
     }
 
-    /// Forgets what the last search probed.
+    /// Forgets what the last search probed (and the search it gave up, if it did).
     pub fn forget(&mut self) {
         self.memory.clear();
         self.last.clear();
+        self.unfinished = None;
     }
 
     /// Tells a remembering searcher which shards its next search covers (anything that tells
@@ -717,7 +741,9 @@ impl Searcher {
     }
 
     /// `exact_levels` on this searcher; `None` when `cancel` said so before the search finished
-    /// (asked every few steps).
+    /// (asked every few steps). A remembering searcher keeps what a search given up halfway did:
+    /// the patterns it probed join those the next search starts from, and the same search asked
+    /// next (same context tail, limits and levels) resumes after the trees it finished.
     pub fn exact_levels(
         &mut self,
         views: &[ShardView],
@@ -726,18 +752,39 @@ impl Searcher {
         levels: usize,
         cancel: &Cancel,
     ) -> Option<Vec<Tree>> {
-        if self.remember {
-            std::mem::swap(&mut self.memory, &mut self.last);
-            self.memory.clear();
+        if !self.remember {
+            return self.levels(views, context, limits, levels, cancel, Vec::new()).ok();
         }
-        let result = self.levels(views, context, limits, levels, cancel);
-        if result.is_none() {
-            // A search given up halfway has probed only part of what the next one could use.
-            self.memory.clear();
+        let resumed = self
+            .unfinished
+            .take()
+            .filter(|u| u.levels == levels && u.limits == *limits && u.context == context);
+        std::mem::swap(&mut self.memory, &mut self.last);
+        self.memory.clear();
+        let done = match resumed {
+            Some(u) => {
+                self.memory = u.probed; // this search's own probes, before it was given up
+                u.trees
+            }
+            None => Vec::new(),
+        };
+        match self.levels(views, context, limits, levels, cancel, done) {
+            Ok(trees) => Some(trees),
+            Err(done) => {
+                // The next search starts from what the last one probed and what this one did.
+                let probed = std::mem::take(&mut self.memory);
+                self.memory = std::mem::take(&mut self.last);
+                self.memory.absorb(&probed);
+                self.unfinished =
+                    Some(Unfinished { context: context.to_vec(), limits: *limits, levels, trees: done, probed });
+                None
+            }
         }
-        result
     }
 
+    /// The trees of `levels` back-off levels, after the `done` ones (the first levels of the
+    /// same search, finished before it was given up); `Err` with the finished ones when `cancel`
+    /// said so.
     fn levels(
         &mut self,
         views: &[ShardView],
@@ -745,19 +792,29 @@ impl Searcher {
         limits: &Limits,
         levels: usize,
         cancel: &Cancel,
-    ) -> Option<Vec<Tree>> {
-        let first = self.longest_match(views, context, limits);
-        let mut trees = Vec::with_capacity(levels.clamp(1, 16));
-        trees.push(self.grow(views, first, limits, cancel)?);
+        done: Vec<Tree>,
+    ) -> Result<Vec<Tree>, Vec<Tree>> {
+        let mut trees = done;
+        if trees.is_empty() {
+            trees.reserve(levels.clamp(1, 16));
+            let first = self.longest_match(views, context, limits);
+            match self.grow(views, first, limits, cancel) {
+                Some(tree) => trees.push(tree),
+                None => return Err(trees),
+            }
+        }
         // A suffix of a suffix that occurs occurs too: level k matches exactly m - k + 1 tokens.
-        let mut length = first;
+        let mut length = trees.last().map_or(0, |t| t.match_length as usize);
         while trees.len() < levels && length > limits.min_span {
             length -= 1;
             let found = self.probe(views, &context[context.len() - length..]);
             debug_assert!(found, "a suffix of an occurring pattern occurs");
-            trees.push(self.grow(views, length, limits, cancel)?);
+            match self.grow(views, length, limits, cancel) {
+                Some(tree) => trees.push(tree),
+                None => return Err(trees),
+            }
         }
-        Some(trees)
+        Ok(trees)
     }
 
     /// The length of the longest suffix of `context` within the limits that occurs (0: none),

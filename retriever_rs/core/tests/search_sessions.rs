@@ -3,7 +3,8 @@
 //! that grow by continuations of the datastore's documents (as accepted drafts do), by random
 //! tokens (as rejected drafts do), and that sometimes jump elsewhere.
 
-use rest_retriever::{BuildOptions, Builder, Datastore, Query, SearchSession, Tree};
+use rest_retriever::{BuildOptions, Builder, Cancel, Datastore, Query, SearchSession, Tree};
+use std::time::{Duration, Instant};
 use std::collections::{BinaryHeap, HashMap};
 use std::cmp::Reverse;
 use std::path::Path;
@@ -215,6 +216,62 @@ fn session_searches_equal_stateless_searches() {
             }
         }
     }
+}
+
+#[test]
+fn searches_given_up_halfway_leave_sessions_exact() {
+    // A server gives a search a short slice and asks for it again on a worker when the slice
+    // runs out: the session resumes after the levels it finished. Deadlines of a few
+    // microseconds give searches up at every point; some are followed by another search
+    // instead (what the session kept must not answer it), and every answer is the stateless one.
+    let tmp = tempfile::tempdir().unwrap();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let (mut given_up, mut asked) = (0, 0);
+    for corpus in 0..8 {
+        let vocab = 2 + rng.below(12);
+        let n_docs = 2 + rng.below(30);
+        let docs = random_corpus(&mut rng, vocab, n_docs, 300);
+        let shard_tokens = if corpus % 2 == 0 { 1 << 20 } else { 700 };
+        let ds = build(&tmp.path().join(format!("ds{corpus}")), &docs, vocab as u32, shard_tokens);
+        for _ in 0..4 {
+            let mut session = SearchSession::new();
+            let mut q = random_query(&mut rng);
+            let mut levels = 1 + rng.below(4);
+            for context in random_session(&mut rng, &docs, vocab, 80) {
+                if rng.below(20) == 0 {
+                    q = random_query(&mut rng);
+                    levels = 1 + rng.below(4);
+                }
+                let q = Query { budget: q.budget.max(1) * (1 + rng.below(3)), ..q.clone() };
+                let expected = ds.search_levels(&context, &q, levels, None).unwrap();
+                if rng.below(2) == 0 {
+                    asked += 1;
+                    let cancel = Cancel::at(Some(Instant::now() + Duration::from_micros(rng.below(30) as u64)));
+                    let found = session.search_levels_cancellable(&ds, &context, &q, levels, None, &cancel).unwrap();
+                    match found {
+                        Some(found) => {
+                            assert_eq!(found.trees, expected, "{context:?} {q:?}");
+                            continue;
+                        }
+                        None => given_up += 1,
+                    }
+                    if rng.below(4) == 0 {
+                        // Something else first: other levels, or a shorter context.
+                        let (other, other_levels) = if rng.below(2) == 0 {
+                            (context.clone(), 1 + levels % 4)
+                        } else {
+                            (context[..context.len().div_ceil(2)].to_vec(), levels)
+                        };
+                        let want = ds.search_levels(&other, &q, other_levels, None).unwrap();
+                        assert_eq!(session.search_levels(&ds, &other, &q, other_levels, None).unwrap(), want);
+                    }
+                }
+                let got = session.search_levels(&ds, &context, &q, levels, None).unwrap();
+                assert_eq!(got, expected, "{context:?} {q:?}");
+            }
+        }
+    }
+    assert!(given_up > 0 && given_up < asked, "{given_up} of {asked} given up");
 }
 
 #[test]

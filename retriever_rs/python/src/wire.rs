@@ -7,6 +7,9 @@
 //! that the bytes are exactly what the generated Python message serializes to.
 
 use prost::Message;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
 use rest_retriever::Tree;
 
 #[derive(Clone, PartialEq, Message)]
@@ -74,4 +77,28 @@ pub fn encode_search_response(trees: Vec<Tree>, shard: String, searched_shards: 
         cut_count: first.cut_count,
     }
     .encode_to_vec()
+}
+
+/// `SearchResponse` bytes decoded: `(levels, shard, searched_shards)`, each level the engine's
+/// `(match_length, occurrences, tokens, parents, counts, cut_count)` tuple (what
+/// `Datastore.search_levels` gives Python), the first from fields 1-5 and 9, then `backoff`.
+/// A client's answer reaches `SearchResult`s without a Python message object or a Python
+/// iteration over its repeated fields. Bytes that are not a `SearchResponse`: `ValueError`.
+#[pyfunction]
+pub fn decode_search_response<'py>(
+    py: Python<'py>,
+    data: &[u8],
+) -> PyResult<(Bound<'py, PyList>, String, Bound<'py, PyTuple>)> {
+    let m = SearchResponse::decode(data)
+        .map_err(|e| PyValueError::new_err(format!("not a SearchResponse: {e}")))?;
+    let level = |match_length: u32, occurrences: u64, tokens: Vec<u32>, parents: Vec<i32>, counts: Vec<u64>, cut_count: u64| {
+        (match_length, occurrences, PyTuple::new(py, tokens)?, PyTuple::new(py, parents)?, PyTuple::new(py, counts)?, cut_count)
+            .into_pyobject(py)
+    };
+    let mut levels = Vec::with_capacity(1 + m.backoff.len());
+    levels.push(level(m.match_length, m.occurrences, m.tokens, m.parents, m.counts, m.cut_count)?);
+    for l in m.backoff {
+        levels.push(level(l.match_length, l.occurrences, l.tokens, l.parents, l.counts, l.cut_count)?);
+    }
+    Ok((PyList::new(py, levels)?, m.shard, PyTuple::new(py, m.searched_shards)?))
 }
