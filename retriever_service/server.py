@@ -98,7 +98,8 @@ class ServerConfig:
     workers: int = field(default_factory=default_workers)  # search threads
     max_context_tokens: int = 4096
     # With no other search in flight, a search first runs on the event loop for at most this long
-    # (exact policy only), then goes to a worker: a thread hand-off costs more than most searches.
+    # per back-off level it asks for (exact policy only), then goes to a worker: a thread hand-off
+    # costs more than most searches.
     inline_search_us: int = 200
     max_message_bytes: int = 4 * MiB
     keepalive_time_s: float = 30.0  # ping an idle client this often...
@@ -534,7 +535,8 @@ def option_range(field_name: str) -> click.ParamType:
 @click.option("--inline-search-us", default=200, show_default=True,
               type=option_range("inline_search_us"),
               help="With no other search in flight, try a search on the event loop for this "
-                   "long before handing it to a worker (exact policy; 0: always a worker).")
+                   "long per back-off level it asks for before handing it to a worker (exact "
+                   "policy; 0: always a worker).")
 @click.option("--max-message-bytes", default=4 * MiB, show_default=True,
               type=option_range("max_message_bytes"),
               help="Largest request or response; larger ones get RESOURCE_EXHAUSTED.")

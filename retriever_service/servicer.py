@@ -3,7 +3,8 @@
 A search runs on the datastore's search executor (native worker threads; ``searches.py``): the
 event loop keeps accepting and answering other calls while searches run. The one exception is
 cheap: when no other search is in flight, a search first gets a short, bounded slice on the loop
-(``inline_search_s``), because waking a worker and then the loop costs more than most searches.
+(``inline_search_s`` per back-off level the request asks for), because waking a worker and then
+the loop costs more than most searches.
 Admission is counted on the event loop (a plain integer, no lock: only the loop touches it), and
 a search that would exceed the concurrency limit is refused at once with RESOURCE_EXHAUSTED
 instead of queueing without bound. Requests reach the handlers as bytes and are decoded by
@@ -140,9 +141,10 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
             if self._inline_search_s > 0 and self._in_flight == 0:
                 # Waking a worker thread and the loop again costs more than most searches (about
                 # 60-110 us on a small host, docs/BENCHMARKS.md): with no other search in flight,
-                # try the search here for a short, bounded slice first.
-                inline_s = self._inline_search_s if remaining is None else min(
-                    self._inline_search_s, remaining)
+                # try the search here for a short, bounded slice first: one slice per back-off
+                # level asked for, since each level is a search of its own (a search given up on
+                # the loop is searched again from the start on a worker, docs/BENCHMARKS.md).
+                inline_s = self.inline_slice_s(parsed.levels, remaining)
                 response = self._datastore.try_search(
                     parsed.context, parsed.params, parsed.shards, inline_s,
                     levels=parsed.levels, as_wire=True, session=session)
@@ -161,6 +163,12 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         except (KeyError, ValueError, DatastoreError) as exc:  # DatastoreError: shard out of service
             raise engine_error(exc) from exc
 
+
+    def inline_slice_s(self, levels: int, remaining: float | None) -> float:
+        """How long a search of ``levels`` back-off levels may run on the event loop before
+        it is handed to a worker: ``inline_search_s`` per level, never past the deadline."""
+        slice_s = self._inline_search_s * levels
+        return slice_s if remaining is None else min(slice_s, remaining)
 
     def _rejected(self, reason: str) -> None:
         if self._telemetry is not None:

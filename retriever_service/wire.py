@@ -83,16 +83,11 @@ def search_levels_response(results: Sequence[SearchResult]) -> pb.SearchResponse
 def search_result(response: pb.SearchResponse) -> SearchResult:
     """The first (longest-match) level of ``response``."""
     # A slice of a repeated field is a list made in C: tuple(field) iterates in Python, 3x slower.
-    return SearchResult(
-        match_length=response.match_length,
-        occurrences=response.occurrences,
-        tokens=tuple(response.tokens[:]),
-        parents=tuple(response.parents[:]),
-        counts=tuple(response.counts[:]),
-        shard=response.shard,
-        cut_count=response.cut_count,
-        searched_shards=tuple(response.searched_shards[:]),
-    )
+    # SearchResult.from_engine skips the frozen dataclass's __init__ (the same result, faster).
+    return SearchResult.from_engine(
+        (response.match_length, response.occurrences, tuple(response.tokens[:]),
+         tuple(response.parents[:]), tuple(response.counts[:]), response.cut_count),
+        response.shard, tuple(response.searched_shards[:]))
 
 
 def search_levels_result(response: pb.SearchResponse) -> list[SearchResult]:
@@ -101,17 +96,12 @@ def search_levels_result(response: pb.SearchResponse) -> list[SearchResult]:
     if response.match_length == 0:
         return []
     first = search_result(response)
+    shard, searched = first.shard, first.searched_shards
     return [first] + [
-        SearchResult(
-            match_length=level.match_length,
-            occurrences=level.occurrences,
-            tokens=tuple(level.tokens[:]),
-            parents=tuple(level.parents[:]),
-            counts=tuple(level.counts[:]),
-            shard=first.shard,
-            cut_count=level.cut_count,
-            searched_shards=first.searched_shards,
-        )
+        SearchResult.from_engine(
+            (level.match_length, level.occurrences, tuple(level.tokens[:]),
+             tuple(level.parents[:]), tuple(level.counts[:]), level.cut_count),
+            shard, searched)
         for level in response.backoff
     ]
 

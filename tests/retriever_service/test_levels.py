@@ -138,3 +138,68 @@ def test_a_request_without_levels_gets_the_answer_it_always_got(stub, datastore,
                 list(old.counts), old.shard) == (
             expected.match_length, expected.occurrences, list(expected.tokens),
             list(expected.parents), list(expected.counts), expected.shard)
+
+
+class SliceRecorder:
+    """The datastore, with the time limit of every ``try_search`` (the inline slice) recorded."""
+
+    def __init__(self, datastore) -> None:
+        self._datastore = datastore
+        self.slices: list[float] = []
+
+    def __getattr__(self, name):
+        return getattr(self._datastore, name)
+
+    def try_search(self, context, params, shards, time_limit_s, **kwargs):
+        self.slices.append(time_limit_s)
+        return self._datastore.try_search(context, params, shards, time_limit_s, **kwargs)
+
+
+class Remaining:
+    """What the servicer uses of a call's context: its deadline."""
+
+    def __init__(self, remaining_s) -> None:
+        self.remaining_s = remaining_s
+
+    def time_remaining(self):
+        return self.remaining_s
+
+    async def abort(self, code, message):
+        raise AssertionError(f"refused: {code} {message}")
+
+
+def test_the_inline_slice_is_per_level_and_never_past_the_deadline(datastore, documents):
+    import asyncio
+
+    from retriever_service.searches import AsyncSearches
+    from retriever_service.servicer import RetrieverServicer
+
+    recorder = SliceRecorder(datastore)
+    params = SearchParams(min_span=1)
+    contexts = random_contexts(documents, 8, seed=23)
+
+    async def run() -> list[tuple[int, float | None, list]]:
+        searches = AsyncSearches(datastore.search_executor(1, as_wire=True))
+        servicer = RetrieverServicer(recorder, searches, max_concurrent_searches=4,
+                                     max_context_tokens=64, inline_search_s=200e-6)
+        answers = []
+        try:
+            for i, context in enumerate(contexts):
+                levels, remaining = 1 + i % 4, (None, 10.0, 300e-6)[i % 3]
+                data = wire.search_request(context, params, levels=levels).SerializeToString()
+                response = await servicer.Search(data, Remaining(remaining))
+                answers.append((levels, remaining, wire.search_levels_result(
+                    pb.SearchResponse.FromString(response))))
+        finally:
+            searches.close()
+        return answers
+
+    answers = asyncio.run(run())
+    assert recorder.slices == pytest.approx(
+        [200e-6 * levels if remaining is None else min(200e-6 * levels, remaining)
+         for levels, remaining, _ in answers])
+    assert recorder.slices[1] == pytest.approx(400e-6)  # 2 levels, a far deadline
+    assert recorder.slices[5] == pytest.approx(300e-6)  # 4 levels, cut to the deadline
+    # The same answers, on the loop or on a worker.
+    assert [found for _, _, found in answers] == [
+        datastore.search_levels(c, params, 1 + i % 4) for i, c in enumerate(contexts)]
