@@ -273,13 +273,18 @@ def test_decoder_policy_without_the_datastore_searches_nothing(tmp_path):
 # --- the CLI on a tiny workload ---------------------------------------------------------------
 
 
-def test_cli_prints_the_table_and_writes_json_and_a_sweep_chart(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def tiny_workload(tmp_path, monkeypatch) -> None:
+    """``load_workload`` answers a two-target workload on an 11-token datastore."""
     ds_path = tmp_path / "ds"
     build_datastore(ds_path, [[1, 2, 3, 4, 5, 6, 7], [3, 4, 5, 9]], vocab_size=16, tokenizer_name="t",
                     tokenizer_fingerprint="fp")
     targets = (Target((1, 2, 3, 4, 5, 6, 7, 3, 4, 5), 2), Target((9, 3, 4, 5, 6, 7), 1))
     workload = R.Workload(ds_path, corpus_tokens=11, targets=targets, vocab_size=16)
     monkeypatch.setattr(R, "load_workload", lambda fraction=(1, 1): workload)
+
+
+def test_cli_prints_the_table_and_writes_json_and_a_sweep_chart(tmp_path, tiny_workload, capsys):
     out_json = tmp_path / "out.json"
     chart = tmp_path / "sweep.png"
     assert R.main(["--policies", "rest", "exact", "decoder", "decoder-python", "--json", str(out_json),
@@ -346,13 +351,7 @@ def test_suffix_decoding_drafts_from_the_current_sequence_and_forgets_it_after()
     assert len(policy.propose([9, 3])) == 0  # a new sequence; 3 was in the old one only
 
 
-def test_budget_sweep_prints_a_table_and_draws_the_curve(tmp_path, monkeypatch, capsys):
-    ds_path = tmp_path / "ds"
-    build_datastore(ds_path, [[1, 2, 3, 4, 5, 6, 7], [3, 4, 5, 9]], vocab_size=16, tokenizer_name="t",
-                    tokenizer_fingerprint="fp")
-    targets = (Target((1, 2, 3, 4, 5, 6, 7, 3, 4, 5), 2), Target((9, 3, 4, 5, 6, 7), 1))
-    workload = R.Workload(ds_path, corpus_tokens=11, targets=targets, vocab_size=16)
-    monkeypatch.setattr(R, "load_workload", lambda fraction=(1, 1): workload)
+def test_budget_sweep_prints_a_table_and_draws_the_curve(tmp_path, tiny_workload, capsys):
     out_json, chart = tmp_path / "budgets.json", tmp_path / "budgets.png"
     assert R.main(["--policies", "exact", "suffix-decoding", "decoder", "--budgets", "1", "4",
                    "--json", str(out_json), "--chart", str(chart)]) == 0
@@ -399,13 +398,7 @@ def test_loss_tracer_finds_the_right_first_token_left_out():
     assert losses.calibration[("datastore", 2, 1)] == [1, 0, pytest.approx(0.6)]
 
 
-def test_cli_losses_prints_the_report(tmp_path, monkeypatch, capsys):
-    ds_path = tmp_path / "ds"
-    build_datastore(ds_path, [[1, 2, 3, 4, 5, 6, 7], [3, 4, 5, 9]], vocab_size=16, tokenizer_name="t",
-                    tokenizer_fingerprint="fp")
-    targets = (Target((1, 2, 3, 4, 5, 6, 7, 3, 4, 5), 2), Target((9, 3, 4, 5, 6, 7), 1))
-    workload = R.Workload(ds_path, corpus_tokens=11, targets=targets, vocab_size=16)
-    monkeypatch.setattr(R, "load_workload", lambda fraction=(1, 1): workload)
+def test_cli_losses_prints_the_report(tiny_workload, capsys):
     assert R.main(["--losses", "--budget", "2"]) == 0
     printed = capsys.readouterr().out
     assert "budget 2:" in printed and "best 2-node subtrees" in printed and "calibration" in printed
