@@ -142,8 +142,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 # Waking a worker thread and the loop again costs more than most searches (about
                 # 60-110 us on a small host, docs/BENCHMARKS.md): with no other search in flight,
                 # try the search here for a short, bounded slice first: one slice per back-off
-                # level asked for, since each level is a search of its own (a search given up on
-                # the loop is searched again from the start on a worker, docs/BENCHMARKS.md).
+                # level asked for, since each level is a search of its own. A search given up on
+                # the loop goes to a worker, which resumes it after the levels it finished when
+                # the call has a session (a stream), else searches it again from the start.
                 inline_s = self.inline_slice_s(parsed.levels, remaining)
                 response = self._datastore.try_search(
                     parsed.context, parsed.params, parsed.shards, inline_s,
