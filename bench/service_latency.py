@@ -355,7 +355,7 @@ class StreamLevelsSession(RetrievalSession):
 
     def search_levels(self, context, params, levels):
         request = wire.search_request(context, params, levels=levels).SerializeToString()
-        return wire.search_levels_from_bytes(self._stream(request))
+        return wire.decode_levels(self._stream(request))[0]
 
     def close(self) -> None:
         self._stream.close()

@@ -531,15 +531,15 @@ class _ShardCall:
         return any(not a.resolved for a in self.attempts)
 
     def convert(self, data: bytes, endpoint: _Endpoint):
-        """The answer (a serialized ``SearchResponse``) as ``rest.types`` (a list of levels when
-        levels were asked for, decoded by the engine), checked (``InvalidAnswer``)."""
+        """The answer (a serialized ``SearchResponse``, decoded by the engine) as ``rest.types``
+        (a list of levels when levels were asked for), checked (``InvalidAnswer``)."""
         info = endpoint.info
         context_tokens = len(self.request.context)
         if self.levels is None:
-            result = wire.search_result(pb.SearchResponse.FromString(data))
-            _check_searched(result.searched_shards, info)
-            check_result(result, self.params, context_tokens, info.vocab_size)
-            return result
+            levels, searched = wire.decode_response(data)
+            _check_searched(searched, info)
+            check_result(levels[0], self.params, context_tokens, info.vocab_size)
+            return levels[0]
         levels, searched = wire.decode_levels(data)
         _check_searched(searched, info)
         if self.levels > 1 and len(levels) == 1 and \

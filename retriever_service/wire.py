@@ -106,21 +106,20 @@ def search_levels_result(response: pb.SearchResponse) -> list[SearchResult]:
     ]
 
 
-def search_levels_from_bytes(data: bytes) -> list[SearchResult]:
-    """``search_levels_result`` of the serialized ``SearchResponse`` ``data``, decoded by the
-    engine (half the cost or less of parsing the message and copying its repeated fields in
-    Python, for a 3-level answer: docs/BENCHMARKS.md). ``ValueError`` for bytes that are not a
-    ``SearchResponse``."""
-    return decode_levels(data)[0]
+def decode_response(data: bytes) -> tuple[list[SearchResult], tuple[str, ...]]:
+    """Every level of the serialized ``SearchResponse`` ``data`` (the first always, even when
+    nothing matched) and its ``searched_shards``, decoded by the engine: half the cost or less of
+    parsing the message and copying its repeated fields in Python for a 3-level answer
+    (docs/BENCHMARKS.md). ``ValueError`` for bytes that are not a ``SearchResponse``."""
+    raws, shard, searched = _engine.decode_search_response(data)
+    return [SearchResult.from_engine(raw, shard, searched) for raw in raws], searched
 
 
 def decode_levels(data: bytes) -> tuple[list[SearchResult], tuple[str, ...]]:
-    """``search_levels_from_bytes``, and the response's ``searched_shards`` (given even when
-    nothing matched)."""
-    raws, shard, searched = _engine.decode_search_response(data)
-    if raws[0][0] == 0:
-        return [], searched
-    return [SearchResult.from_engine(raw, shard, searched) for raw in raws], searched
+    """``search_levels_result`` of the serialized ``SearchResponse`` ``data`` (no level when
+    nothing matched), and its ``searched_shards`` (given even then), by ``decode_response``."""
+    levels, searched = decode_response(data)
+    return ([] if levels[0].match_length == 0 else levels), searched
 
 
 def info_response(info: DatastoreInfo) -> pb.InfoResponse:

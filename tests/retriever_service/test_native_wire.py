@@ -31,6 +31,7 @@ def test_try_search_bytes_are_the_python_message(datastore, documents, params):
         expected = datastore.search(context, params, shards=shards)
         assert encoded == python_encoding(expected), context
         assert wire.search_result(pb.SearchResponse.FromString(encoded)) == expected
+        assert wire.decode_response(encoded)[0] == [expected]  # the client's single-level decoding
 
 
 @pytest.mark.parametrize("params", PARAMS, ids=repr)
@@ -97,13 +98,14 @@ def test_levels_survive_the_wire():
     assert wire.search_result(response) == first
     assert wire.search_levels_result(wire.search_levels_response([])) == []
     data = wire.search_levels_response([first, second]).SerializeToString()
-    assert wire.search_levels_from_bytes(data) == [first, second]
+    assert wire.decode_levels(data) == ([first, second], ("a", "b"))
+    assert wire.decode_response(data) == ([first, second], ("a", "b"))
     assert wire.decode_levels(wire.search_levels_response([]).SerializeToString()) == ([], ())
 
 
 def test_the_engine_refuses_bytes_that_are_not_a_search_response():
     with pytest.raises(ValueError, match="not a SearchResponse"):
-        wire.search_levels_from_bytes(b"\xff\xff\xff")
+        wire.decode_response(b"\xff\xff\xff")
 
 
 def test_requests_carry_levels_only_when_asked():
