@@ -40,7 +40,7 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, is_dataclass, replace
 from pathlib import Path
 from typing import Union
 
@@ -517,15 +517,13 @@ class Losses:
     steps: int = 0
     accepted: int = 0  # draft tokens the budget's trees accepted
     oracle: int = 0  # draft tokens the best budget-node subtrees would have accepted
-    first_missed: dict = None  # the right first token's rank among the first tokens -> steps
-    first_missed_sources: dict = None  # sources listing the right first token -> steps
+    # the right first token's rank among the first tokens -> steps
+    first_missed: dict = field(default_factory=dict)
+    # sources listing the right first token -> steps
+    first_missed_sources: dict = field(default_factory=dict)
     too_shallow: int = 0  # steps with the right first token kept, but not the rest of the path
-    calibration: dict = None  # (sources, match bucket, depth bucket) -> [nodes, right, predicted]
-
-    def __post_init__(self) -> None:
-        self.first_missed = {}
-        self.first_missed_sources = {}
-        self.calibration = {}
+    # (sources, match bucket, depth bucket) -> [nodes, right, predicted]
+    calibration: dict = field(default_factory=dict)
 
     def add(self, full: DraftTree, listing: list[tuple[str, int]], target: Sequence[int], i: int) -> None:
         depth = full.depths()

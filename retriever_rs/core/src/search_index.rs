@@ -27,17 +27,28 @@ impl FirstTokens {
     #[inline]
     pub fn get(&self, token: u32, find: impl FnOnce() -> (u32, u32)) -> (u32, u32) {
         let Some(slot) = self.slots.get(token as usize) else { return find() };
-        let packed = slot.load(Ordering::Relaxed);
-        if packed != 0 {
-            let value = packed - 1;
-            return ((value >> 32) as u32, value as u32);
+        if let Some(interval) = unpack(slot.load(Ordering::Relaxed)) {
+            return interval;
         }
         let (lo, hi) = find();
         if lo != u32::MAX {
-            slot.store((((lo as u64) << 32) | hi as u64) + 1, Ordering::Relaxed);
+            slot.store(pack(lo, hi), Ordering::Relaxed);
         }
         (lo, hi)
     }
+}
+
+/// An interval `(lo, hi)` as one word, `(lo << 32 | hi) + 1`, so that 0 can mean "none".
+#[inline]
+fn pack(lo: u32, hi: u32) -> u64 {
+    (((lo as u64) << 32) | hi as u64) + 1
+}
+
+/// `pack`'s interval, or None for 0.
+#[inline]
+fn unpack(packed: u64) -> Option<(u32, u32)> {
+    let value = packed.checked_sub(1)?;
+    Some(((value >> 32) as u32, value as u32))
 }
 
 /// Probes of one key before `TokenPairs` gives up on keeping it (its neighbourhood is full).
@@ -102,7 +113,7 @@ impl TokenPairs {
                 let (lo, hi) = find();
                 match slot[0].compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) => {
-                        slot[1].store((((lo as u64) << 32) | hi as u64) + 1, Ordering::Release);
+                        slot[1].store(pack(lo, hi), Ordering::Release);
                         return (lo, hi);
                     }
                     Err(now) => have = now,
@@ -113,12 +124,8 @@ impl TokenPairs {
                 return (lo, hi);
             }
             if have == key {
-                let packed = slot[1].load(Ordering::Acquire);
-                if packed == 0 {
-                    return find(); // being written by another thread
-                }
-                let value = packed - 1;
-                return ((value >> 32) as u32, value as u32);
+                // Not written yet: being written by another thread.
+                return unpack(slot[1].load(Ordering::Acquire)).unwrap_or_else(find);
             }
         }
         find()
@@ -132,7 +139,7 @@ impl TokenPairs {
             let slot = &self.slots[(home + probe) & self.mask];
             match slot[0].compare_exchange(0, key, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
-                    slot[1].store((((lo as u64) << 32) | hi as u64) + 1, Ordering::Release);
+                    slot[1].store(pack(lo, hi), Ordering::Release);
                     break;
                 }
                 Err(now) if now == key => break,
