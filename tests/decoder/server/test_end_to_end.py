@@ -224,26 +224,40 @@ def test_bad_requests_get_4xx_with_an_openai_error_body(server) -> None:
 
 
 def test_sigterm_drains_requests_in_flight_and_exits_0(model_dir, tmp_path) -> None:
+    # One sequence decodes at a time, so that the requests queued behind it are still in flight
+    # when the signal arrives: a single 160-token stream takes about 0.2 s, about as long as
+    # uvicorn takes to notice a signal, and may already be over.
     server = ServerProcess("--model", str(model_dir), "--served-model-name", "tiny", "--budget",
-                           "8", log_path=tmp_path / "server.log", env=ONE_THREAD)  # fmt: skip
+                           "8", "--max-batch", "1", log_path=tmp_path / "server.log",
+                           env=ONE_THREAD)  # fmt: skip
     try:
-        n = 160
+        n, clients = 160, 6
         want = text_of(reference(PROMPT, n))
-        stream = openai_client(server.url).completions.create(
-            model="tiny", prompt=PROMPT, max_tokens=n, stream=True,
-            extra_body={"drafting": False})  # fmt: skip
-        chunks = iter(stream)
-        text = next(chunks).choices[0].text
-        server.terminate()
-        with pytest.raises((httpx.ConnectError, httpx.HTTPStatusError)):
-            # New requests are refused: 503 until the port closes, then no connection at all.
-            assert wait_until(lambda: httpx.get(f"{server.url}/health", timeout=5)
-                              .raise_for_status() is None and False, 10, 0.02)  # fmt: skip
-        text += "".join(c.choices[0].text for c in chunks)
-        assert text == want
+
+        def stream_text() -> str:
+            stream = openai_client(server.url).completions.create(
+                model="tiny", prompt=PROMPT, max_tokens=n, stream=True,
+                extra_body={"drafting": False})  # fmt: skip
+            return "".join(chunk.choices[0].text for chunk in stream)
+
+        prompt_tokens = len(tokenizer_with_template()(PROMPT)["input_ids"])
+
+        def admitted() -> bool:
+            metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
+            admitted = metric_value(metrics, "rest_decoder_prompt_tokens_total") / prompt_tokens
+            return admitted == clients
+
+        with ThreadPoolExecutor(clients) as pool:
+            texts = [pool.submit(stream_text) for _ in range(clients)]
+            assert wait_until(admitted, 30, 0.005), "the requests were never all admitted"
+            server.terminate()
+            with pytest.raises((httpx.ConnectError, httpx.HTTPStatusError)):
+                # New requests are refused: 503 until the port closes, then no connection at all.
+                assert wait_until(lambda: httpx.get(f"{server.url}/health", timeout=5)
+                                  .raise_for_status() is None and False, 10, 0.02)  # fmt: skip
+            assert [text.result(timeout=60) for text in texts] == [want] * clients
         assert server.wait(60) == 0
-        log = server.log()
-        assert "Waiting for connections to close" in log  # the stream was still in flight
+        assert "Waiting for connections to close" in server.log()  # streams were still in flight
     finally:
         server.kill()
 
