@@ -732,6 +732,14 @@ SUFFIX_DECODING_VARIANTS: dict[str, float] = {
 }
 
 
+# Re-scorings of the reference drafting's levels (bench/scoring_study.py, where they are defined
+# and measured all at once).
+SCORING_VARIANTS = ("scoring-empirical-paths", "scoring-single-best-level", "scoring-shallow-x2",
+                    "scoring-first-node-recent", "scoring-first-node-longest",
+                    "scoring-online-g1-k16", "scoring-in-context-x2-datastore",
+                    "scoring-in-context-rare3000-x4", "scoring-in-context-x1.2-damp0.4")
+
+
 def decoder_config(budget: int, **changes) -> DecodingConfig:
     """The decoder's defaults at a fixed ``budget``. No retrieval deadline: the replay is
     deterministic, and the guard's thread hop is not drafting work."""
@@ -759,6 +767,10 @@ def make_policy(name: str, datastore, budget: int, vocab_size: int | None = None
         return NoDraftPolicy()
     if name in SUFFIX_DECODING_VARIANTS:
         return SuffixDecodingPolicy(budget, max_spec_factor=SUFFIX_DECODING_VARIANTS[name])
+    if name in SCORING_VARIANTS:
+        from bench import scoring_study
+
+        return scoring_study.make_policy(name, datastore, budget, vocab_size)
     if name in DECODER_VARIANTS:
         changes = dict(DECODER_VARIANTS[name])
         use_datastore = changes.pop("use_datastore", True)
@@ -768,7 +780,7 @@ def make_policy(name: str, datastore, budget: int, vocab_size: int | None = None
 
 
 POLICY_NAMES = ("rest", "exact", "prompt-lookup", "exact+context", *SUFFIX_DECODING_VARIANTS, "none",
-                *DECODER_VARIANTS)
+                *DECODER_VARIANTS, *SCORING_VARIANTS)
 DEFAULT_POLICIES = ("rest", "exact", "prompt-lookup", "exact+context", "decoder")
 
 
