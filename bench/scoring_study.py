@@ -470,7 +470,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--budgets", type=int, nargs="+", default=[4, 64])
     parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--set", default="all", help="which variants (see variant_set)")
+    parser.add_argument("--set", default="all",
+                        choices=("all", "offline", "suffix", "first", "cache", "cache2", "rare",
+                                 "damp", "damp2", "trusts", "online", "listed"),
+                        help="which variants (default: all; see variant_set)")
     args = parser.parse_args(argv)
     vocab = R.load_workload().vocab_size
     variants = variant_set(args.set, vocab)
@@ -503,8 +506,9 @@ def corpus_frequency(datastore=None) -> Callable[[int], int]:
 def variant_set(which: str, vocab: int) -> dict[str, Callable[[], Variant]]:
     """The variants of a set: "suffix" (SuffixDecoding's scoring and tree sizes), "first" (who
     gets the first node), "cache", "cache2", "rare" (candidates already in the context boosted),
-    "online", "listed" (per-generation calibration, priors fitted on problems 0-81), "offline"
-    (the first three: no fitting on the workload), "all"; each with the default."""
+    "damp", "damp2", "trusts" (those boosted, the others damped; with other trusts), "online",
+    "listed" (per-generation calibration, priors fitted on problems 0-81), "offline" (suffix,
+    first, cache: nothing fitted on the workload), "all"; each with the default."""
     out: dict[str, Callable[[], Variant]] = {"default": lambda: Default(vocab)}
     offline = ("suffix", "first", "cache")
 

@@ -78,3 +78,22 @@ def test_in_context_without_a_boost_is_the_default(workload):
                                              "unboosted": lambda: S.InContext(16, 1.0)}, [2, 4])
     for budget in (2, 4):
         assert tallies["default", budget].steps == tallies["unboosted", budget].steps
+
+
+def test_cli_prints_m_on_all_problems_and_on_each_half(workload, monkeypatch, capsys):
+    monkeypatch.setattr(R, "load_workload", lambda fraction=(1, 1): workload)
+    assert S.main(["--set", "first", "--budgets", "2", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["variant", "budget", "M", "all", "M", "1st", "M", "2nd"]
+    rows = {(line.split()[0], int(line.split()[1])): line.split()[2:] for line in lines[1:]}
+    assert set(rows) == {(n, b) for n in ("default", "first-node-recent", "first-node-longest")
+                         for b in (2, 4)}
+    assert float(rows["default", 4][0]) > 1.0
+
+
+def test_the_replay_knows_the_named_variants(workload):
+    ds = Datastore.open(workload.datastore_path)
+    for name in R.SCORING_VARIANTS:
+        if "online" in name:
+            continue  # its priors are fitted on the reference workload
+        assert replay(R.make_policy(name, ds, 3, 16), TARGETS).max_nodes <= 3
