@@ -267,8 +267,9 @@ class InContext(Variant):
     def __init__(self, vocab_size: int, boost: float, damp: float = 1.0,
                  sources: tuple[str, ...] = ("datastore", "served"), window: int | None = None,
                  max_depth: int = 99, rare: int | None = None, frequency=None,
-                 trusts: dict[str, float] | None = None) -> None:
+                 trusts: dict[str, float] | None = None, damp_rare: int | None = None) -> None:
         self.trusts = trusts
+        self.damp_rare = damp_rare
         self.vocab_size = vocab_size
         self.rare, self.frequency = rare, frequency
         self.boost, self.damp, self.sources, self.window = boost, damp, set(sources), window
@@ -292,7 +293,11 @@ class InContext(Variant):
             if d <= self.max_depth and names & self.sources and ("context" not in names
                                                                   or "context" in self.sources):
                 hit = token in seen and (self.rare is None or self.frequency(token) < self.rare)
-                cond = min(1.0, cond * (self.boost if hit else self.damp))
+                if hit:
+                    cond = min(1.0, cond * self.boost)
+                elif token not in seen and (self.damp_rare is None
+                                            or self.frequency(token) < self.damp_rare):
+                    cond *= self.damp
             scores.append(above * cond)
             depth.append(d)
         rescored = DraftTree(full.tokens, full.parents, scores)
@@ -472,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--set", default="all",
                         choices=("all", "offline", "suffix", "first", "cache", "cache2", "rare",
-                                 "damp", "damp2", "trusts", "online", "listed"),
+                                 "damp", "damp2", "damp-rare", "trusts", "online", "listed"),
                         help="which variants (default: all; see variant_set)")
     args = parser.parse_args(argv)
     vocab = R.load_workload().vocab_size
@@ -506,7 +511,8 @@ def corpus_frequency(datastore=None) -> Callable[[int], int]:
 def variant_set(which: str, vocab: int) -> dict[str, Callable[[], Variant]]:
     """The variants of a set: "suffix" (SuffixDecoding's scoring and tree sizes), "first" (who
     gets the first node), "cache", "cache2", "rare" (candidates already in the context boosted),
-    "damp", "damp2", "trusts" (those boosted, the others damped; with other trusts), "online",
+    "damp", "damp2", "trusts" (those boosted, the others damped; with other trusts), "damp-rare"
+    (only the rare ones damped), "online",
     "listed" (per-generation calibration, priors fitted on problems 0-81), "offline" (suffix,
     first, cache: nothing fitted on the workload), "all"; each with the default."""
     out: dict[str, Callable[[], Variant]] = {"default": lambda: Default(vocab)}
@@ -561,6 +567,13 @@ def variant_set(which: str, vocab: int) -> dict[str, Callable[[], Variant]]:
             label = "-".join(f"{n}{m:g}" for n, m in trusts.items())
             out[f"in-context-x1.2-damp0.4-{label}"] = lambda t=trusts: InContext(
                 vocab, 1.2, 0.4, trusts=t)
+    if wants("damp-rare"):
+        frequency = corpus_frequency()
+        for rare in (1000, 10000, 100000):
+            for boost, damp in ((1.2, 0.4), (1.5, 0.3), (1.0, 0.2)):
+                out[f"in-context-x{boost:g}-damp{damp:g}-rare{rare}"] = (
+                    lambda b=boost, d=damp, r=rare: InContext(vocab, b, d, frequency=frequency,
+                                                              damp_rare=r))
     if wants("rare"):
         frequency = corpus_frequency()
         for rare in (300, 3000, 30000):
