@@ -191,3 +191,43 @@ def test_a_request_checked_in_the_engine_runs_out_of_its_slice(datastore, docume
                                levels=3).SerializeToString()
     assert datastore.try_search_request(data, engine_limits(datastore, parser), 0.0, None) is False
     assert datastore.try_search_request(data, engine_limits(datastore, parser), 1.0, 0.0) is False
+
+
+def test_the_engine_accepts_no_mangled_request_that_the_parser_refuses(datastore, documents):
+    """Valid requests with bytes changed, cut or added at random: whatever the engine's checks
+    accept, the parser accepts too, and the answers are the same bytes."""
+    import random
+
+    from retriever_service.validation import RequestError, RequestLimits, SearchRequestParser, decode
+
+    parser = SearchRequestParser(RequestLimits(
+        vocab_size=datastore.info().vocab_size, max_context_tokens=64,
+        shards=tuple(datastore.shard_names)))
+    limits = engine_limits(datastore, parser)
+    good, _ = request_variants(datastore, documents)
+    rng = random.Random(5)
+    accepted = refused = 0
+    for _ in range(3000):
+        data = bytearray(rng.choice(good))
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(data))
+            kind = rng.randrange(3)
+            if kind == 0:
+                data[i] = rng.randrange(256)
+            elif kind == 1:
+                del data[i]
+            else:
+                data.insert(i, rng.randrange(256))
+        data = bytes(data)
+        answer = datastore.try_search_request(data, limits, 10.0, None)
+        if answer is None:
+            refused += 1
+            continue
+        accepted += 1
+        try:
+            parsed = parser.parse(decode(pb.SearchRequest, data))
+        except RequestError as exc:
+            raise AssertionError(f"the engine accepted {data!r}, the parser refused it: {exc}")
+        assert answer == datastore.try_search(parsed.context, parsed.params, parsed.shards, 10.0,
+                                              levels=parsed.levels, as_wire=True), data
+    assert accepted > 100 and refused > 100  # both sides of the checks were exercised
