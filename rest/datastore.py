@@ -205,6 +205,24 @@ class Datastore:
         )
         return raw if raw is None or as_wire else _levels(*raw)
 
+    def try_search_request(
+        self,
+        request: bytes,
+        limits: RequestLimits,
+        slice_per_level_s: float,
+        remaining_s: float | None,
+        session: SearchSession | None = None,
+    ) -> bytes | bool | None:
+        """The retrieval server's inline ``try_search`` of a serialized ``rest.retriever.v1``
+        ``SearchRequest``, decoded and checked in the engine against ``limits`` (the checks of
+        ``retriever_service.validation``): the serialized ``SearchResponse``; ``False`` when the
+        search did not finish within ``slice_per_level_s`` per back-off level asked for (never
+        past ``remaining_s``); ``None`` for a request the checks do not accept, left to the
+        Python parser (which refuses it with its message)."""
+        return self._native.try_search_request(
+            request, limits._native, slice_per_level_s, remaining_s,
+            session._native if session is not None else None)
+
     def search_batch(
         self,
         contexts: Sequence[Sequence[int]],
@@ -234,6 +252,17 @@ class Datastore:
         """Searches on ``workers`` native threads, for callers that must not block (event loops).
         ``as_wire``: results come as serialized ``SearchResponse`` messages (see ``try_search``)."""
         return SearchExecutor(self, workers, as_wire=as_wire)
+
+
+class RequestLimits:
+    """What a retrieval server accepts in a request, in the engine's form (for
+    ``Datastore.try_search_request``): the vocabulary size, the context limit, the served shards
+    and the largest ``(budget, max_depth)`` of the exact and the REST policy."""
+
+    def __init__(self, vocab_size: int, max_context_tokens: int, shards: Sequence[str],
+                 exact_caps: tuple[int, int], rest_caps: tuple[int, int]) -> None:
+        self._native = _engine.RequestLimits(vocab_size, max_context_tokens, list(shards),
+                                             exact_caps, rest_caps)
 
 
 class SearchSession:

@@ -9,14 +9,17 @@ Admission is counted on the event loop (a plain integer, no lock: only the loop 
 a search that would exceed the concurrency limit is refused at once with RESOURCE_EXHAUSTED
 instead of queueing without bound. Requests reach the handlers as bytes and are decoded by
 ``validation.decode`` (a malformed one is INVALID_ARGUMENT, not gRPC's UNKNOWN); search responses
-are serialized by the engine (``add_to_server``).
+are serialized by the engine (``add_to_server``). A search tried inline on an untraced server is
+decoded and checked by the engine in the same call (``Datastore.try_search_request``, the checks of
+``validation`` mirrored in retriever_rs/python/src/wire.rs); any request those checks do not accept
+takes the Python path, which answers or refuses it as ever.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from rest.datastore import DatastoreError
+from rest.datastore import DatastoreError, RequestLimits as EngineLimits
 from retriever_service import wire
 from retriever_service.searches import AsyncSearches
 from retriever_service.telemetry import SearchTelemetry, search_context
@@ -71,12 +74,25 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._searches = searches
         info = datastore.info()
         self._info = wire.info_response(info)
-        self._parser = SearchRequestParser(RequestLimits(
+        limits = RequestLimits(
             vocab_size=info.vocab_size,
             max_context_tokens=self._max_context_tokens,
             shards=tuple(datastore.shard_names),
             policy_caps=self._policy_caps,
-        ))
+        )
+        self._parser = SearchRequestParser(limits)
+        # The same checks in the engine, for the inline search of a request given as bytes (a
+        # stand-in datastore without try_search_request always takes the Python path).
+        self._engine_limits = None
+        if hasattr(datastore, "try_search_request"):
+            caps = dict(limits.policy_caps)
+
+            def caps_of(policy: str) -> tuple[int, int]:
+                c = caps.get(policy)
+                return (c.max_budget, c.max_depth) if c is not None else (4096, 256)
+
+            self._engine_limits = EngineLimits(limits.vocab_size, limits.max_context_tokens,
+                                               limits.shards, caps_of("exact"), caps_of("rest"))
 
     async def Info(self, request: bytes, context) -> pb.InfoResponse:
         try:
@@ -100,7 +116,12 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
     async def _answer(self, request: bytes, context, method: str, session) -> bytes:
         try:
             if self._telemetry is None:
-                return await self._search(decode(pb.SearchRequest, request), context, session)
+                answer = self._try_request(request, context, session)
+                if isinstance(answer, bytes):
+                    return answer
+                # None: not tried, or a request for the Python parser; False: tried inline.
+                return await self._search(decode(pb.SearchRequest, request), context, session,
+                                          inline=answer is None)
             return await self._traced_search(request, context, method, session)
         except RequestError as exc:
             await context.abort(exc.code, exc.message)
@@ -121,10 +142,30 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 record.result = wire.search_result(pb.SearchResponse.FromString(response))
             return response
 
-    async def _search(self, request: pb.SearchRequest, context, session) -> bytes:
+    def _try_request(self, request: bytes, context, session) -> bytes | bool | None:
+        """The inline search of ``_search`` (below) with the request decoded and checked in the
+        engine (``Datastore.try_search_request``): the answer's bytes, ``False`` when the slice
+        ran out, ``None`` when not tried (a search in flight, no slice, the deadline passed) or
+        for a request that the engine's checks leave to ``SearchRequestParser``, which refuses
+        it with its message. On the server's event loop, decoding and checking a request in
+        Python cost 10-15 µs a call, against 2 µs in a process that does nothing else
+        (docs/BENCHMARKS.md)."""
+        if self._engine_limits is None or self._inline_search_s <= 0 or self._in_flight:
+            return None
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return None  # refused by _search, after the request's own checks as ever
+        try:
+            return self._datastore.try_search_request(
+                request, self._engine_limits, self._inline_search_s, remaining, session)
+        except (KeyError, ValueError, DatastoreError) as exc:  # as in _search
+            raise engine_error(exc) from exc
+
+    async def _search(self, request: pb.SearchRequest, context, session, *,
+                      inline: bool = True) -> bytes:
         """The serialized ``SearchResponse`` with every back-off level the request asked for:
         the engine encodes it (``as_wire``), which saves building the message from Python
-        objects on the event loop."""
+        objects on the event loop. ``inline=False``: its inline slice was spent already."""
         parsed = self._parser.parse(request)
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
@@ -138,7 +179,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
                 f" {self._max_in_flight}); retry later or on another replica",
             )
         try:
-            if self._inline_search_s > 0 and self._in_flight == 0:
+            if inline and self._inline_search_s > 0 and self._in_flight == 0:
                 # Waking a worker thread and the loop again costs more than most searches (about
                 # 60-110 us on a small host, docs/BENCHMARKS.md): with no other search in flight,
                 # try the search here for a short, bounded slice first: one slice per back-off

@@ -11,6 +11,11 @@ RESOURCE_EXHAUSTED).
 
 Requests arrive as bytes and are decoded here (``decode``): gRPC's own deserializer would turn a
 malformed message into UNKNOWN, where a bad request is INVALID_ARGUMENT.
+
+The engine has a copy of these checks for the server's inline searches
+(``check_search_request`` in retriever_rs/python/src/wire.rs): it only ever accepts what
+``SearchRequestParser`` accepts and leaves everything else to it, so a change to a check here
+needs the same change there (tests/retriever_service/test_native_wire.py compares the two).
 """
 
 from __future__ import annotations

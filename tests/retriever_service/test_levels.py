@@ -141,14 +141,28 @@ def test_a_request_without_levels_gets_the_answer_it_always_got(stub, datastore,
 
 
 class SliceRecorder:
-    """The datastore, with the time limit of every ``try_search`` (the inline slice) recorded."""
+    """The datastore, with the time limit of every ``try_search`` (the inline slice) recorded,
+    and what the servicer gives ``try_search_request`` (the slice per level and the time left,
+    from which the engine makes the slice) in ``requests``. ``engine_checks=False``: a datastore
+    without ``try_search_request`` (the servicer decodes and checks every request in Python)."""
 
-    def __init__(self, datastore) -> None:
+    def __init__(self, datastore, engine_checks: bool = True) -> None:
         self._datastore = datastore
+        self._engine_checks = engine_checks
         self.slices: list[float] = []
+        self.requests: list[tuple[float, float | None]] = []
+        if engine_checks:
+            self.try_search_request = self._try_search_request
 
     def __getattr__(self, name):
+        if name == "try_search_request" and not self._engine_checks:
+            raise AttributeError(name)
         return getattr(self._datastore, name)
+
+    def _try_search_request(self, request, limits, slice_per_level_s, remaining_s, session=None):
+        self.requests.append((slice_per_level_s, remaining_s))
+        return self._datastore.try_search_request(request, limits, slice_per_level_s,
+                                                  remaining_s, session)
 
     def try_search(self, context, params, shards, time_limit_s, **kwargs):
         self.slices.append(time_limit_s)
@@ -168,13 +182,15 @@ class Remaining:
         raise AssertionError(f"refused: {code} {message}")
 
 
-def test_the_inline_slice_is_per_level_and_never_past_the_deadline(datastore, documents):
+@pytest.mark.parametrize("engine_checks", [False, True], ids=["python-checks", "engine-checks"])
+def test_the_inline_slice_is_per_level_and_never_past_the_deadline(datastore, documents,
+                                                                   engine_checks):
     import asyncio
 
     from retriever_service.searches import AsyncSearches
     from retriever_service.servicer import RetrieverServicer
 
-    recorder = SliceRecorder(datastore)
+    recorder = SliceRecorder(datastore, engine_checks)
     params = SearchParams(min_span=1)
     contexts = random_contexts(documents, 8, seed=23)
 
@@ -195,11 +211,17 @@ def test_the_inline_slice_is_per_level_and_never_past_the_deadline(datastore, do
         return answers
 
     answers = asyncio.run(run())
-    assert recorder.slices == pytest.approx(
-        [200e-6 * levels if remaining is None else min(200e-6 * levels, remaining)
-         for levels, remaining, _ in answers])
-    assert recorder.slices[1] == pytest.approx(400e-6)  # 2 levels, a far deadline
-    assert recorder.slices[5] == pytest.approx(300e-6)  # 4 levels, cut to the deadline
+    if engine_checks:
+        # The engine makes the slice (slice per level times the levels the request asks for,
+        # never past the time left) from what the servicer gives it: these, for every call.
+        assert recorder.requests == [(200e-6, remaining) for _, remaining, _ in answers]
+        assert recorder.slices == []  # no call needed a second, Python-checked try
+    else:
+        assert recorder.slices == pytest.approx(
+            [200e-6 * levels if remaining is None else min(200e-6 * levels, remaining)
+             for levels, remaining, _ in answers])
+        assert recorder.slices[1] == pytest.approx(400e-6)  # 2 levels, a far deadline
+        assert recorder.slices[5] == pytest.approx(300e-6)  # 4 levels, cut to the deadline
     # The same answers, on the loop or on a worker.
     assert [found for _, _, found in answers] == [
         datastore.search_levels(c, params, 1 + i % 4) for i, c in enumerate(contexts)]

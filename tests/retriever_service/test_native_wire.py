@@ -111,3 +111,123 @@ def test_the_engine_refuses_bytes_that_are_not_a_search_response():
 def test_requests_carry_levels_only_when_asked():
     assert not wire.search_request([1, 2], SearchParams()).HasField("levels")
     assert wire.search_request([1, 2], SearchParams(), levels=3).levels == 3
+
+
+def engine_limits(datastore, parser):
+    from rest.datastore import RequestLimits as EngineLimits
+
+    caps = dict(parser.limits.policy_caps)
+    return EngineLimits(parser.limits.vocab_size, parser.limits.max_context_tokens,
+                        parser.limits.shards, (caps["exact"].max_budget, caps["exact"].max_depth),
+                        (caps["rest"].max_budget, caps["rest"].max_depth))
+
+
+def request_variants(datastore, documents):
+    """Requests the parser accepts and requests it refuses, each as bytes."""
+    contexts = random_contexts(documents, 12, seed=17)
+    good = []
+    for i, context in enumerate(contexts):
+        for params in PARAMS:
+            shard = datastore.shard_names[i % 3] if i % 2 else None
+            good.append(wire.search_request(context, params, levels=1 + i % 4, shard=shard))
+    good.append(pb.SearchRequest(context=contexts[0]))  # no params, no levels: the defaults
+    good.append(pb.SearchRequest(context=contexts[0], params=pb.SearchParams(policy=pb.POLICY_EXACT)))
+    bad = [
+        pb.SearchRequest(),  # no context
+        pb.SearchRequest(context=[1] * 5000),  # over the context limit
+        pb.SearchRequest(context=[1, 10**6]),  # outside the vocabulary
+        pb.SearchRequest(context=[1, 2], shard="no-such-shard"),
+        pb.SearchRequest(context=[1, 2], levels=0),
+        pb.SearchRequest(context=[1, 2], levels=17),
+        pb.SearchRequest(context=[1, 2], params=pb.SearchParams(policy=7)),
+        pb.SearchRequest(context=[1, 2], params=pb.SearchParams(min_span=0)),
+        pb.SearchRequest(context=[1, 2], params=pb.SearchParams(min_span=5, max_span=4)),
+        pb.SearchRequest(context=[1, 2], params=pb.SearchParams(max_span=257)),
+        pb.SearchRequest(context=[1, 2], params=pb.SearchParams(budget=4097)),
+        pb.SearchRequest(context=[1, 2], params=pb.SearchParams(max_depth=0)),
+        pb.SearchRequest(context=[1, 2], params=pb.SearchParams(max_depth=257)),
+        pb.SearchRequest(context=[1, 2], params=pb.SearchParams(budget=1025, policy=pb.POLICY_REST)),
+        pb.SearchRequest(context=[1, 2], params=pb.SearchParams(max_depth=65, policy=pb.POLICY_REST)),
+    ]
+    traced = pb.SearchRequest(context=[1, 2])
+    traced.trace_context["traceparent"] = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    return ([m.SerializeToString() for m in good],
+            [m.SerializeToString() for m in bad] + [b"\xff\xff", traced.SerializeToString()])
+
+
+def test_the_engines_request_checks_answer_as_the_python_parser(datastore, documents):
+    """``try_search_request`` answers every request the parser accepts with the bytes of the
+    Python path (decode, parse, try_search), and leaves every request it refuses (or whose trace
+    context the server reads in Python) to the parser: None, never an answer."""
+    from retriever_service.validation import RequestError, RequestLimits, SearchRequestParser, decode
+
+    parser = SearchRequestParser(RequestLimits(
+        vocab_size=datastore.info().vocab_size, max_context_tokens=4096,
+        shards=tuple(datastore.shard_names)))
+    limits = engine_limits(datastore, parser)
+    good, bad = request_variants(datastore, documents)
+    for data in good:
+        parsed = parser.parse(decode(pb.SearchRequest, data))
+        expected = datastore.try_search(parsed.context, parsed.params, parsed.shards, 10.0,
+                                        levels=parsed.levels, as_wire=True)
+        assert datastore.try_search_request(data, limits, 10.0, None) == expected, data
+        assert datastore.try_search_request(data, limits, 10.0, 5.0,
+                                            session=datastore.session()) == expected, data
+    for data in bad:
+        if not data.startswith(b"\xff") and data != bad[-1]:
+            with pytest.raises(RequestError):
+                parser.parse(decode(pb.SearchRequest, data))
+        assert datastore.try_search_request(data, limits, 10.0, None) is None, data
+
+
+def test_a_request_checked_in_the_engine_runs_out_of_its_slice(datastore, documents):
+    """No time left: False (checked, not searched to the end), never a partial answer."""
+    from retriever_service.validation import RequestLimits, SearchRequestParser
+
+    parser = SearchRequestParser(RequestLimits(
+        vocab_size=datastore.info().vocab_size, max_context_tokens=4096,
+        shards=tuple(datastore.shard_names)))
+    data = wire.search_request(random_contexts(documents, 1, seed=3)[0], SearchParams(),
+                               levels=3).SerializeToString()
+    assert datastore.try_search_request(data, engine_limits(datastore, parser), 0.0, None) is False
+    assert datastore.try_search_request(data, engine_limits(datastore, parser), 1.0, 0.0) is False
+
+
+def test_the_engine_accepts_no_mangled_request_that_the_parser_refuses(datastore, documents):
+    """Valid requests with bytes changed, cut or added at random: whatever the engine's checks
+    accept, the parser accepts too, and the answers are the same bytes."""
+    import random
+
+    from retriever_service.validation import RequestError, RequestLimits, SearchRequestParser, decode
+
+    parser = SearchRequestParser(RequestLimits(
+        vocab_size=datastore.info().vocab_size, max_context_tokens=64,
+        shards=tuple(datastore.shard_names)))
+    limits = engine_limits(datastore, parser)
+    good, _ = request_variants(datastore, documents)
+    rng = random.Random(5)
+    accepted = refused = 0
+    for _ in range(3000):
+        data = bytearray(rng.choice(good))
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(data))
+            kind = rng.randrange(3)
+            if kind == 0:
+                data[i] = rng.randrange(256)
+            elif kind == 1:
+                del data[i]
+            else:
+                data.insert(i, rng.randrange(256))
+        data = bytes(data)
+        answer = datastore.try_search_request(data, limits, 10.0, None)
+        if answer is None:
+            refused += 1
+            continue
+        accepted += 1
+        try:
+            parsed = parser.parse(decode(pb.SearchRequest, data))
+        except RequestError as exc:
+            raise AssertionError(f"the engine accepted {data!r}, the parser refused it: {exc}")
+        assert answer == datastore.try_search(parsed.context, parsed.params, parsed.shards, 10.0,
+                                              levels=parsed.levels, as_wire=True), data
+    assert accepted > 100 and refused > 100  # both sides of the checks were exercised

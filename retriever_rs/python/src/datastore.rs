@@ -294,6 +294,52 @@ impl Datastore {
         answer.map(|a| a.into_py(py)).transpose()
     }
 
+    /// The retrieval server's inline search of one `SearchRequest` given as its bytes: decoded
+    /// and checked in the engine (`wire::check_search_request`), then `try_search` as wire bytes
+    /// with a slice of `slice_per_level_s` per back-off level asked for, never past
+    /// `remaining_s`. `None`: a request the checks leave to the Python parser (it refuses it with
+    /// its message, or reads it differently); `False`: checked, but not finished within the
+    /// slice; else the serialized `SearchResponse`. One call instead of decoding and checking
+    /// the request in Python, whose objects cost more than the rest of a call on the server's
+    /// event loop.
+    #[pyo3(signature = (request, limits, slice_per_level_s, remaining_s, session=None))]
+    fn try_search_request(
+        &self,
+        py: Python<'_>,
+        request: &[u8],
+        limits: &crate::wire::RequestLimits,
+        slice_per_level_s: f64,
+        remaining_s: Option<f64>,
+        session: Option<&SearchSession>,
+    ) -> PyResult<Py<PyAny>> {
+        let Some(checked) = crate::wire::check_search_request(request, limits) else {
+            return Ok(py.None());
+        };
+        // As RetrieverServicer.inline_slice_s and Datastore.try_search compute it.
+        let slice_s = slice_per_level_s * checked.levels as f64;
+        let slice_s = remaining_s.map_or(slice_s, |r| slice_s.min(r));
+        let time_limit_us = ((slice_s * 1e6) as u64).min(86_400_000_000);
+        let cancel = Cancel::at(Some(Instant::now() + Duration::from_micros(time_limit_us)));
+        let answer = py
+            .detach(|| {
+                let only = checked.shards.as_deref();
+                let found = match session {
+                    Some(s) => s.lock().search_levels_cancellable(&self.inner, &checked.context, &checked.query, checked.levels, only, &cancel),
+                    None => self.inner.search_levels_cancellable(&checked.context, &checked.query, checked.levels, only, &cancel),
+                }?;
+                Ok(found.map(|found| {
+                    let searched = self.inner.shard_names_of(&found.searched);
+                    Answer::new(found.trees, only, searched, true)
+                }))
+            })
+            .map_err(to_py)?;
+        match answer {
+            Some(a) => a.into_py(py),
+            None => Ok(false.into_pyobject(py)?.to_owned().into_any().unbind()),
+        }
+    }
+
+
     /// A search session: searches whose contexts extend each other (a decoding session's),
     /// answered with what the last search of the session found (see `SearchSession`).
     fn session(&self) -> SearchSession {

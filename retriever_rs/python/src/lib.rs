@@ -29,5 +29,6 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(draft::score_levels, m)?)?;
     m.add_class::<scrub::Scrub>()?;
     m.add_function(wrap_pyfunction!(wire::decode_search_response, m)?)?;
+    m.add_class::<wire::RequestLimits>()?;
     Ok(())
 }

@@ -10,7 +10,7 @@ use prost::Message;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
-use rest_retriever::Tree;
+use rest_retriever::{Policy, Query, Tree};
 
 #[derive(Clone, PartialEq, Message)]
 struct Level {
@@ -101,4 +101,110 @@ pub fn decode_search_response<'py>(
         levels.push(level(l.match_length, l.occurrences, l.tokens, l.parents, l.counts, l.cut_count)?);
     }
     Ok((PyList::new(py, levels)?, m.shard, PyTuple::new(py, m.searched_shards)?))
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct WireParams {
+    #[prost(uint32, optional, tag = "1")]
+    min_span: Option<u32>,
+    #[prost(uint32, optional, tag = "2")]
+    max_span: Option<u32>,
+    #[prost(uint32, optional, tag = "3")]
+    budget: Option<u32>,
+    #[prost(uint32, optional, tag = "4")]
+    max_depth: Option<u32>,
+    #[prost(int32, tag = "5")]
+    policy: i32,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct SearchRequest {
+    #[prost(uint32, repeated, tag = "1")]
+    context: Vec<u32>,
+    #[prost(message, optional, tag = "2")]
+    params: Option<WireParams>,
+    #[prost(string, optional, tag = "3")]
+    shard: Option<String>,
+    #[prost(uint32, optional, tag = "4")]
+    levels: Option<u32>,
+    #[prost(btree_map = "string, string", tag = "5")]
+    trace_context: std::collections::BTreeMap<String, String>,
+}
+
+/// What a server accepts in a `SearchRequest` (`retriever_service.validation.RequestLimits`),
+/// for `Datastore.try_search_request`: the vocabulary, the context limit, the served shards and
+/// the largest budget and max_depth per policy.
+#[pyclass(frozen, module = "rest._engine")]
+pub struct RequestLimits {
+    vocab_size: u64,
+    max_context_tokens: usize,
+    shards: Vec<String>,
+    exact_caps: (u32, u32),
+    rest_caps: (u32, u32),
+}
+
+#[pymethods]
+impl RequestLimits {
+    #[new]
+    fn new(vocab_size: u64, max_context_tokens: usize, shards: Vec<String>, exact_caps: (u32, u32), rest_caps: (u32, u32)) -> Self {
+        RequestLimits { vocab_size, max_context_tokens, shards, exact_caps, rest_caps }
+    }
+}
+
+/// A request that passed every check of `retriever_service.validation.SearchRequestParser`.
+pub(crate) struct CheckedRequest {
+    pub context: Vec<i64>,
+    pub query: Query,
+    pub shards: Option<Vec<String>>,
+    pub levels: usize,
+}
+
+/// `data` decoded and checked as the Python parser checks it, or `None` for anything it would
+/// refuse (or that this decoder reads differently: a trace context), which the caller leaves to
+/// the Python parser and its messages. Never accepts a request that the Python parser refuses.
+pub(crate) fn check_search_request(data: &[u8], limits: &RequestLimits) -> Option<CheckedRequest> {
+    let m = SearchRequest::decode(data).ok()?;
+    if !m.trace_context.is_empty() {
+        return None;
+    }
+    let p = m.params.unwrap_or_default();
+    let policy = match p.policy {
+        0 | 1 => Policy::Exact,
+        2 => Policy::Rest,
+        _ => return None,
+    };
+    let min_span = p.min_span.unwrap_or(2);
+    let max_span = p.max_span.unwrap_or(16);
+    let budget = p.budget.unwrap_or(64);
+    let max_depth = p.max_depth.unwrap_or(10);
+    let (max_budget, cap_depth) = if policy == Policy::Rest { limits.rest_caps } else { limits.exact_caps };
+    if min_span < 1 || max_span < min_span || max_span > 256 || budget > 4096 || budget > max_budget
+        || !(1..=256).contains(&max_depth) || max_depth > cap_depth
+    {
+        return None;
+    }
+    let n = m.context.len();
+    if n == 0 || n > limits.max_context_tokens || m.context.iter().any(|&t| u64::from(t) >= limits.vocab_size) {
+        return None;
+    }
+    let shards = match m.shard {
+        Some(shard) if limits.shards.contains(&shard) => Some(vec![shard]),
+        Some(_) => return None,
+        None => None,
+    };
+    let levels = match m.levels {
+        Some(l) if (1..=crate::datastore::MAX_LEVELS as u32).contains(&l) => l as usize,
+        Some(_) => return None,
+        None => 1,
+    };
+    let keep = n.min(max_span as usize);
+    let context = m.context[n - keep..].iter().map(|&t| i64::from(t)).collect();
+    let query = Query {
+        min_span: min_span as usize,
+        max_span: max_span as usize,
+        budget: budget as usize,
+        max_depth: max_depth as usize,
+        policy,
+    };
+    Some(CheckedRequest { context, query, shards, levels })
 }
