@@ -205,7 +205,6 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         except (KeyError, ValueError, DatastoreError) as exc:  # DatastoreError: shard out of service
             raise engine_error(exc) from exc
 
-
     def inline_slice_s(self, levels: int, remaining: float | None) -> float:
         """How long a search of ``levels`` back-off levels may run on the event loop before
         it is handed to a worker: ``inline_search_s`` per level, never past the deadline."""
