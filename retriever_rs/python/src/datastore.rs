@@ -339,7 +339,6 @@ impl Datastore {
         }
     }
 
-
     /// A search session: searches whose contexts extend each other (a decoding session's),
     /// answered with what the last search of the session found (see `SearchSession`).
     fn session(&self) -> SearchSession {
