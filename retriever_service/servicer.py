@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import grpc
 
-from rest.datastore import DatastoreError, RequestLimits as EngineLimits
+from rest.datastore import DatastoreError
 from retriever_service import wire
 from retriever_service.searches import AsyncSearches
 from retriever_service.telemetry import SearchTelemetry, search_context
@@ -83,16 +83,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._parser = SearchRequestParser(limits)
         # The same checks in the engine, for the inline search of a request given as bytes (a
         # stand-in datastore without try_search_request always takes the Python path).
-        self._engine_limits = None
-        if hasattr(datastore, "try_search_request"):
-            caps = dict(limits.policy_caps)
-
-            def caps_of(policy: str) -> tuple[int, int]:
-                c = caps.get(policy)
-                return (c.max_budget, c.max_depth) if c is not None else (4096, 256)
-
-            self._engine_limits = EngineLimits(limits.vocab_size, limits.max_context_tokens,
-                                               limits.shards, caps_of("exact"), caps_of("rest"))
+        self._engine_limits = (limits.for_engine() if hasattr(datastore, "try_search_request")
+                               else None)  # fmt: skip
 
     async def Info(self, request: bytes, context) -> pb.InfoResponse:
         try:

@@ -27,6 +27,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from rest.datastore import MAX_LEVELS
+from rest.datastore import RequestLimits as EngineLimits
 from rest.types import SearchParams
 from retriever_service.v1 import retriever_pb2 as pb
 from retriever_service.wire import PARAM_FIELDS, POLICY_FROM_WIRE
@@ -42,8 +43,10 @@ class PolicyCaps:
     max_depth: int
 
 
-# Per policy; the protocol allows budget 0..4096 and max_depth 1..256.
-DEFAULT_POLICY_CAPS = (("exact", PolicyCaps(4096, 256)), ("rest", PolicyCaps(1024, 64)))
+# The protocol's own ranges (budget 0..4096, max_depth 1..256): no cap below them.
+PROTOCOL_CAPS = PolicyCaps(4096, 256)
+# Per policy.
+DEFAULT_POLICY_CAPS = (("exact", PROTOCOL_CAPS), ("rest", PolicyCaps(1024, 64)))
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,18 @@ class RequestLimits:
     max_context_tokens: int
     shards: tuple[str, ...]
     policy_caps: tuple[tuple[str, PolicyCaps], ...] = DEFAULT_POLICY_CAPS
+
+    def for_engine(self) -> EngineLimits:
+        """The same limits in the engine's form, for ``Datastore.try_search_request`` (whose
+        copy of these checks accepts only what ``SearchRequestParser`` accepts)."""
+        caps = dict(self.policy_caps)
+
+        def caps_of(policy: str) -> tuple[int, int]:
+            c = caps.get(policy, PROTOCOL_CAPS)  # no caps of its own: the protocol's ranges
+            return c.max_budget, c.max_depth
+
+        return EngineLimits(self.vocab_size, self.max_context_tokens, self.shards,
+                            caps_of("exact"), caps_of("rest"))
 
 
 # The longest status message sent back; anything longer is cut. gRPC's default limit on a

@@ -113,15 +113,6 @@ def test_requests_carry_levels_only_when_asked():
     assert wire.search_request([1, 2], SearchParams(), levels=3).levels == 3
 
 
-def engine_limits(datastore, parser):
-    from rest.datastore import RequestLimits as EngineLimits
-
-    caps = dict(parser.limits.policy_caps)
-    return EngineLimits(parser.limits.vocab_size, parser.limits.max_context_tokens,
-                        parser.limits.shards, (caps["exact"].max_budget, caps["exact"].max_depth),
-                        (caps["rest"].max_budget, caps["rest"].max_depth))
-
-
 def request_variants(datastore, documents):
     """Requests the parser accepts and requests it refuses, each as bytes."""
     contexts = random_contexts(documents, 12, seed=17)
@@ -164,7 +155,7 @@ def test_the_engines_request_checks_answer_as_the_python_parser(datastore, docum
     parser = SearchRequestParser(RequestLimits(
         vocab_size=datastore.info().vocab_size, max_context_tokens=4096,
         shards=tuple(datastore.shard_names)))
-    limits = engine_limits(datastore, parser)
+    limits = parser.limits.for_engine()
     good, bad = request_variants(datastore, documents)
     for data in good:
         parsed = parser.parse(decode(pb.SearchRequest, data))
@@ -189,8 +180,8 @@ def test_a_request_checked_in_the_engine_runs_out_of_its_slice(datastore, docume
         shards=tuple(datastore.shard_names)))
     data = wire.search_request(random_contexts(documents, 1, seed=3)[0], SearchParams(),
                                levels=3).SerializeToString()
-    assert datastore.try_search_request(data, engine_limits(datastore, parser), 0.0, None) is False
-    assert datastore.try_search_request(data, engine_limits(datastore, parser), 1.0, 0.0) is False
+    assert datastore.try_search_request(data, parser.limits.for_engine(), 0.0, None) is False
+    assert datastore.try_search_request(data, parser.limits.for_engine(), 1.0, 0.0) is False
 
 
 def test_the_engine_accepts_no_mangled_request_that_the_parser_refuses(datastore, documents):
@@ -203,7 +194,7 @@ def test_the_engine_accepts_no_mangled_request_that_the_parser_refuses(datastore
     parser = SearchRequestParser(RequestLimits(
         vocab_size=datastore.info().vocab_size, max_context_tokens=64,
         shards=tuple(datastore.shard_names)))
-    limits = engine_limits(datastore, parser)
+    limits = parser.limits.for_engine()
     good, _ = request_variants(datastore, documents)
     rng = random.Random(5)
     accepted = refused = 0

@@ -173,10 +173,12 @@ pub(crate) fn check_search_request(data: &[u8], limits: &RequestLimits) -> Optio
         2 => Policy::Rest,
         _ => return None,
     };
-    let min_span = p.min_span.unwrap_or(2);
-    let max_span = p.max_span.unwrap_or(16);
-    let budget = p.budget.unwrap_or(64);
-    let max_depth = p.max_depth.unwrap_or(10);
+    // A field left out takes the engine's default, as it does SearchParams' (the same values).
+    let defaults = Query::default();
+    let min_span = p.min_span.unwrap_or(defaults.min_span as u32);
+    let max_span = p.max_span.unwrap_or(defaults.max_span as u32);
+    let budget = p.budget.unwrap_or(defaults.budget as u32);
+    let max_depth = p.max_depth.unwrap_or(defaults.max_depth as u32);
     let (max_budget, cap_depth) = if policy == Policy::Rest { limits.rest_caps } else { limits.exact_caps };
     if min_span < 1 || max_span < min_span || max_span > 256 || budget > 4096 || budget > max_budget
         || !(1..=256).contains(&max_depth) || max_depth > cap_depth
