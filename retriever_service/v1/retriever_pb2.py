@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!rest/retriever/v1/retriever.proto\x12\x11rest.retriever.v1\"\r\n\x0bInfoRequest\"\xa3\x01\n\x0cInfoResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\x04\x12\x0e\n\x06n_docs\x18\x04 \x01(\x04\x12\x16\n\x0etokenizer_name\x18\x05 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x0e\n\x06shards\x18\x07 \x03(\t\"\xc7\x01\n\x0cSearchParams\x12\x15\n\x08min_span\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x15\n\x08max_span\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06\x62udget\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x16\n\tmax_depth\x18\x04 \x01(\rH\x03\x88\x01\x01\x12)\n\x06policy\x18\x05 \x01(\x0e\x32\x19.rest.retriever.v1.PolicyB\x0b\n\t_min_spanB\x0b\n\t_max_spanB\t\n\x07_budgetB\x0c\n\n_max_depth\"\x8f\x02\n\rSearchRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x03(\r\x12/\n\x06params\x18\x02 \x01(\x0b\x32\x1f.rest.retriever.v1.SearchParams\x12\x12\n\x05shard\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06levels\x18\x04 \x01(\rH\x01\x88\x01\x01\x12I\n\rtrace_context\x18\x05 \x03(\x0b\x32\x32.rest.retriever.v1.SearchRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_shardB\t\n\x07_levels\"\xd2\x01\n\x0eSearchResponse\x12\x14\n\x0cmatch_length\x18\x01 \x01(\r\x12\x13\n\x0boccurrences\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x03(\r\x12\x0f\n\x07parents\x18\x04 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x05 \x03(\x04\x12\r\n\x05shard\x18\x06 \x01(\t\x12)\n\x07\x62\x61\x63koff\x18\x07 \x03(\x0b\x32\x18.rest.retriever.v1.Level\x12\x17\n\x0fsearched_shards\x18\x08 \x03(\t\x12\x11\n\tcut_count\x18\t \x01(\x04\"v\n\x05Level\x12\x14\n\x0cmatch_length\x18\x01 \x01(\r\x12\x13\n\x0boccurrences\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x03(\r\x12\x0f\n\x07parents\x18\x04 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x05 \x03(\x04\x12\x11\n\tcut_count\x18\x06 \x01(\x04*C\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOLICY_EXACT\x10\x01\x12\x0f\n\x0bPOLICY_REST\x10\x02\x32\xfc\x01\n\tRetriever\x12G\n\x04Info\x12\x1e.rest.retriever.v1.InfoRequest\x1a\x1f.rest.retriever.v1.InfoResponse\x12M\n\x06Search\x12 .rest.retriever.v1.SearchRequest\x1a!.rest.retriever.v1.SearchResponse\x12W\n\x0cSearchStream\x12 .rest.retriever.v1.SearchRequest\x1a!.rest.retriever.v1.SearchResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!rest/retriever/v1/retriever.proto\x12\x11rest.retriever.v1\"\r\n\x0bInfoRequest\"\xb8\x01\n\x0cInfoResponse\x12\x16\n\x0e\x66ormat_version\x18\x01 \x01(\r\x12\x12\n\nvocab_size\x18\x02 \x01(\r\x12\x10\n\x08n_tokens\x18\x03 \x01(\x04\x12\x0e\n\x06n_docs\x18\x04 \x01(\x04\x12\x16\n\x0etokenizer_name\x18\x05 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x06 \x01(\t\x12\x0e\n\x06shards\x18\x07 \x03(\t\x12\x13\n\x0bsearch_port\x18\x08 \x01(\r\"\xc7\x01\n\x0cSearchParams\x12\x15\n\x08min_span\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x15\n\x08max_span\x18\x02 \x01(\rH\x01\x88\x01\x01\x12\x13\n\x06\x62udget\x18\x03 \x01(\rH\x02\x88\x01\x01\x12\x16\n\tmax_depth\x18\x04 \x01(\rH\x03\x88\x01\x01\x12)\n\x06policy\x18\x05 \x01(\x0e\x32\x19.rest.retriever.v1.PolicyB\x0b\n\t_min_spanB\x0b\n\t_max_spanB\t\n\x07_budgetB\x0c\n\n_max_depth\"\x8f\x02\n\rSearchRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x03(\r\x12/\n\x06params\x18\x02 \x01(\x0b\x32\x1f.rest.retriever.v1.SearchParams\x12\x12\n\x05shard\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06levels\x18\x04 \x01(\rH\x01\x88\x01\x01\x12I\n\rtrace_context\x18\x05 \x03(\x0b\x32\x32.rest.retriever.v1.SearchRequest.TraceContextEntry\x1a\x33\n\x11TraceContextEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_shardB\t\n\x07_levels\"\xd2\x01\n\x0eSearchResponse\x12\x14\n\x0cmatch_length\x18\x01 \x01(\r\x12\x13\n\x0boccurrences\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x03(\r\x12\x0f\n\x07parents\x18\x04 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x05 \x03(\x04\x12\r\n\x05shard\x18\x06 \x01(\t\x12)\n\x07\x62\x61\x63koff\x18\x07 \x03(\x0b\x32\x18.rest.retriever.v1.Level\x12\x17\n\x0fsearched_shards\x18\x08 \x03(\t\x12\x11\n\tcut_count\x18\t \x01(\x04\"v\n\x05Level\x12\x14\n\x0cmatch_length\x18\x01 \x01(\r\x12\x13\n\x0boccurrences\x18\x02 \x01(\x04\x12\x0e\n\x06tokens\x18\x03 \x03(\r\x12\x0f\n\x07parents\x18\x04 \x03(\x05\x12\x0e\n\x06\x63ounts\x18\x05 \x03(\x04\x12\x11\n\tcut_count\x18\x06 \x01(\x04*C\n\x06Policy\x12\x16\n\x12POLICY_UNSPECIFIED\x10\x00\x12\x10\n\x0cPOLICY_EXACT\x10\x01\x12\x0f\n\x0bPOLICY_REST\x10\x02\x32\xfc\x01\n\tRetriever\x12G\n\x04Info\x12\x1e.rest.retriever.v1.InfoRequest\x1a\x1f.rest.retriever.v1.InfoResponse\x12M\n\x06Search\x12 .rest.retriever.v1.SearchRequest\x1a!.rest.retriever.v1.SearchResponse\x12W\n\x0cSearchStream\x12 .rest.retriever.v1.SearchRequest\x1a!.rest.retriever.v1.SearchResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,22 +33,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEARCHREQUEST_TRACECONTEXTENTRY']._loaded_options = None
   _globals['_SEARCHREQUEST_TRACECONTEXTENTRY']._serialized_options = b'8\001'
-  _globals['_POLICY']._serialized_start=1046
-  _globals['_POLICY']._serialized_end=1113
+  _globals['_POLICY']._serialized_start=1067
+  _globals['_POLICY']._serialized_end=1134
   _globals['_INFOREQUEST']._serialized_start=56
   _globals['_INFOREQUEST']._serialized_end=69
   _globals['_INFORESPONSE']._serialized_start=72
-  _globals['_INFORESPONSE']._serialized_end=235
-  _globals['_SEARCHPARAMS']._serialized_start=238
-  _globals['_SEARCHPARAMS']._serialized_end=437
-  _globals['_SEARCHREQUEST']._serialized_start=440
-  _globals['_SEARCHREQUEST']._serialized_end=711
-  _globals['_SEARCHREQUEST_TRACECONTEXTENTRY']._serialized_start=639
-  _globals['_SEARCHREQUEST_TRACECONTEXTENTRY']._serialized_end=690
-  _globals['_SEARCHRESPONSE']._serialized_start=714
-  _globals['_SEARCHRESPONSE']._serialized_end=924
-  _globals['_LEVEL']._serialized_start=926
-  _globals['_LEVEL']._serialized_end=1044
-  _globals['_RETRIEVER']._serialized_start=1116
-  _globals['_RETRIEVER']._serialized_end=1368
+  _globals['_INFORESPONSE']._serialized_end=256
+  _globals['_SEARCHPARAMS']._serialized_start=259
+  _globals['_SEARCHPARAMS']._serialized_end=458
+  _globals['_SEARCHREQUEST']._serialized_start=461
+  _globals['_SEARCHREQUEST']._serialized_end=732
+  _globals['_SEARCHREQUEST_TRACECONTEXTENTRY']._serialized_start=660
+  _globals['_SEARCHREQUEST_TRACECONTEXTENTRY']._serialized_end=711
+  _globals['_SEARCHRESPONSE']._serialized_start=735
+  _globals['_SEARCHRESPONSE']._serialized_end=945
+  _globals['_LEVEL']._serialized_start=947
+  _globals['_LEVEL']._serialized_end=1065
+  _globals['_RETRIEVER']._serialized_start=1137
+  _globals['_RETRIEVER']._serialized_end=1389
 # @@protoc_insertion_point(module_scope)

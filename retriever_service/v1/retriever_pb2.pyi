@@ -21,7 +21,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("format_version", "vocab_size", "n_tokens", "n_docs", "tokenizer_name", "tokenizer_fingerprint", "shards")
+    __slots__ = ("format_version", "vocab_size", "n_tokens", "n_docs", "tokenizer_name", "tokenizer_fingerprint", "shards", "search_port")
     FORMAT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     N_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class InfoResponse(_message.Message):
     TOKENIZER_NAME_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     SHARDS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_PORT_FIELD_NUMBER: _ClassVar[int]
     format_version: int
     vocab_size: int
     n_tokens: int
@@ -36,7 +37,8 @@ class InfoResponse(_message.Message):
     tokenizer_name: str
     tokenizer_fingerprint: str
     shards: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, format_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., n_tokens: _Optional[int] = ..., n_docs: _Optional[int] = ..., tokenizer_name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., shards: _Optional[_Iterable[str]] = ...) -> None: ...
+    search_port: int
+    def __init__(self, format_version: _Optional[int] = ..., vocab_size: _Optional[int] = ..., n_tokens: _Optional[int] = ..., n_docs: _Optional[int] = ..., tokenizer_name: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., shards: _Optional[_Iterable[str]] = ..., search_port: _Optional[int] = ...) -> None: ...
 
 class SearchParams(_message.Message):
     __slots__ = ("min_span", "max_span", "budget", "max_depth", "policy")
