@@ -94,6 +94,9 @@ class ServerConfig:
     # A second, plaintext port that serves only the health service (None: none), for probes that
     # cannot speak TLS (the kubelet's gRPC probes) when the main port uses it.
     health_port: int | None = None
+    # A second port where the engine's own gRPC server answers Search and SearchStream (None:
+    # none; 0: a free one), advertised in Info: the same answers with less work per message.
+    search_port: int | None = None
     max_concurrent_searches: int = 64  # in flight at once, running or waiting for a worker
     workers: int = field(default_factory=default_workers)  # search threads
     max_context_tokens: int = 4096
@@ -136,6 +139,18 @@ class ServerConfig:
                 raise ValueError(f"--health-port must be in {lowest}..{highest}, got {self.health_port}")
             if self.health_port == self.port != 0:
                 raise ValueError(f"--health-port must differ from --port (both {self.port})")
+        if self.search_port is not None:
+            lowest, highest = OPTION_RANGES["port"]
+            if isinstance(self.search_port, bool) or not isinstance(self.search_port, int) or not (
+                lowest <= self.search_port <= highest
+            ):
+                raise ValueError(f"--search-port must be in {lowest}..{highest}, got {self.search_port}")
+            if self.search_port != 0 and self.search_port in (self.port, self.health_port):
+                raise ValueError(f"--search-port must differ from --port and --health-port"
+                                 f" (all {self.search_port})")
+            if self.tls_cert is not None:
+                raise ValueError("--search-port serves plaintext only and cannot be used with TLS"
+                                 " (--tls-cert); leave it out, or terminate TLS in front of it")
         for shard in self.shards:
             if not shard:
                 raise ValueError("--shard must not be empty")
@@ -243,13 +258,16 @@ class RetrieverServer:
     configured), a ``reload`` of its datastore and a graceful ``shutdown``."""
 
     def __init__(self, server: grpc.aio.Server, port: int, health: HealthServicer,
-                 shards: ServedShards, health_server: tuple[grpc.aio.Server, int] | None = None):
+                 shards: ServedShards, health_server: tuple[grpc.aio.Server, int] | None = None,
+                 servicer: RetrieverServicer | None = None, search_port: int | None = None):
         self.server = server
         self.port = port
         self.health = health
         self.shards = shards
         self._health_server = health_server[0] if health_server else None
         self.health_port = health_server[1] if health_server else None
+        self._servicer = servicer
+        self.search_port = search_port  # None: no search port
 
     async def reload(self) -> None:
         """Reopens the datastore from its files and serves it (SIGHUP)."""
@@ -258,7 +276,11 @@ class RetrieverServer:
     async def shutdown(self, grace_s: float) -> None:
         # NOT_SERVING first, so health watchers (load balancers) stop sending before refusals.
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        stopping = self.server.stop(grace_s)
+        if self.search_port is not None:  # both ports drain at once, within the same grace
+            await asyncio.gather(stopping, asyncio.to_thread(self._servicer.close_search_port, grace_s))
+        else:
+            await stopping
         if self._health_server is not None:  # probes see NOT_SERVING until the very end
             await self._health_server.stop(0)
         self.shards.close()
@@ -331,16 +353,27 @@ async def start_server(
         server,
     )
 
+    search_port = None
     try:
         port = _bind(server, config)
         health_server = None
         if config.health_port is not None:
             health_server = await start_health_server(config, health)
+        if config.search_port is not None:
+            problem = why_bind_fails(config.host, config.search_port, port_option="--search-port")
+            if problem is not None:
+                raise OSError(f"could not listen on {host_for_address(config.host)}:"
+                              f"{config.search_port}: {problem}")
+            search_port = servicer.open_search_port(
+                config.host.strip("[]"), config.search_port, threads=config.workers,
+                max_message_bytes=config.max_message_bytes,
+                keepalive_time_s=config.keepalive_time_s, token=config.token)
         await server.start()
     except BaseException:
+        servicer.close_search_port(0.0)
         shards.close()
         raise
-    return RetrieverServer(server, port, health, shards, health_server)
+    return RetrieverServer(server, port, health, shards, health_server, servicer, search_port)
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -422,6 +455,9 @@ async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None
     # Tests and scripts read the port from this line; keep its shape.
     address = f"{host_for_address(config.host)}:{running.port}"
     print(f"retriever-server listening on {address}", file=out, flush=True)
+    if running.search_port is not None:
+        print(f"retriever-server search port on {host_for_address(config.host)}:"
+              f"{running.search_port}", file=out, flush=True)
     if running.health_port is not None:
         log.info("health service alone, in plaintext, on %s:%d", host_for_address(config.host),
                  running.health_port)
@@ -468,6 +504,7 @@ class BackgroundServer:
         self.port = self._running.port
         self.health = self._running.health
         self.health_port = self._running.health_port
+        self.search_port = self._running.search_port
 
     def _call(self, coroutine, timeout: float = 30.0):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
@@ -524,6 +561,10 @@ def option_range(field_name: str) -> click.ParamType:
 @click.option("--health-port", type=option_range("port"), default=None,
               help="Also serve the gRPC health service alone, in plaintext, on this port: for "
                    "probes that cannot use TLS (the kubelet's). Default: no such port.")
+@click.option("--search-port", type=option_range("port"), default=None,
+              help="Also serve Search and SearchStream on this port from the engine's own gRPC "
+                   "server (less work per message; plaintext only; clients find it in Info). "
+                   "0 picks a free port. Default: no such port.")
 @click.option("--max-concurrent-searches", default=64, show_default=True,
               type=option_range("max_concurrent_searches"),
               help="Searches in flight at once; more get RESOURCE_EXHAUSTED.")

@@ -13,13 +13,18 @@ are serialized by the engine (``add_to_server``). A search tried inline on an un
 decoded and checked by the engine in the same call (``Datastore.try_search_request``, the checks of
 ``validation`` mirrored in retriever_rs/python/src/wire.rs); any request those checks do not accept
 takes the Python path, which answers or refuses it as ever.
+
+The search port (``open_search_port``, ``retriever-server --search-port``): the same Search and
+SearchStream served by the engine's own gRPC server (``rest.datastore.SearchServer``, tonic, on
+threads of its own), an accepted request without Python or the GIL; whatever that path does not
+accept itself it hands to ``answer_blocking`` here, so answers and refusals are this servicer's.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from rest.datastore import DatastoreError
+from rest.datastore import DatastoreError, SearchServer
 from retriever_service import wire
 from retriever_service.searches import AsyncSearches
 from retriever_service.telemetry import SearchTelemetry, search_context
@@ -35,6 +40,10 @@ from retriever_service.validation import (
 )
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Retriever"]
+
+
+# A search without a deadline still needs a time limit for try_search: a day is none.
+NO_DEADLINE_S = 86_400.0
 
 
 def deadline_expired() -> RequestError:
@@ -65,6 +74,7 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._telemetry = telemetry
         if telemetry is not None:
             telemetry.observe_in_flight(lambda: self._in_flight)
+        self._search_port: SearchServer | None = None
         self.use_datastore(datastore, searches)
 
     def use_datastore(self, datastore, searches: AsyncSearches) -> None:
@@ -74,6 +84,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._searches = searches
         info = datastore.info()
         self._info = wire.info_response(info)
+        if self._search_port is not None:
+            self._info.search_port = self._search_port.port
         limits = RequestLimits(
             vocab_size=info.vocab_size,
             max_context_tokens=self._max_context_tokens,
@@ -85,6 +97,52 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         # stand-in datastore without try_search_request always takes the Python path).
         self._engine_limits = (limits.for_engine() if hasattr(datastore, "try_search_request")
                                else None)  # fmt: skip
+        if self._search_port is not None:
+            self._search_port.use_datastore(datastore, self._engine_limits, self.answer_blocking)
+
+    def open_search_port(self, host: str, port: int, *, threads: int, max_message_bytes: int,
+                         keepalive_time_s: float, token: str | None) -> int:
+        """Serves Search and SearchStream on ``host:port`` (0: a free port) from the engine's
+        gRPC server as well, advertised in Info's ``search_port``; the bound port. Plaintext
+        only (the server refuses it with TLS); no spans (a request with a trace context is
+        answered, untraced, by ``answer_blocking``)."""
+        if self._engine_limits is None:
+            raise ValueError("the search port needs an engine datastore (rest.datastore.Datastore)")
+        self._search_port = SearchServer(
+            self._datastore, self._engine_limits, self.answer_blocking, host, port,
+            threads=threads, max_in_flight=self._max_in_flight,
+            max_message_bytes=max_message_bytes, keepalive_time_s=keepalive_time_s, token=token)
+        self._info.search_port = self._search_port.port
+        if self._telemetry is not None:
+            self._telemetry.observe_search_port(self._search_port.counts)
+        return self._search_port.port
+
+    def close_search_port(self, grace_s: float) -> None:
+        """Stops the search port: no new calls, those in flight get ``grace_s`` seconds."""
+        if self._search_port is not None:
+            self._search_port.shutdown(grace_s)
+
+    def answer_blocking(self, request: bytes, remaining_s: float | None) -> bytes | tuple[int, str]:
+        """The search port's answer to a request its own checks left to Python (or whose search
+        failed there): the response's bytes, or ``(status code, message)``, as ``_search``
+        answers or refuses it. Called from the engine's threads, with the GIL, off the event
+        loop: searched here, in this thread."""
+        try:
+            parsed = self._parser.parse(decode(pb.SearchRequest, request))
+            if remaining_s is not None and remaining_s <= 0:
+                raise deadline_expired()
+            response = self._datastore.try_search(
+                parsed.context, parsed.params, parsed.shards,
+                remaining_s if remaining_s is not None else NO_DEADLINE_S,
+                levels=parsed.levels, as_wire=True)
+            if response is None:
+                raise deadline_expired()
+            return response
+        except (KeyError, ValueError, DatastoreError) as exc:
+            error = engine_error(exc)
+        except RequestError as exc:
+            error = exc
+        return error.code.value[0], error.message
 
     async def Info(self, request: bytes, context) -> pb.InfoResponse:
         try:

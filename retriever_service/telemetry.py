@@ -267,6 +267,20 @@ class SearchTelemetry:
     def rejected(self, reason: str) -> None:
         self._counts.add("rejections", (("reason", reason),))
 
+    def observe_search_port(self, counts: Callable[[], list[tuple[str, int, int]]]) -> None:
+        """Report the search port's calls, ``counts()`` as ``[(method, status code, n)]`` (the
+        engine counts them: no Python runs on that port's path), read when metrics are
+        collected."""
+        from opentelemetry.metrics import Observation
+
+        def observe(options):
+            return [Observation(n, {"rpc.method": method, "rpc.grpc.status_code": code})
+                    for method, code, n in counts()]
+
+        self._meter.create_observable_counter(
+            f"{self._prefix}.search_port.requests", callbacks=[observe], unit="{request}",
+            description="Calls the search port answered, by method and gRPC status code")
+
     def observe_in_flight(self, count: Callable[[], int]) -> None:
         """Report ``count()`` as the searches in flight, read when metrics are collected."""
         from opentelemetry.metrics import Observation

@@ -9,6 +9,7 @@ mod errors;
 mod executor;
 mod format;
 mod scrub;
+mod search_server;
 mod wire;
 
 #[pymodule]
@@ -30,5 +31,6 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<scrub::Scrub>()?;
     m.add_function(wrap_pyfunction!(wire::decode_search_response, m)?)?;
     m.add_class::<wire::RequestLimits>()?;
+    m.add_class::<search_server::SearchServer>()?;
     Ok(())
 }
