@@ -45,6 +45,15 @@ so a late answer never blocks it. A late answer that still arrives is measured (
 deadline follows a server that became slower) and dropped. A stream left with unanswered searches
 is cancelled before its endpoint is used again.
 
+The search port. A server that reports ``search_port`` in Info (``retriever-server
+--search-port``: the same searches served by the engine's own gRPC server, with less work per
+message) gets the sessions' streams there, on the host the endpoint resolved to, with the same
+credentials and token; Info and health stay on the endpoint's port. When the search port cannot
+be reached (UNAVAILABLE), that search fails over as any failed search does, and the endpoint's
+streams go to its main port, which serves the same answers, for a while (1 s, doubling to 30 s
+while it keeps failing) before the search port is tried again. ``use_search_port=False`` keeps
+everything on the endpoints' own ports.
+
 The client uses gRPC's blocking API, not ``grpc.aio``: ``grpc.aio`` supports one event loop per
 process, and a library that ran its own loop in a thread would collide with an application's (or a
 test's in-process server's).
@@ -131,7 +140,8 @@ class RemoteRetriever(Retriever):
     given: ``tls_ca_file`` to trust the server's certificate (default: the system's roots),
     ``tls_cert_file``/``tls_key_file`` for mutual TLS, ``tls_server_name`` when the certificate's
     name differs from the endpoint's host (an address resolved from a name is checked against
-    that name). ``policy`` holds the replica choices (``replicas.ReplicaPolicy``).
+    that name). ``use_search_port``: send searches to a server's search port when it reports
+    one. ``policy`` holds the replica choices (``replicas.ReplicaPolicy``).
     ``tracer_provider``/``meter_provider`` default to the global OpenTelemetry providers.
     ``now``, ``rng`` and ``resolver`` are for tests.
     """
@@ -151,6 +161,7 @@ class RemoteRetriever(Retriever):
         keepalive_time_s: float = 30.0,
         info_timeout_s: float = 1.0,
         resolve_interval_s: float = 5.0,
+        use_search_port: bool = True,
         policy: ReplicaPolicy | None = None,
         tracer_provider=None,
         meter_provider=None,
@@ -166,6 +177,7 @@ class RemoteRetriever(Retriever):
         self.endpoints = [t.text for t in targets]
         self.deadline_s = deadline_s
         self.info_timeout_s = info_timeout_s
+        self.use_search_port = use_search_port
         self.policy = policy or ReplicaPolicy()
         self._now = now
         self._rng = rng or random.Random()
@@ -605,7 +617,8 @@ class _Stream:
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(self.span))
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.call = endpoint.search_stream(
+        self.via_search_port, search_stream = endpoint.search_stream()
+        self.call = search_stream(
             iter(self._requests.get, self._END), metadata=tuple(metadata) + tuple(carrier.items())
         )
         threading.Thread(target=self._read, daemon=True,
@@ -638,6 +651,8 @@ class _Stream:
             error = ConnectionError(f"{self.endpoint.address} ended the stream")
         except grpc.RpcError as exc:
             error = exc
+            if self.via_search_port and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                self.endpoint.search_port_failed(exc)
         except Exception as exc:  # noqa: BLE001 - handed to the waiting searches
             error = exc
         with self._lock:
@@ -675,11 +690,15 @@ class _Endpoint:
             server_name = address.target.host  # dialled by address, verified by name
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
+        self._credentials, self._channel_options = r._credentials, options
         self.channel = _channel(self.address, r._credentials, options)
-        # Answers arrive as bytes: ``_ShardCall.convert`` decodes them (levels natively).
-        self.search_stream = self.channel.stream_stream(
-            STREAM_METHOD, request_serializer=pb.SearchRequest.SerializeToString,
-            response_deserializer=None)
+        self._main_stream = _search_stream(self.channel)
+        # The server's search port (Info's search_port), when it has one and the client uses it:
+        # (port, channel, stream method), and until when it is not used after failing.
+        self._use_search_port = r.use_search_port and not address.target.raw
+        self._search_port: tuple[int, grpc.Channel, object] | None = None
+        self._search_port_retry_at = 0.0
+        self._search_port_backoff_s = _SEARCH_PORT_BACKOFF_S[0]
         self.info_stub = _traced_stub(self.channel, r._tracer_provider)
         self.info: DatastoreInfo | None = None
         self.info_error: str | None = None
@@ -713,6 +732,42 @@ class _Endpoint:
 
     def __repr__(self) -> str:
         return f"<endpoint {self.address}>"
+
+    def search_stream(self):
+        """``(via the search port, the SearchStream method to call)``: the server's search port
+        when it has one that has not failed lately, else the main port (which serves the same)."""
+        port = self._search_port
+        if port is not None and self._now() >= self._search_port_retry_at:
+            return True, port[2]
+        return False, self._main_stream
+
+    def set_search_port(self, port: int) -> None:
+        """What Info said of the server's search port (0: none)."""
+        if not self._use_search_port or port == (self._search_port or (0,))[0]:
+            return
+        if not 0 <= port <= 65535:
+            log.warning("%s reports search port %d, not a port: not used", self.address, port)
+            port = 0
+        old, self._search_port = self._search_port, None
+        if port:
+            host = self.address.rpartition(":")[0]  # "10.0.0.7" or "[fd00::7]"
+            channel = _channel(f"{host}:{port}", self._credentials, self._channel_options)
+            self._search_port = (port, channel, _search_stream(channel))
+            self._search_port_retry_at = 0.0
+        if old is not None:
+            old[1].close()
+
+    def search_port_failed(self, error: grpc.RpcError) -> None:
+        """The search port could not be reached: searches go to the main port for a while
+        (from 1 s, doubling to 30 s while it keeps failing), then it is tried again."""
+        with self._lock:
+            self.counts["search_port_fallbacks"] += 1
+            delay = self._search_port_backoff_s * random.uniform(0.8, 1.2)
+            self._search_port_backoff_s = min(self._search_port_backoff_s * 2,
+                                              _SEARCH_PORT_BACKOFF_S[1])
+            self._search_port_retry_at = self._now() + delay
+        log.info("%s: its search port failed (%s); searching on the main port for %.1f s",
+                 self.address, error.code().name, delay)
 
     def set_group(self, group: _ReplicaSet | None) -> None:
         self.group = group
@@ -869,9 +924,20 @@ class _Endpoint:
             watch.close()
         self.watches = []
         self.channel.close()
+        if self._search_port is not None:
+            self._search_port[1].close()
 
 
 _INFO_BACKOFF_S = (0.1, 1.0)  # Info retries: from 100 ms, doubling, at most 1 s apart
+_SEARCH_PORT_BACKOFF_S = (1.0, 30.0)  # a failed search port: main port from 1 s to 30 s
+
+
+def _search_stream(channel: grpc.Channel):
+    """The SearchStream method of ``channel``; answers arrive as bytes: ``_ShardCall.convert``
+    decodes them (levels natively)."""
+    return channel.stream_stream(STREAM_METHOD,
+                                 request_serializer=pb.SearchRequest.SerializeToString,
+                                 response_deserializer=None)
 
 
 class _ReplicaSet:
@@ -1069,7 +1135,8 @@ class _Pool:
     def _info_done(self, endpoint: _Endpoint, future) -> None:
         """On a gRPC thread: an ``Info`` answer or error."""
         try:
-            info = wire.datastore_info(future.result())
+            response = future.result()
+            info = wire.datastore_info(response)
         except grpc.RpcError as exc:
             info, error = None, f"{exc.code().name}: {exc.details()}"
         except Exception as exc:  # noqa: BLE001 - cancelled at close, or a malformed answer
@@ -1093,6 +1160,7 @@ class _Pool:
                     log.warning("%s; not using it", endpoint.incompatible)
                 shards_changed = endpoint.info is None or endpoint.info.shards != info.shards
                 endpoint.info = info
+                endpoint.set_search_port(response.search_port)
                 if shards_changed and not endpoint.incompatible:
                     endpoint.watch(info.shards)
                 self._regroup()
