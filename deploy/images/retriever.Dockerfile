@@ -48,6 +48,6 @@ ENV PATH=/opt/rest/bin:${PATH} \
 USER 10001:10001
 WORKDIR /tmp
 # gRPC, the plaintext health-only port, Prometheus metrics.
-EXPOSE 50051 50052 9090
+EXPOSE 50051 50052 50053 9090
 ENTRYPOINT ["retriever-server"]
 CMD ["--help"]

@@ -40,9 +40,9 @@ def objects(request, tmp_path_factory) -> list[dict]:
     return list(_rendered(kind, name, str(tmp_path_factory.getbasetemp() / "renders")))
 
 
-def test_the_layout_has_a_dev_and_a_production_overlay_and_the_three_components():
+def test_the_layout_has_a_dev_and_a_production_overlay_and_the_four_components():
     assert {"dev", "production"} <= set(OVERLAYS)
-    assert {"tls", "prometheus", "otel-collector"} <= set(COMPONENTS)
+    assert {"tls", "prometheus", "otel-collector", "search-port"} <= set(COMPONENTS)
 
 
 def test_base_renders_on_its_own():
