@@ -45,14 +45,13 @@ so a late answer never blocks it. A late answer that still arrives is measured (
 deadline follows a server that became slower) and dropped. A stream left with unanswered searches
 is cancelled before its endpoint is used again.
 
-The search port. A server that reports ``search_port`` in Info (``retriever-server
---search-port``: the same searches served by the engine's own gRPC server, with less work per
-message) gets the sessions' streams there, on the host the endpoint resolved to, with the same
-credentials and token; Info and health stay on the endpoint's port. When the search port cannot
-be reached (UNAVAILABLE), that search fails over as any failed search does, and the endpoint's
-streams go to its main port, which serves the same answers, for a while (1 s, doubling to 30 s
-while it keeps failing) before the search port is tried again. ``use_search_port=False`` keeps
-everything on the endpoints' own ports.
+Search port. A server whose ``Info`` reports ``search_port`` serves ``Search`` and
+``SearchStream`` there too, natively, at a fraction of the main port's cost per message: streams
+to that endpoint go to the same address (with the same TLS, server name and token) at that port;
+``Info`` and health stay on the main port. A search port that fails (refused, UNAVAILABLE, not
+listening yet) is no failure of the endpoint: the searches that were on it are sent again at once
+on the main port, which serves the same answers, and the endpoint searches there until
+``search_port_retry_s`` has passed. ``use_search_port=False`` keeps everything on the main port.
 
 The client uses gRPC's blocking API, not ``grpc.aio``: ``grpc.aio`` supports one event loop per
 process, and a library that ran its own loop in a thread would collide with an application's (or a
@@ -62,7 +61,9 @@ Metrics (OpenTelemetry, per shard set and endpoint: a bounded set of labels):
 ``rest.retriever.client.attempt.duration`` (s), ``rest.retriever.client.attempts`` (by kind:
 first, failover, hedge), ``rest.retriever.client.failures`` (by reason),
 ``rest.retriever.client.ejections``, ``rest.retriever.client.overflow``,
-``rest.retriever.client.shard_misses``; the same figures as numbers from ``stats()``.
+``rest.retriever.client.shard_misses``, ``rest.retriever.client.search_port.fallbacks``; the same
+figures as numbers from ``stats()``, which also counts searches sent per port (``sent_search_port``,
+``sent_main_port``).
 """
 
 from __future__ import annotations
@@ -125,6 +126,13 @@ RECONNECT_OPTIONS = (
 )
 # Codes that say the request itself was refused: every replica would refuse it too.
 _FATAL = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
+# How a search stream on the search port ends when nothing serves there (refused, reset, not
+# listening yet, a listener that does not know the method, one that went away): the main port is
+# used instead. A refusal of the request itself (limits, token) would come from the main port too.
+_SEARCH_PORT_DOWN = frozenset({
+    grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+})
 
 
 class IncompatibleEndpoints(ValueError):
@@ -140,8 +148,8 @@ class RemoteRetriever(Retriever):
     given: ``tls_ca_file`` to trust the server's certificate (default: the system's roots),
     ``tls_cert_file``/``tls_key_file`` for mutual TLS, ``tls_server_name`` when the certificate's
     name differs from the endpoint's host (an address resolved from a name is checked against
-    that name). ``use_search_port``: send searches to a server's search port when it reports
-    one. ``policy`` holds the replica choices (``replicas.ReplicaPolicy``).
+    that name). ``use_search_port=False`` sends searches to the main port even where a server
+    reports a search port (see the module docstring). ``policy`` holds the replica choices (``replicas.ReplicaPolicy``).
     ``tracer_provider``/``meter_provider`` default to the global OpenTelemetry providers.
     ``now``, ``rng`` and ``resolver`` are for tests.
     """
@@ -157,11 +165,11 @@ class RemoteRetriever(Retriever):
         tls_cert_file: str | Path | None = None,
         tls_key_file: str | Path | None = None,
         tls_server_name: str | None = None,
+        use_search_port: bool = True,
         max_message_bytes: int = 4 * MiB,
         keepalive_time_s: float = 30.0,
         info_timeout_s: float = 1.0,
         resolve_interval_s: float = 5.0,
-        use_search_port: bool = True,
         policy: ReplicaPolicy | None = None,
         tracer_provider=None,
         meter_provider=None,
@@ -177,7 +185,6 @@ class RemoteRetriever(Retriever):
         self.endpoints = [t.text for t in targets]
         self.deadline_s = deadline_s
         self.info_timeout_s = info_timeout_s
-        self.use_search_port = use_search_port
         self.policy = policy or ReplicaPolicy()
         self._now = now
         self._rng = rng or random.Random()
@@ -187,6 +194,7 @@ class RemoteRetriever(Retriever):
             tls_ca_file, tls_cert_file, tls_key_file,
         )
         self._tls_server_name = tls_server_name
+        self.use_search_port = use_search_port
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -418,6 +426,10 @@ class RemoteSession(RetrievalSession):
                 endpoint.succeeded()
             return
         attempt.resolved = True
+        if isinstance(outcome, _SearchPortDown):
+            if not call.finished or call.probe:
+                self._resend(step, attempt)
+            return
         if not isinstance(outcome, BaseException):
             endpoint.succeeded()
             if not call.finished:
@@ -444,6 +456,17 @@ class RemoteSession(RetrievalSession):
         if not call.outstanding():
             call.finished = True
 
+    def _resend(self, step: _Step, attempt: _Attempt) -> None:
+        """Send a search again to the same endpoint, whose search port failed under it: now on
+        its main port, within the same deadline and as the same attempt (not a failover)."""
+        call, endpoint = attempt.call, attempt.endpoint
+        again = _Attempt(step, call, endpoint, self._retriever._now())
+        call.attempts[call.attempts.index(attempt)] = again
+        try:
+            self._stream_for(endpoint).send(again, call.request)
+        except Exception as exc:  # noqa: BLE001 - a stream that cannot be used is a failure
+            self._settle(step, again, exc)
+
     def _give_up(self, call: _ShardCall) -> None:
         """The shard's deadline passed: its attempts still out are failures (late)."""
         call.finished = True
@@ -457,13 +480,17 @@ class RemoteSession(RetrievalSession):
 
     def _stream_for(self, endpoint: _Endpoint) -> _Stream:
         stream = self._streams.get(endpoint)
+        port, method = endpoint.stream_route()
         if stream is not None and (stream.dead or stream.busy()):
             # Dead, or still owing answers to searches given up: out of step with this session.
             stream.close(cancel=True)
             stream = None
+        elif stream is not None and stream.port != port:
+            stream.close(cancel=False)  # the search port failed, came back, or changed
+            stream = None
         if stream is None:
             r = self._retriever
-            stream = _Stream(endpoint, r._metadata, r._tracer)
+            stream = _Stream(endpoint, port, method, r._metadata, r._tracer)
             self._streams[endpoint] = stream
         return stream
 
@@ -574,6 +601,14 @@ class _OlderServer(Exception):
     ``SearchRequest.levels``)."""
 
 
+class _SearchPortDown(Exception):
+    """A search that got no answer because its stream was on the endpoint's search port and
+    that port failed: to be sent again on the main port."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"the search port failed: {_reason(error)}")
+
+
 class _Attempt:
     """One search sent to one endpoint."""
 
@@ -589,7 +624,8 @@ class _Attempt:
 
 
 class _Stream:
-    """One ``SearchStream`` of one session to one endpoint.
+    """One ``SearchStream`` of one session to one endpoint, on its main port (``port`` 0) or on
+    its search port.
 
     Requests go through a queue that gRPC's sender thread drains; a reader thread takes every
     response, matches it to the oldest search sent (the server answers in order), and hands it
@@ -598,8 +634,10 @@ class _Stream:
 
     _END = object()
 
-    def __init__(self, endpoint: _Endpoint, metadata, tracer: trace.Tracer) -> None:
+    def __init__(self, endpoint: _Endpoint, port: int, open_stream, metadata,
+                 tracer: trace.Tracer) -> None:
         self.endpoint = endpoint
+        self.port = port
         self._pending: collections.deque[_Attempt] = collections.deque()
         self._lock = threading.Lock()
         self.dead = False
@@ -612,13 +650,13 @@ class _Stream:
             STREAM_METHOD,
             kind=SpanKind.CLIENT,
             attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
-                        "server.address": endpoint.address},
+                        "server.address": endpoint.address,
+                        "rest.retriever.search_port": port},
         )
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(self.span))
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.via_search_port, search_stream = endpoint.search_stream()
-        self.call = search_stream(
+        self.call = open_stream(
             iter(self._requests.get, self._END), metadata=tuple(metadata) + tuple(carrier.items())
         )
         threading.Thread(target=self._read, daemon=True,
@@ -632,7 +670,7 @@ class _Stream:
             if self.dead:
                 raise ConnectionError(f"the stream to {self.endpoint.address} has ended")
             self._pending.append(attempt)
-            self.endpoint.sent()
+            self.endpoint.sent(self.port)
         self._requests.put(request)
 
     def _read(self) -> None:
@@ -643,6 +681,8 @@ class _Stream:
                     attempt = self._pending.popleft() if self._pending else None
                 if attempt is None:
                     raise ConnectionError("an answer to no request")
+                if self.port:
+                    self.endpoint.search_port_answered(self.port)
                 try:
                     self.endpoint.on_response(attempt, response)
                 except Exception as exc:  # noqa: BLE001 - a bug here must not lose the step
@@ -651,14 +691,16 @@ class _Stream:
             error = ConnectionError(f"{self.endpoint.address} ended the stream")
         except grpc.RpcError as exc:
             error = exc
-            if self.via_search_port and exc.code() == grpc.StatusCode.UNAVAILABLE:
-                self.endpoint.search_port_failed(exc)
         except Exception as exc:  # noqa: BLE001 - handed to the waiting searches
             error = exc
         with self._lock:
             self.dead = True
             pending = list(self._pending)
             self._pending.clear()
+        if self.port and not self._cancelled and (
+                not isinstance(error, grpc.RpcError) or error.code() in _SEARCH_PORT_DOWN):
+            self.endpoint.search_port_failed(self.port, error)
+            error = _SearchPortDown(error)
         for attempt in pending:
             self.endpoint.on_error(attempt, error)
         if not self._cancelled and pending:
@@ -690,15 +732,18 @@ class _Endpoint:
             server_name = address.target.host  # dialled by address, verified by name
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        self._credentials, self._channel_options = r._credentials, options
-        self.channel = _channel(self.address, r._credentials, options)
+        self._channel_args = (r._credentials, options)
+        self.channel = _channel(self.address, *self._channel_args)
         self._main_stream = _search_stream(self.channel)
-        # The server's search port (Info's search_port), when it has one and the client uses it:
-        # (port, channel, stream method), and until when it is not used after failing.
-        self._use_search_port = r.use_search_port and not address.target.raw
-        self._search_port: tuple[int, grpc.Channel, object] | None = None
-        self._search_port_retry_at = 0.0
-        self._search_port_backoff_s = _SEARCH_PORT_BACKOFF_S[0]
+        self._dial = address
+        self._use_search_port = r.use_search_port
+        # The search port as ``Info`` reports it (0: none), its channel, and until when it is
+        # passed over after failing (``ReplicaPolicy.search_port_retry_s``).
+        self.search_port = 0
+        self._search_channel: grpc.Channel | None = None
+        self._search_port_stream = None
+        self.search_port_down_until: float | None = None
+        self._search_port_retry_s = r.policy.search_port_retry_s
         self.info_stub = _traced_stub(self.channel, r._tracer_provider)
         self.info: DatastoreInfo | None = None
         self.info_error: str | None = None
@@ -732,42 +777,6 @@ class _Endpoint:
 
     def __repr__(self) -> str:
         return f"<endpoint {self.address}>"
-
-    def search_stream(self):
-        """``(via the search port, the SearchStream method to call)``: the server's search port
-        when it has one that has not failed lately, else the main port (which serves the same)."""
-        port = self._search_port
-        if port is not None and self._now() >= self._search_port_retry_at:
-            return True, port[2]
-        return False, self._main_stream
-
-    def set_search_port(self, port: int) -> None:
-        """What Info said of the server's search port (0: none)."""
-        if not self._use_search_port or port == (self._search_port or (0,))[0]:
-            return
-        if not 0 <= port <= 65535:
-            log.warning("%s reports search port %d, not a port: not used", self.address, port)
-            port = 0
-        old, self._search_port = self._search_port, None
-        if port:
-            host = self.address.rpartition(":")[0]  # "10.0.0.7" or "[fd00::7]"
-            channel = _channel(f"{host}:{port}", self._credentials, self._channel_options)
-            self._search_port = (port, channel, _search_stream(channel))
-            self._search_port_retry_at = 0.0
-        if old is not None:
-            old[1].close()
-
-    def search_port_failed(self, error: grpc.RpcError) -> None:
-        """The search port could not be reached: searches go to the main port for a while
-        (from 1 s, doubling to 30 s while it keeps failing), then it is tried again."""
-        with self._lock:
-            self.counts["search_port_fallbacks"] += 1
-            delay = self._search_port_backoff_s * random.uniform(0.8, 1.2)
-            self._search_port_backoff_s = min(self._search_port_backoff_s * 2,
-                                              _SEARCH_PORT_BACKOFF_S[1])
-            self._search_port_retry_at = self._now() + delay
-        log.info("%s: its search port failed (%s); searching on the main port for %.1f s",
-                 self.address, error.code().name, delay)
 
     def set_group(self, group: _ReplicaSet | None) -> None:
         self.group = group
@@ -806,9 +815,10 @@ class _Endpoint:
             self.counts[f"attempts_{kind}"] += 1
         self._metrics.attempts.add(1, self.kind_attributes[kind])
 
-    def sent(self) -> None:
+    def sent(self, port: int) -> None:
         with self._lock:
             self.in_flight += 1
+            self.counts["sent_search_port" if port else "sent_main_port"] += 1
 
     def _arrived(self, latency: float | None) -> None:
         with self._lock:
@@ -848,6 +858,8 @@ class _Endpoint:
         that was given up, or one on a stream this client cancelled."""
         if attempt.late:
             self.owe(-1)
+        if isinstance(outcome, _SearchPortDown):
+            return  # the port's failure, counted as a fallback: not the endpoint's
         if not isinstance(outcome, BaseException) or isinstance(outcome, _OlderServer):
             self.succeeded()  # it works (and its latency was recorded): worth a probe
         elif (attempt.call.result is not None or attempt.call.probe) \
@@ -874,6 +886,61 @@ class _Endpoint:
             log.info("%s ejected for %.2f s after %d failures (last: %s)", self.address,
                      self.ejection.until - self._now(), self.ejection.consecutive_failures,
                      reason)
+
+    # --- the search port ------------------------------------------------------------------------
+
+    def set_search_port(self, port: int) -> None:
+        """The search port its ``Info`` reported (0: none); with the pool's lock held."""
+        if port > 65535:
+            log.warning("%s reports search port %d, which is no TCP port: ignored, searching"
+                        " on the main port", self.address, port)
+            port = 0
+        address = self._dial.with_port(port) if port and self._use_search_port else None
+        if address is None or address == self.address:
+            port = 0
+        if port == self.search_port:
+            return
+        old = self._search_channel
+        channel = _channel(address, *self._channel_args) if port else None
+        # One assignment, so that ``stream_route`` never pairs a port with another's method.
+        self.search_port, self._search_port_stream, self._search_channel = \
+            port, None if channel is None else _search_stream(channel), channel
+        self.search_port_down_until = None
+        if port:
+            log.info("%s searches on port %d", self.address, port)
+        if old is not None:
+            old.close()  # its streams end, and their searches go to the new port
+
+    def stream_route(self) -> tuple[int, object]:
+        """The port for a new stream (0: the main port), and its ``SearchStream`` method: the
+        search port unless it failed lately. Answers arrive as bytes: ``_ShardCall.convert``
+        decodes them (levels natively)."""
+        port, method, down_until = \
+            self.search_port, self._search_port_stream, self.search_port_down_until
+        if not port or down_until is not None and self._now() < down_until:
+            return 0, self._main_stream
+        return port, method
+
+    def search_port_failed(self, port: int, error: BaseException) -> None:
+        """A stream on the search port ended without this client ending it: search on the main
+        port for a while."""
+        with self._lock:
+            if port != self.search_port:
+                return  # a port reported earlier: its channel was closed
+            first = self.search_port_down_until is None  # it worked (or was never tried)
+            self.search_port_down_until = self._now() + self._search_port_retry_s
+            self.counts["search_port_fallbacks"] += 1
+        self._metrics.search_port_fallbacks.add(1, self.attributes)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "search port %d of %s failed (%s): searching on its main port, trying the search"
+                " port again in %g s", port, self.address, _reason(error),
+                self._search_port_retry_s)
+
+    def search_port_answered(self, port: int) -> None:
+        if self.search_port_down_until is not None and port == self.search_port:
+            with self._lock:
+                self.search_port_down_until = None
+            log.info("search port %d of %s answers again", port, self.address)
 
     # --- health (gRPC A17) --------------------------------------------------------------------
 
@@ -924,20 +991,11 @@ class _Endpoint:
             watch.close()
         self.watches = []
         self.channel.close()
-        if self._search_port is not None:
-            self._search_port[1].close()
+        if self._search_channel is not None:
+            self._search_channel.close()
 
 
 _INFO_BACKOFF_S = (0.1, 1.0)  # Info retries: from 100 ms, doubling, at most 1 s apart
-_SEARCH_PORT_BACKOFF_S = (1.0, 30.0)  # a failed search port: main port from 1 s to 30 s
-
-
-def _search_stream(channel: grpc.Channel):
-    """The SearchStream method of ``channel``; answers arrive as bytes: ``_ShardCall.convert``
-    decodes them (levels natively)."""
-    return channel.stream_stream(STREAM_METHOD,
-                                 request_serializer=pb.SearchRequest.SerializeToString,
-                                 response_deserializer=None)
 
 
 class _ReplicaSet:
@@ -1082,6 +1140,7 @@ class _Pool:
                 endpoints[e.address] = {
                     "shards": e.group.label if e.group else None,
                     "health": e.health.value, "ejection": e.ejection.state.value,
+                    "search_port": e.search_port, "on_search_port": e.stream_route()[0] != 0,
                     "in_flight": e.in_flight, "rtt_s": e.ewma.estimate(), **counts,
                 }
         return {"shards": groups, "endpoints": endpoints}
@@ -1136,7 +1195,7 @@ class _Pool:
         """On a gRPC thread: an ``Info`` answer or error."""
         try:
             response = future.result()
-            info = wire.datastore_info(response)
+            info, search_port = wire.datastore_info(response), response.search_port
         except grpc.RpcError as exc:
             info, error = None, f"{exc.code().name}: {exc.details()}"
         except Exception as exc:  # noqa: BLE001 - cancelled at close, or a malformed answer
@@ -1160,7 +1219,7 @@ class _Pool:
                     log.warning("%s; not using it", endpoint.incompatible)
                 shards_changed = endpoint.info is None or endpoint.info.shards != info.shards
                 endpoint.info = info
-                endpoint.set_search_port(response.search_port)
+                endpoint.set_search_port(search_port)
                 if shards_changed and not endpoint.incompatible:
                     endpoint.watch(info.shards)
                 self._regroup()
@@ -1265,6 +1324,9 @@ class _Metrics:
             " in-flight cap reached")
         self.shard_misses = meter.create_counter(
             f"{prefix}.shard_misses", description="Steps that went on without a shard's answer")
+        self.search_port_fallbacks = meter.create_counter(
+            f"{prefix}.search_port.fallbacks", description="Search streams on an endpoint's"
+            " search port that failed, their searches sent again on its main port")
 
     def add_sample(self, latency: float, attributes: dict) -> None:
         self._duration.record(latency, attributes)
@@ -1282,6 +1344,12 @@ def _channel(endpoint: str, credentials, options) -> grpc.Channel:
     if credentials is None:
         return grpc.insecure_channel(endpoint, options)
     return grpc.secure_channel(endpoint, credentials, options)
+
+
+def _search_stream(channel: grpc.Channel):
+    return channel.stream_stream(STREAM_METHOD,
+                                 request_serializer=pb.SearchRequest.SerializeToString,
+                                 response_deserializer=None)
 
 
 def _traced_stub(channel: grpc.Channel, tracer_provider) -> pb_grpc.RetrieverStub:

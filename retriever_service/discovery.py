@@ -54,6 +54,12 @@ class Address:
     def __str__(self) -> str:
         return self.dial
 
+    def with_port(self, port: int) -> str | None:
+        """The same host at another port (``None`` for a raw target such as ``unix:``)."""
+        if self.target.raw:
+            return None
+        return dial_string(parse_target(self.dial).host, port)
+
 
 def parse_target(text: str) -> Target:
     """``host:port``, ``[v6]:port``, or a target with a gRPC scheme (``unix:/path``)."""

@@ -307,7 +307,8 @@ class ReplicaPolicy:
     step and counted as overflow (Envoy's circuit breaking). ``owed_timeout_s``: how long an
     endpoint with a search given up late and still unanswered is passed over (a stall then costs
     one deadline, not one per step). ``default_rtt_s``: the pessimistic latency of an endpoint
-    never measured.
+    never measured. ``search_port_retry_s``: how long an endpoint whose search port failed
+    searches on its main port before its search port is tried again.
     """
 
     max_attempts: int = 3
@@ -326,6 +327,7 @@ class ReplicaPolicy:
     ejection: EjectionPolicy = field(default_factory=EjectionPolicy)
     throttle_max_tokens: float = 10.0
     throttle_token_ratio: float = 0.1
+    search_port_retry_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -336,6 +338,8 @@ class ReplicaPolicy:
             raise ValueError("deadline_factor and min_deadline_s must be > 0")
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be >= 1")
+        if self.search_port_retry_s <= 0:
+            raise ValueError("search_port_retry_s must be > 0")
 
 
 class ShardStats:
