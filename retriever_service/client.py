@@ -641,6 +641,7 @@ class _Stream:
         self._pending: collections.deque[_Attempt] = collections.deque()
         self._lock = threading.Lock()
         self.dead = False
+        self._ended: BaseException | None = None  # why it is dead
         self._cancelled = False
         # The instrumentation's blocking-API stream interceptor hides the call object (so it
         # could not be cancelled) and starts its span lazily, so this span and the propagation
@@ -668,6 +669,9 @@ class _Stream:
     def send(self, attempt: _Attempt, request: pb.SearchRequest) -> None:
         with self._lock:
             if self.dead:
+                # A search port that failed before this search was sent: send it again too.
+                if isinstance(self._ended, _SearchPortDown):
+                    raise self._ended
                 raise ConnectionError(f"the stream to {self.endpoint.address} has ended")
             self._pending.append(attempt)
             self.endpoint.sent(self.port)
@@ -693,14 +697,14 @@ class _Stream:
             error = exc
         except Exception as exc:  # noqa: BLE001 - handed to the waiting searches
             error = exc
-        with self._lock:
-            self.dead = True
-            pending = list(self._pending)
-            self._pending.clear()
         if self.port and not self._cancelled and (
                 not isinstance(error, grpc.RpcError) or error.code() in _SEARCH_PORT_DOWN):
             self.endpoint.search_port_failed(self.port, error)
             error = _SearchPortDown(error)
+        with self._lock:
+            self.dead, self._ended = True, error
+            pending = list(self._pending)
+            self._pending.clear()
         for attempt in pending:
             self.endpoint.on_error(attempt, error)
         if not self._cancelled and pending:
