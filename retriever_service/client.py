@@ -148,8 +148,9 @@ class RemoteRetriever(Retriever):
     given: ``tls_ca_file`` to trust the server's certificate (default: the system's roots),
     ``tls_cert_file``/``tls_key_file`` for mutual TLS, ``tls_server_name`` when the certificate's
     name differs from the endpoint's host (an address resolved from a name is checked against
-    that name). ``use_search_port=False`` sends searches to the main port even where a server
-    reports a search port (see the module docstring). ``policy`` holds the replica choices (``replicas.ReplicaPolicy``).
+    that name). ``use_search_port``: send searches to a server's search port when it reports
+    one (see the module docstring). ``policy`` holds the replica choices
+    (``replicas.ReplicaPolicy``).
     ``tracer_provider``/``meter_provider`` default to the global OpenTelemetry providers.
     ``now``, ``rng`` and ``resolver`` are for tests.
     """
@@ -165,11 +166,11 @@ class RemoteRetriever(Retriever):
         tls_cert_file: str | Path | None = None,
         tls_key_file: str | Path | None = None,
         tls_server_name: str | None = None,
-        use_search_port: bool = True,
         max_message_bytes: int = 4 * MiB,
         keepalive_time_s: float = 30.0,
         info_timeout_s: float = 1.0,
         resolve_interval_s: float = 5.0,
+        use_search_port: bool = True,
         policy: ReplicaPolicy | None = None,
         tracer_provider=None,
         meter_provider=None,
@@ -185,6 +186,7 @@ class RemoteRetriever(Retriever):
         self.endpoints = [t.text for t in targets]
         self.deadline_s = deadline_s
         self.info_timeout_s = info_timeout_s
+        self.use_search_port = use_search_port
         self.policy = policy or ReplicaPolicy()
         self._now = now
         self._rng = rng or random.Random()
@@ -194,7 +196,6 @@ class RemoteRetriever(Retriever):
             tls_ca_file, tls_cert_file, tls_key_file,
         )
         self._tls_server_name = tls_server_name
-        self.use_search_port = use_search_port
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -736,8 +737,8 @@ class _Endpoint:
             server_name = address.target.host  # dialled by address, verified by name
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
-        self._channel_args = (r._credentials, options)
-        self.channel = _channel(self.address, *self._channel_args)
+        self._credentials, self._channel_options = r._credentials, options
+        self.channel = _channel(self.address, r._credentials, options)
         self._main_stream = _search_stream(self.channel)
         self._dial = address
         self._use_search_port = r.use_search_port
@@ -905,7 +906,7 @@ class _Endpoint:
         if port == self.search_port:
             return
         old = self._search_channel
-        channel = _channel(address, *self._channel_args) if port else None
+        channel = _channel(address, self._credentials, self._channel_options) if port else None
         # One assignment, so that ``stream_route`` never pairs a port with another's method.
         self.search_port, self._search_port_stream, self._search_channel = \
             port, None if channel is None else _search_stream(channel), channel
@@ -917,8 +918,7 @@ class _Endpoint:
 
     def stream_route(self) -> tuple[int, object]:
         """The port for a new stream (0: the main port), and its ``SearchStream`` method: the
-        search port unless it failed lately. Answers arrive as bytes: ``_ShardCall.convert``
-        decodes them (levels natively)."""
+        search port unless it failed lately."""
         port, method, down_until = \
             self.search_port, self._search_port_stream, self.search_port_down_until
         if not port or down_until is not None and self._now() < down_until:
@@ -1000,6 +1000,14 @@ class _Endpoint:
 
 
 _INFO_BACKOFF_S = (0.1, 1.0)  # Info retries: from 100 ms, doubling, at most 1 s apart
+
+
+def _search_stream(channel: grpc.Channel):
+    """The SearchStream method of ``channel``; answers arrive as bytes: ``_ShardCall.convert``
+    decodes them (levels natively)."""
+    return channel.stream_stream(STREAM_METHOD,
+                                 request_serializer=pb.SearchRequest.SerializeToString,
+                                 response_deserializer=None)
 
 
 class _ReplicaSet:
@@ -1199,7 +1207,7 @@ class _Pool:
         """On a gRPC thread: an ``Info`` answer or error."""
         try:
             response = future.result()
-            info, search_port = wire.datastore_info(response), response.search_port
+            info = wire.datastore_info(response)
         except grpc.RpcError as exc:
             info, error = None, f"{exc.code().name}: {exc.details()}"
         except Exception as exc:  # noqa: BLE001 - cancelled at close, or a malformed answer
@@ -1223,7 +1231,7 @@ class _Pool:
                     log.warning("%s; not using it", endpoint.incompatible)
                 shards_changed = endpoint.info is None or endpoint.info.shards != info.shards
                 endpoint.info = info
-                endpoint.set_search_port(search_port)
+                endpoint.set_search_port(response.search_port)
                 if shards_changed and not endpoint.incompatible:
                     endpoint.watch(info.shards)
                 self._regroup()
@@ -1348,12 +1356,6 @@ def _channel(endpoint: str, credentials, options) -> grpc.Channel:
     if credentials is None:
         return grpc.insecure_channel(endpoint, options)
     return grpc.secure_channel(endpoint, credentials, options)
-
-
-def _search_stream(channel: grpc.Channel):
-    return channel.stream_stream(STREAM_METHOD,
-                                 request_serializer=pb.SearchRequest.SerializeToString,
-                                 response_deserializer=None)
 
 
 def _traced_stub(channel: grpc.Channel, tracer_provider) -> pb_grpc.RetrieverStub:
