@@ -47,7 +47,7 @@ ENV PATH=/opt/rest/bin:${PATH} \
 # A numeric user, so that runAsNonRoot can be checked without runAsUser.
 USER 10001:10001
 WORKDIR /tmp
-# gRPC, the plaintext health-only port, Prometheus metrics.
+# gRPC, the plaintext health-only port, the search port (components/search-port), metrics.
 EXPOSE 50051 50052 50053 9090
 ENTRYPOINT ["retriever-server"]
 CMD ["--help"]
