@@ -105,7 +105,8 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         """Serves Search and SearchStream on ``host:port`` (0: a free port) from the engine's
         gRPC server as well, advertised in Info's ``search_port``; the bound port. Plaintext
         only (the server refuses it with TLS); no spans (a request with a trace context is
-        answered, untraced, by ``answer_blocking``)."""
+        answered, untraced, by ``answer_blocking``); its searches run on its own ``threads``
+        and are admitted against ``max_concurrent_searches`` of their own."""
         if self._engine_limits is None:
             raise ValueError("the search port needs an engine datastore (rest.datastore.Datastore)")
         self._search_port = SearchServer(

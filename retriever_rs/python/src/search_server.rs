@@ -34,8 +34,9 @@ use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
 use tonic::{Code, Request, Response, Status, Streaming};
 
 const SERVICE: &str = "rest.retriever.v1.Retriever";
-/// The methods served here, as counted in `counts`.
+/// The methods served here, as counted in `counts`, and their paths.
 const METHODS: [&str; 2] = ["Search", "SearchStream"];
+const PATHS: [&str; 2] = ["/rest.retriever.v1.Retriever/Search", "/rest.retriever.v1.Retriever/SearchStream"];
 /// gRPC's status codes run from 0 (OK) to 16 (UNAUTHENTICATED).
 const CODES: usize = 17;
 const UNAUTHENTICATED: &str = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'";
@@ -278,8 +279,7 @@ where
         let shared = self.0.clone();
         Box::pin(async move {
             let path = request.uri().path();
-            let method = METHODS.iter().position(|m| path.strip_prefix("/").and_then(|p| p.strip_prefix(SERVICE)) == Some(&format!("/{m}")));
-            let Some(method) = method else {
+            let Some(method) = PATHS.iter().position(|p| *p == path) else {
                 return Ok(Status::unimplemented(format!("{path} is not served on the search port; use the main port")).into_http());
             };
             if !shared.authorized(request.headers()) {
@@ -459,6 +459,13 @@ mod tests {
         assert_eq!(with("m"), None);
         assert_eq!(with("10x"), None);
         assert_eq!(deadline_of(&http::HeaderMap::new(), now), None);
+    }
+
+    #[test]
+    fn paths_name_the_service_and_its_methods() {
+        for (path, method) in PATHS.iter().zip(METHODS) {
+            assert_eq!(*path, format!("/{SERVICE}/{method}"));
+        }
     }
 
     #[test]
