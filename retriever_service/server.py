@@ -40,6 +40,7 @@ from grpc_reflection.v1alpha import reflection
 from rest.cli_errors import one_line, run
 
 from retriever_service.auth import TOKEN_ENV, BearerTokenInterceptor, check_token, token_option
+from retriever_service.native import NativeSearchPort
 from retriever_service.searches import AsyncSearches
 from retriever_service.servicer import SERVICE, RetrieverServicer, add_to_server
 from retriever_service.shards import ServedShards, ShardOptions
@@ -94,6 +95,10 @@ class ServerConfig:
     # A second, plaintext port that serves only the health service (None: none), for probes that
     # cannot speak TLS (the kubelet's gRPC probes) when the main port uses it.
     health_port: int | None = None
+    # A second port on the same host where the engine's own gRPC server (no Python on the path of
+    # a request) answers Search, SearchStream and Info, advertised in InfoResponse.search_port
+    # (0: a free port; None: none). Not opened on a traced server (see docs/SERVER.md).
+    search_port: int | None = None
     max_concurrent_searches: int = 64  # in flight at once, running or waiting for a worker
     workers: int = field(default_factory=default_workers)  # search threads
     max_context_tokens: int = 4096
@@ -136,6 +141,18 @@ class ServerConfig:
                 raise ValueError(f"--health-port must be in {lowest}..{highest}, got {self.health_port}")
             if self.health_port == self.port != 0:
                 raise ValueError(f"--health-port must differ from --port (both {self.port})")
+        if self.search_port is not None:
+            lowest, highest = OPTION_RANGES["port"]
+            if isinstance(self.search_port, bool) or not isinstance(self.search_port, int) or not (
+                lowest <= self.search_port <= highest
+            ):
+                raise ValueError(f"--search-port must be in {lowest}..{highest}, got {self.search_port}")
+            for other, value in (("--port", self.port), ("--health-port", self.health_port)):
+                if value == self.search_port != 0:
+                    raise ValueError(f"--search-port must differ from {other} (both {value})")
+            if self.tls_cert is not None:
+                raise ValueError("--search-port serves plaintext only: leave it out on a TLS server"
+                                 " (--tls-cert)")
         for shard in self.shards:
             if not shard:
                 raise ValueError("--shard must not be empty")
@@ -243,9 +260,12 @@ class RetrieverServer:
     configured), a ``reload`` of its datastore and a graceful ``shutdown``."""
 
     def __init__(self, server: grpc.aio.Server, port: int, health: HealthServicer,
-                 shards: ServedShards, health_server: tuple[grpc.aio.Server, int] | None = None):
+                 shards: ServedShards, health_server: tuple[grpc.aio.Server, int] | None = None,
+                 native: NativeSearchPort | None = None):
         self.server = server
         self.port = port
+        self.native = native
+        self.search_port = native.port if native is not None else None
         self.health = health
         self.shards = shards
         self._health_server = health_server[0] if health_server else None
@@ -258,7 +278,11 @@ class RetrieverServer:
     async def shutdown(self, grace_s: float) -> None:
         # NOT_SERVING first, so health watchers (load balancers) stop sending before refusals.
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace_s)
+        if self.native is None:
+            await self.server.stop(grace_s)
+        else:  # both ports stop accepting at once, and share the grace period
+            await asyncio.gather(self.server.stop(grace_s),
+                                 asyncio.to_thread(self.native.stop, grace_s))
         if self._health_server is not None:  # probes see NOT_SERVING until the very end
             await self._health_server.stop(0)
         self.shards.close()
@@ -331,16 +355,41 @@ async def start_server(
         server,
     )
 
+    native = None
     try:
         port = _bind(server, config)
         health_server = None
         if config.health_port is not None:
             health_server = await start_health_server(config, health)
+        if config.search_port is not None:
+            native = start_native_port(config, servicer, traced=tracer_provider is not None)
         await server.start()
     except BaseException:
+        if native is not None:
+            native.stop(0)
         shards.close()
         raise
-    return RetrieverServer(server, port, health, shards, health_server)
+    return RetrieverServer(server, port, health, shards, health_server, native)
+
+
+def start_native_port(config: ServerConfig, servicer: RetrieverServicer, *,
+                      traced: bool) -> NativeSearchPort | None:
+    """The native search port of ``config.search_port``; none on a traced server, whose spans
+    the native port would not continue (one log line says so)."""
+    if traced:
+        log.warning("--search-port: not opened on a traced server (OpenTelemetry traces are "
+                    "configured); clients search through --port")
+        return None
+    problem = why_bind_fails(config.host, config.search_port, port_option="--search-port")
+    address = f"{host_for_address(config.host)}:{config.search_port}"
+    if problem is not None:
+        raise OSError(f"could not listen on {address}: {problem}")
+    return NativeSearchPort(
+        config.host, config.search_port, servicer, workers=config.workers,
+        max_concurrent_searches=config.max_concurrent_searches,
+        max_message_bytes=config.max_message_bytes, keepalive_time_s=config.keepalive_time_s,
+        keepalive_timeout_s=config.keepalive_timeout_s,
+        inline_search_s=config.inline_search_us * 1e-6, token=config.token)
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -422,6 +471,9 @@ async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None
     # Tests and scripts read the port from this line; keep its shape.
     address = f"{host_for_address(config.host)}:{running.port}"
     print(f"retriever-server listening on {address}", file=out, flush=True)
+    if running.search_port is not None:
+        print(f"retriever-server native searches listening on"
+              f" {host_for_address(config.host)}:{running.search_port}", file=out, flush=True)
     if running.health_port is not None:
         log.info("health service alone, in plaintext, on %s:%d", host_for_address(config.host),
                  running.health_port)
@@ -468,6 +520,7 @@ class BackgroundServer:
         self.port = self._running.port
         self.health = self._running.health
         self.health_port = self._running.health_port
+        self.search_port = self._running.search_port
 
     def _call(self, coroutine, timeout: float = 30.0):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
@@ -524,6 +577,10 @@ def option_range(field_name: str) -> click.ParamType:
 @click.option("--health-port", type=option_range("port"), default=None,
               help="Also serve the gRPC health service alone, in plaintext, on this port: for "
                    "probes that cannot use TLS (the kubelet's). Default: no such port.")
+@click.option("--search-port", type=option_range("port"), default=None,
+              help="Also answer Search, SearchStream and Info on this port from the engine's "
+                   "own gRPC server (no Python on a request's path; plaintext; 0: a free port), "
+                   "advertised in Info.search_port. Default: no such port.")
 @click.option("--max-concurrent-searches", default=64, show_default=True,
               type=option_range("max_concurrent_searches"),
               help="Searches in flight at once; more get RESOURCE_EXHAUSTED.")

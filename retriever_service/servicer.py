@@ -63,8 +63,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._max_context_tokens = max_context_tokens
         self._policy_caps = policy_caps
         self._telemetry = telemetry
+        self._native = None  # the native search port (native.NativeSearchPort), when opened
         if telemetry is not None:
-            telemetry.observe_in_flight(lambda: self._in_flight)
+            telemetry.observe_in_flight(lambda: self._in_flight + self.native_in_flight)
         self.use_datastore(datastore, searches)
 
     def use_datastore(self, datastore, searches: AsyncSearches) -> None:
@@ -85,6 +86,47 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         # stand-in datastore without try_search_request always takes the Python path).
         self._engine_limits = (limits.for_engine() if hasattr(datastore, "try_search_request")
                                else None)  # fmt: skip
+        if self._native is not None:
+            self._info.search_port = self._native.port
+            self._native.use_datastore(datastore, self._engine_limits, self._info)
+
+    def attach_native(self, native) -> None:
+        """Serve the searches also on ``native`` (a ``native.NativeSearchPort``), which sees every
+        datastore this servicer serves from now on (reloads included) and asks this servicer for
+        the rare answers it leaves to Python (``native_parse``, ``native_engine_error``); Info
+        advertises its port."""
+        self._native = native
+        self._info.search_port = native.port
+        native.use_datastore(self._datastore, self._engine_limits, self._info)
+
+    def native_serving(self) -> tuple:
+        """``(datastore, engine limits, InfoResponse)`` that a native port starts with; a stand-in
+        datastore without the engine's request checks cannot be served natively."""
+        if self._engine_limits is None:
+            raise ValueError("--search-port needs the engine's datastore (a rest.datastore.Datastore)")
+        return self._datastore, self._engine_limits, self._info
+
+    @property
+    def native_in_flight(self) -> int:
+        return 0 if self._native is None else self._native.in_flight
+
+    def native_parse(self, data: bytes) -> tuple:
+        """For the native port, a request its engine checks leave to Python, as ``_search`` reads
+        it: ``("refuse", status code, message)``, or ``("search", context, (min_span, max_span,
+        budget, max_depth, policy), shards, levels)``."""
+        try:
+            parsed = self._parser.parse(decode(pb.SearchRequest, data))
+        except RequestError as exc:
+            return ("refuse", exc.code.value[0], exc.message)
+        p = parsed.params
+        return ("search", parsed.context, (p.min_span, p.max_span, p.budget, p.max_depth, p.policy),
+                parsed.shards, parsed.levels)
+
+    @staticmethod
+    def native_engine_error(exc: Exception) -> tuple[int, str]:
+        """For the native port, an engine exception's status, as ``_search`` maps it."""
+        error = engine_error(exc)
+        return error.code.value[0], error.message
 
     async def Info(self, request: bytes, context) -> pb.InfoResponse:
         try:

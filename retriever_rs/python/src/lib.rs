@@ -8,6 +8,7 @@ mod draft;
 mod errors;
 mod executor;
 mod format;
+mod grpc;
 mod scrub;
 mod wire;
 
@@ -30,5 +31,6 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<scrub::Scrub>()?;
     m.add_function(wrap_pyfunction!(wire::decode_search_response, m)?)?;
     m.add_class::<wire::RequestLimits>()?;
+    m.add_class::<grpc::NativeSearchServer>()?;
     Ok(())
 }

@@ -135,6 +135,7 @@ struct SearchRequest {
 /// for `Datastore.try_search_request`: the vocabulary, the context limit, the served shards and
 /// the largest budget and max_depth per policy.
 #[pyclass(frozen, module = "rest._engine")]
+#[derive(Clone)]
 pub struct RequestLimits {
     vocab_size: u64,
     max_context_tokens: usize,
