@@ -10,10 +10,6 @@ from __future__ import annotations
 
 from rest import _engine
 
-# The series of the server's telemetry that the native port's counters feed.
-METHODS = ("Search", "SearchStream")
-
-
 class NativeSearchPort:
     """A started native port serving ``servicer``'s datastore (``servicer.attach_native``)."""
 
@@ -28,7 +24,18 @@ class NativeSearchPort:
             keepalive_timeout_s=keepalive_timeout_s, inline_search_s=inline_search_s,
             token=token)
         self.port = self._server.port
+        self._collector = None
         servicer.attach_native(self)
+
+    def export_latency(self) -> None:
+        """Serve the latency histogram on the process's Prometheus endpoint (prometheus_client's
+        registry) until ``stop``."""
+        from prometheus_client import REGISTRY
+
+        from retriever_service.telemetry import NativeLatencyCollector
+
+        self._collector = NativeLatencyCollector(self._server.stats)
+        REGISTRY.register(self._collector)
 
     def use_datastore(self, datastore, limits, info) -> None:
         """Serve ``datastore`` (a ``rest.datastore.Datastore``) with ``limits`` (its
@@ -47,3 +54,8 @@ class NativeSearchPort:
         """Stop accepting calls, let those in flight finish for up to ``grace_s`` s, end the rest
         (blocks: run it off the event loop)."""
         self._server.stop(grace_s)
+        if self._collector is not None:
+            from prometheus_client import REGISTRY
+
+            REGISTRY.unregister(self._collector)
+            self._collector = None

@@ -362,7 +362,8 @@ async def start_server(
         if config.health_port is not None:
             health_server = await start_health_server(config, health)
         if config.search_port is not None:
-            native = start_native_port(config, servicer, traced=tracer_provider is not None)
+            native = start_native_port(config, servicer, traced=tracer_provider is not None,
+                                       telemetry=telemetry)
         await server.start()
     except BaseException:
         if native is not None:
@@ -372,10 +373,11 @@ async def start_server(
     return RetrieverServer(server, port, health, shards, health_server, native)
 
 
-def start_native_port(config: ServerConfig, servicer: RetrieverServicer, *,
-                      traced: bool) -> NativeSearchPort | None:
+def start_native_port(config: ServerConfig, servicer: RetrieverServicer, *, traced: bool,
+                      telemetry: SearchTelemetry | None = None) -> NativeSearchPort | None:
     """The native search port of ``config.search_port``; none on a traced server, whose spans
-    the native port would not continue (one log line says so)."""
+    the native port would not continue (one log line says so). Its counters feed ``telemetry``'s
+    (and its latency the ``/metrics`` endpoint, when the server has one)."""
     if traced:
         log.warning("--search-port: not opened on a traced server (OpenTelemetry traces are "
                     "configured); clients search through --port")
@@ -384,12 +386,17 @@ def start_native_port(config: ServerConfig, servicer: RetrieverServicer, *,
     address = f"{host_for_address(config.host)}:{config.search_port}"
     if problem is not None:
         raise OSError(f"could not listen on {address}: {problem}")
-    return NativeSearchPort(
+    native = NativeSearchPort(
         config.host, config.search_port, servicer, workers=config.workers,
         max_concurrent_searches=config.max_concurrent_searches,
         max_message_bytes=config.max_message_bytes, keepalive_time_s=config.keepalive_time_s,
         keepalive_timeout_s=config.keepalive_timeout_s,
         inline_search_s=config.inline_search_us * 1e-6, token=config.token)
+    if telemetry is not None:
+        telemetry.add_counts(native.stats)
+        if config.metrics_port is not None:
+            native.export_latency()
+    return native
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:

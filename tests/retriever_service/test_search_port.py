@@ -146,15 +146,29 @@ def slow_search_s(slow_datastore_dir) -> float:
     return time.perf_counter() - started
 
 
-def test_a_deadline_that_passes_is_deadline_exceeded(slow_server):
-    server = slow_server()
+def test_a_deadline_that_passes_is_deadline_exceeded(slow_server, slow_datastore_dir):
+    """The server gives the search up at the client's deadline (grpc-timeout), and counts it as
+    a rejection for the deadline, as the Python port does."""
+    import re
+
+    slow_s = slow_search_s(slow_datastore_dir)
+    server = slow_server("--metrics-port", "0", "--workers", "1")
+    match = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", server.proc.stdout.readline())
     data = wire.search_request([0, 0], SLOW).SerializeToString()
     with grpc.insecure_channel(server.search_address) as native:
-        _, error = raw_call(native, data, timeout=0.01)
+        timeout = slow_s / 10
+        _, error = raw_call(native, data, timeout=timeout)
         assert error[0] == grpc.StatusCode.DEADLINE_EXCEEDED
-        # The server gave the search up: the port answers the next call at once.
+        # Given up in the engine (one runtime thread): the next call is answered well before
+        # the slow search would have finished.
         quick = pb.SearchRequest(context=[0, 0]).SerializeToString()
-        assert raw_call(native, quick)[1] is None
+        assert wait_until(lambda: raw_call(native, quick)[1] is None, timeout=30)
+    from tests.retriever_service.test_telemetry import scrape
+
+    assert wait_until(lambda: any(
+        s.labels["reason"] == "deadline" and s.value == 1
+        for s in scrape(match.group(1)).get("rest_retriever_server_rejections", [])
+        if s.name.endswith("_total")), timeout=slow_s * 2 + 5)
 
 
 def test_searches_over_the_limit_are_resource_exhausted(slow_server, slow_datastore_dir):
@@ -249,3 +263,44 @@ def test_the_search_port_is_refused_with_tls_and_must_differ_from_the_others():
         ServerConfig(datastore="x", search_port=0, tls_cert="c", tls_key="k")
     with pytest.raises(ValueError, match="--search-port must differ from --port"):
         ServerConfig(datastore="x", port=5000, search_port=5000)
+
+
+def test_the_search_ports_searches_feed_the_servers_metrics(server_process, datastore_dir,
+                                                            monkeypatch):
+    import re
+
+    from retriever_service.telemetry import LATENCY_BUCKETS_S
+    from tests.retriever_service.test_telemetry import scrape
+
+    for name in list(__import__("os").environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    server = server_process("--datastore", str(datastore_dir), "--search-port", "0",
+                            "--metrics-port", "0", "--max-concurrent-searches", "1")
+    match = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", server.proc.stdout.readline())
+    assert match
+    good = pb.SearchRequest(context=[1, 2, 3]).SerializeToString()
+    with grpc.insecure_channel(server.address) as python, \
+            grpc.insecure_channel(server.search_address) as native:
+        assert raw_call(python, good)[1] is None
+        for _ in range(2):
+            assert raw_call(native, good)[1] is None
+        assert raw_stream(native, [good, good]) == [raw_call(python, good)[0]] * 2
+        assert raw_call(native, pb.SearchRequest(context=[1, 10_000]).SerializeToString())[1]
+    families = scrape(match.group(1))
+    requests = {s.labels["rpc_method"]: s.value for s in families["rest_retriever_server_requests"]
+                if s.name.endswith("_total")}
+    # Search: 2 on the Python port, 3 on the native one.
+    assert requests == {"Search": 5, "SearchStream": 2}
+    errors = {s.labels["error"]: s.value for s in families["rest_retriever_server_errors"]
+              if s.name.endswith("_total")}
+    assert errors["INVALID_ARGUMENT"] == 1
+    latency = [s for s in families["rest_retriever_server_search_port_duration_seconds"]
+               if s.name.endswith("_bucket") and s.labels["outcome"] == "ok"
+               and s.labels["rpc_method"] == "Search"]
+    assert [float(s.labels["le"]) for s in latency] == [*LATENCY_BUCKETS_S, float("inf")]
+    assert latency[-1].value == 2
+    (in_flight,) = families["rest_retriever_server_searches_in_flight"]
+    assert in_flight.value == 0
+    server.terminate()
+    assert server.wait() == 0

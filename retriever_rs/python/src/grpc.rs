@@ -637,3 +637,94 @@ impl Drop for NativeSearchServer {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// A bare echo on the same stack (tonic, the raw codec, the same runtime settings), for
+// bench/service_latency.py: the floor of a native gRPC service, as its grpc.aio echo is
+// Python's.
+
+#[derive(Clone)]
+struct EchoService;
+
+impl tonic::server::NamedService for EchoService {
+    const NAME: &'static str = "bench.Echo";
+}
+
+struct EchoUnary;
+
+impl tonic::server::UnaryService<Bytes> for EchoUnary {
+    type Response = Bytes;
+    type Future = BoxFuture<tonic::Response<Bytes>, Status>;
+    fn call(&mut self, request: tonic::Request<Bytes>) -> Self::Future {
+        Box::pin(async move { Ok(tonic::Response::new(request.into_inner())) })
+    }
+}
+
+struct EchoStream;
+
+impl tonic::server::StreamingService<Bytes> for EchoStream {
+    type Response = Bytes;
+    type ResponseStream = tonic::Streaming<Bytes>;
+    type Future = BoxFuture<tonic::Response<tonic::Streaming<Bytes>>, Status>;
+    fn call(&mut self, request: tonic::Request<tonic::Streaming<Bytes>>) -> Self::Future {
+        Box::pin(async move { Ok(tonic::Response::new(request.into_inner())) })
+    }
+}
+
+impl<B> Service<http::Request<B>> for EchoService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let mut grpc = tonic::server::Grpc::new(RawCodec { max_message_bytes: usize::MAX });
+        match request.uri().path() {
+            "/bench.Echo/Unary" => Box::pin(async move { Ok(grpc.unary(EchoUnary, request).await) }),
+            "/bench.Echo/Stream" => Box::pin(async move { Ok(grpc.streaming(EchoStream, request).await) }),
+            _ => Box::pin(async move { Ok(Status::unimplemented("").into_http()) }),
+        }
+    }
+}
+
+/// `bench.Echo/Unary` and `/Stream` (bytes in, the same bytes out) on `127.0.0.1:port`, served
+/// by tonic on `workers` threads until the process exits: bench/service_latency.py's native echo.
+#[pyclass(frozen, module = "rest._engine")]
+pub struct NativeEchoServer {
+    port: u16,
+    _runtime: tokio::runtime::Runtime,
+}
+
+#[pymethods]
+impl NativeEchoServer {
+    #[new]
+    fn new(py: Python<'_>, port: u16, workers: usize) -> PyResult<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .enable_all()
+            .build()
+            .map_err(|e| PyRuntimeError::new_err(format!("echo runtime: {e}")))?;
+        let listener = py
+            .detach(|| runtime.block_on(tokio::net::TcpListener::bind(("127.0.0.1", port))))
+            .map_err(|e| PyOSError::new_err(format!("could not listen on 127.0.0.1:{port}: {e}")))?;
+        let port = listener.local_addr().map_err(|e| PyOSError::new_err(e.to_string()))?.port();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let server = tonic::transport::Server::builder().add_service(EchoService);
+        runtime.spawn(async move {
+            let _ = server.serve_with_incoming(incoming).await;
+        });
+        Ok(NativeEchoServer { port, _runtime: runtime })
+    }
+
+    #[getter]
+    fn port(&self) -> u16 {
+        self.port
+    }
+}

@@ -32,5 +32,6 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(wire::decode_search_response, m)?)?;
     m.add_class::<wire::RequestLimits>()?;
     m.add_class::<grpc::NativeSearchServer>()?;
+    m.add_class::<grpc::NativeEchoServer>()?;
     Ok(())
 }
