@@ -14,14 +14,19 @@ Every figure is measured in the same run against:
 - the in-process engine (``Datastore.search``): what the service adds to;
 - a bare gRPC echo service (the same ``grpc.aio`` server setup, bytes in, the same bytes out, no
   work), called the same way: the floor any gRPC service in Python pays on this machine;
-- the retrieval server: a real ``retriever-server`` subprocess.
+- the retrieval server: a real ``retriever-server`` subprocess, on its Python port (``--port``)
+  and on its native search port (``--search-port``: the engine's tonic server in the same
+  process);
+- the same echo served by the engine's tonic stack (``_engine.NativeEchoServer``, a subprocess
+  of its own): the floor of a native gRPC service, to compare the search port with like for
+  like. The goal's baseline stays the grpc.aio echo.
 
 Drafting steps: what a decoding step's retrieval costs, in-process against through the server.
 The steps of a HumanEval replay (each context the last one plus the tokens the exact policy's
 tree would have let the step accept, and one more), each drafted by the decoder's own datastore
 source (``decoder.draft_sources.RetrieverDraftSource``, 3 back-off levels, the decoder's search
 parameters): in-process from a ``LocalRetriever`` session, and remotely from a session that sends
-each step's levels in one ``SearchStream`` request (one round trip a step). The target: a remote
+each step's levels in one ``SearchStream`` request (one round trip a step), on either port. The target: a remote
 step costs at most the in-process step plus 1.3x one echo stream round trip (all three p50s from
 the same interleaved run).
 

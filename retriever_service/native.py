@@ -15,14 +15,15 @@ class NativeSearchPort:
 
     def __init__(self, host: str, port: int, servicer, *, workers: int, max_concurrent_searches: int,
                  max_message_bytes: int, keepalive_time_s: float, keepalive_timeout_s: float,
-                 inline_search_s: float, token: str | None) -> None:
+                 inline_search_s: float, token: str | None,
+                 tls: tuple[bytes, bytes, bytes | None] | None = None) -> None:
         datastore, limits, info = servicer.native_serving()
         self._server = _engine.NativeSearchServer(
             host, port, datastore._native, limits._native, info.SerializeToString(), servicer,
             workers=workers, max_concurrent_searches=max_concurrent_searches,
             max_message_bytes=max_message_bytes, keepalive_time_s=keepalive_time_s,
             keepalive_timeout_s=keepalive_timeout_s, inline_search_s=inline_search_s,
-            token=token)
+            token=token, tls=tls)
         self.port = self._server.port
         self._collector = None
         servicer.attach_native(self)

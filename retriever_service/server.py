@@ -97,7 +97,8 @@ class ServerConfig:
     health_port: int | None = None
     # A second port on the same host where the engine's own gRPC server (no Python on the path of
     # a request) answers Search, SearchStream and Info, advertised in InfoResponse.search_port
-    # (0: a free port; None: none). Not opened on a traced server (see docs/SERVER.md).
+    # (0: a free port; None: none), with the main port's TLS. Not opened on a traced server
+    # (see docs/SERVER.md).
     search_port: int | None = None
     max_concurrent_searches: int = 64  # in flight at once, running or waiting for a worker
     workers: int = field(default_factory=default_workers)  # search threads
@@ -150,9 +151,6 @@ class ServerConfig:
             for other, value in (("--port", self.port), ("--health-port", self.health_port)):
                 if value == self.search_port != 0:
                     raise ValueError(f"--search-port must differ from {other} (both {value})")
-            if self.tls_cert is not None:
-                raise ValueError("--search-port serves plaintext only: leave it out on a TLS server"
-                                 " (--tls-cert)")
         for shard in self.shards:
             if not shard:
                 raise ValueError("--shard must not be empty")
@@ -241,6 +239,14 @@ def shard_names(path: str) -> list[str]:
     from rest.datastore import Datastore
 
     return list(Datastore.open(path).shard_names)
+
+
+def _tls_files(config: ServerConfig) -> tuple[bytes, bytes, bytes | None] | None:
+    """``(certificate, key, client CA or None)`` as PEM bytes; None without TLS."""
+    if config.tls_cert is None:
+        return None
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return Path(config.tls_cert).read_bytes(), Path(config.tls_key).read_bytes(), client_ca
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -391,7 +397,8 @@ def start_native_port(config: ServerConfig, servicer: RetrieverServicer, *, trac
         max_concurrent_searches=config.max_concurrent_searches,
         max_message_bytes=config.max_message_bytes, keepalive_time_s=config.keepalive_time_s,
         keepalive_timeout_s=config.keepalive_timeout_s,
-        inline_search_s=config.inline_search_us * 1e-6, token=config.token)
+        inline_search_s=config.inline_search_us * 1e-6, token=config.token,
+        tls=_tls_files(config))
     if telemetry is not None:
         telemetry.add_counts(native.stats)
         if config.metrics_port is not None:
@@ -586,7 +593,8 @@ def option_range(field_name: str) -> click.ParamType:
                    "probes that cannot use TLS (the kubelet's). Default: no such port.")
 @click.option("--search-port", type=option_range("port"), default=None,
               help="Also answer Search, SearchStream and Info on this port from the engine's "
-                   "own gRPC server (no Python on a request's path; plaintext; 0: a free port), "
+                   "own gRPC server (no Python on a request's path; TLS as --port; 0: a free "
+                   "port), "
                    "advertised in Info.search_port. Default: no such port.")
 @click.option("--max-concurrent-searches", default=64, show_default=True,
               type=option_range("max_concurrent_searches"),

@@ -258,11 +258,48 @@ def test_a_shard_out_of_service_is_out_of_service_on_the_search_port(
     assert server.wait(timeout=30) == 0
 
 
-def test_the_search_port_is_refused_with_tls_and_must_differ_from_the_others():
-    with pytest.raises(ValueError, match="--search-port serves plaintext only"):
-        ServerConfig(datastore="x", search_port=0, tls_cert="c", tls_key="k")
+def test_the_search_port_must_differ_from_the_others():
     with pytest.raises(ValueError, match="--search-port must differ from --port"):
         ServerConfig(datastore="x", port=5000, search_port=5000)
+    with pytest.raises(ValueError, match="--search-port must differ from --health-port"):
+        ServerConfig(datastore="x", port=0, health_port=5001, search_port=5001)
+
+
+def tls_channel(address: str, certs: Path, client: bool = False) -> grpc.Channel:
+    keys = {}
+    if client:
+        keys = {"private_key": (certs / "client.key").read_bytes(),
+                "certificate_chain": (certs / "client.pem").read_bytes()}
+    credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), **keys)
+    return grpc.secure_channel(address, credentials)
+
+
+def test_the_search_port_uses_the_servers_tls(server_process, datastore_dir, certs):
+    server = server_process("--datastore", str(datastore_dir), "--search-port", "0",
+                            "--tls-cert", str(certs / "server.pem"),
+                            "--tls-key", str(certs / "server.key"))
+    data = pb.SearchRequest(context=[1, 2, 3]).SerializeToString()
+    with tls_channel(server.address, certs) as python, \
+            tls_channel(server.search_address, certs) as native:
+        expected = raw_call(python, data)
+        assert expected[1] is None and raw_call(native, data) == expected
+    with grpc.insecure_channel(server.search_address) as plaintext:
+        _, error = raw_call(plaintext, data, timeout=5)
+        assert error is not None and error[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_search_port_requires_client_certificates_with_a_client_ca(
+        server_process, datastore_dir, certs):
+    server = server_process("--datastore", str(datastore_dir), "--search-port", "0",
+                            "--tls-cert", str(certs / "server.pem"),
+                            "--tls-key", str(certs / "server.key"),
+                            "--tls-client-ca", str(certs / "ca.pem"))
+    data = pb.SearchRequest(context=[1, 2, 3]).SerializeToString()
+    with tls_channel(server.search_address, certs, client=True) as native:
+        assert raw_call(native, data)[1] is None
+    with tls_channel(server.search_address, certs) as anonymous:
+        _, error = raw_call(anonymous, data, timeout=5)
+        assert error is not None and error[0] == grpc.StatusCode.UNAVAILABLE
 
 
 def test_the_search_ports_searches_feed_the_servers_metrics(server_process, datastore_dir,

@@ -14,7 +14,7 @@
 use crate::datastore::{Datastore, MAX_LEVELS};
 use crate::errors::to_py;
 use crate::wire::{check_search_request, encode_search_response, CheckedRequest, RequestLimits};
-use pyo3::exceptions::{PyOSError, PyRuntimeError};
+use pyo3::exceptions::{PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use rest_retriever::{Cancel, Policy, Query, SearchSession};
@@ -408,41 +408,57 @@ struct Stream {
     shared: Arc<Shared>,
 }
 
-type ResponseStream = tokio_stream::wrappers::ReceiverStream<Result<Bytes, Status>>;
+/// A stream's answers: one per request, in order, each made when the call's response body asks
+/// for the next one (so the next request is read only once this one's answer is taken, and no
+/// task or channel stands between the two). The stream's searches share one engine search
+/// session. Dropped (the session with it) when the call ends, the client's going away included.
+struct Answers {
+    shared: Arc<Shared>,
+    requests: tonic::Streaming<Bytes>,
+    deadline: Option<Instant>,
+    session: (Option<Arc<rest_retriever::Datastore>>, SearchSession),
+    done: bool,
+}
+
+impl tonic::codegen::tokio_stream::Stream for Answers {
+    type Item = Result<Bytes, Status>;
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        match std::pin::Pin::new(&mut this.requests).poll_next(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                this.done = true; // the client closed its side
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(status))) => {
+                this.done = true;
+                Poll::Ready(Some(Err(status)))
+            }
+            Poll::Ready(Some(Ok(data))) => {
+                let answer = this.shared.answer("SearchStream", &data, this.deadline, Some(&mut this.session));
+                this.done = answer.is_err(); // a refusal ends the stream, as on the Python port
+                Poll::Ready(Some(answer))
+            }
+        }
+    }
+}
 
 impl tonic::server::StreamingService<Bytes> for Stream {
     type Response = Bytes;
-    type ResponseStream = ResponseStream;
-    type Future = BoxFuture<tonic::Response<ResponseStream>, Status>;
+    type ResponseStream = Answers;
+    type Future = BoxFuture<tonic::Response<Answers>, Status>;
     fn call(&mut self, request: tonic::Request<tonic::Streaming<Bytes>>) -> Self::Future {
         let shared = self.shared.clone();
         Box::pin(async move {
             shared.authorized(request.metadata().as_ref())?;
             let deadline = deadline_of(request.metadata().as_ref());
-            let mut requests = request.into_inner();
-            // One response per request, in order; the next request is read once this one's
-            // response is queued. The stream's searches share one engine search session.
-            let (sender, receiver) = tokio::sync::mpsc::channel(1);
-            tokio::spawn(async move {
-                let mut session = (None, SearchSession::new());
-                loop {
-                    let data = match requests.message().await {
-                        Ok(Some(data)) => data,
-                        Ok(None) => break, // the client closed its side
-                        Err(status) => {
-                            let _ = sender.send(Err(status)).await;
-                            break;
-                        }
-                    };
-                    let answer = shared.answer("SearchStream", &data, deadline, Some(&mut session));
-                    let failed = answer.is_err();
-                    // A client that went away drops the receiver: the stream ends here.
-                    if sender.send(answer).await.is_err() || failed {
-                        break;
-                    }
-                }
-            });
-            Ok(tonic::Response::new(ResponseStream::new(receiver)))
+            let requests = request.into_inner();
+            let session = (None, SearchSession::new());
+            Ok(tonic::Response::new(Answers { shared, requests, deadline, session, done: false }))
         })
     }
 }
@@ -500,10 +516,12 @@ pub struct NativeSearchServer {
 impl NativeSearchServer {
     /// Binds `host:port` (0: a free port) and serves `datastore` with `limits` on `workers`
     /// threads. `fallback`: the Python servicer (`native_parse`, `native_engine_error`); `info`:
-    /// the serialized `InfoResponse`; `token`: require `authorization: Bearer <token>`.
+    /// the serialized `InfoResponse`; `token`: require `authorization: Bearer <token>`; `tls`:
+    /// `(certificate PEM, key PEM, client CA PEM or None)`, TLS as on the main port.
     #[new]
     #[pyo3(signature = (host, port, datastore, limits, info, fallback, *, workers, max_concurrent_searches,
-                        max_message_bytes, keepalive_time_s, keepalive_timeout_s, inline_search_s, token=None))]
+                        max_message_bytes, keepalive_time_s, keepalive_timeout_s, inline_search_s, token=None,
+                        tls=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -520,6 +538,7 @@ impl NativeSearchServer {
         keepalive_timeout_s: f64,
         inline_search_s: f64,
         token: Option<String>,
+        tls: Option<(Vec<u8>, Vec<u8>, Option<Vec<u8>>)>,
     ) -> PyResult<Self> {
         let shared = Arc::new(Shared {
             serving: RwLock::new(Arc::new(Serving {
@@ -553,7 +572,20 @@ impl NativeSearchServer {
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let service = RetrieverService { shared: shared.clone() };
-        let server = tonic::transport::Server::builder()
+        let mut builder = tonic::transport::Server::builder();
+        if let Some((cert, key, client_ca)) = tls {
+            // The main port's credentials: its certificate and key, and with a client CA,
+            // client certificates required (grpc's require_client_auth).
+            use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+            let mut config = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+            if let Some(ca) = client_ca {
+                config = config.client_ca_root(Certificate::from_pem(ca)).client_auth_optional(false);
+            }
+            builder = builder
+                .tls_config(config)
+                .map_err(|e| PyValueError::new_err(format!("--search-port: TLS files not usable: {e}")))?;
+        }
+        let server = builder
             .http2_keepalive_interval(Some(Duration::from_secs_f64(keepalive_time_s)))
             .http2_keepalive_timeout(Some(Duration::from_secs_f64(keepalive_timeout_s)))
             .add_service(service);
