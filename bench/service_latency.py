@@ -14,14 +14,19 @@ Every figure is measured in the same run against:
 - the in-process engine (``Datastore.search``): what the service adds to;
 - a bare gRPC echo service (the same ``grpc.aio`` server setup, bytes in, the same bytes out, no
   work), called the same way: the floor any gRPC service in Python pays on this machine;
-- the retrieval server: a real ``retriever-server`` subprocess.
+- the retrieval server: a real ``retriever-server`` subprocess, on its Python port (``--port``)
+  and on its native search port (``--search-port``: the engine's tonic server in the same
+  process);
+- the same echo served by the engine's tonic stack (``_engine.NativeEchoServer``, a subprocess
+  of its own): the floor of a native gRPC service, to compare the search port with like for
+  like. The goal's baseline stays the grpc.aio echo.
 
 Drafting steps: what a decoding step's retrieval costs, in-process against through the server.
 The steps of a HumanEval replay (each context the last one plus the tokens the exact policy's
 tree would have let the step accept, and one more), each drafted by the decoder's own datastore
 source (``decoder.draft_sources.RetrieverDraftSource``, 3 back-off levels, the decoder's search
 parameters): in-process from a ``LocalRetriever`` session, and remotely from a session that sends
-each step's levels in one ``SearchStream`` request (one round trip a step). The target: a remote
+each step's levels in one ``SearchStream`` request (one round trip a step), on either port. The target: a remote
 step costs at most the in-process step plus 1.3x one echo stream round trip (all three p50s from
 the same interleaved run).
 
@@ -93,18 +98,31 @@ async def _serve_echo(port: int) -> None:
     await server.wait_for_termination()
 
 
-def start_process(args: list[str]) -> tuple[subprocess.Popen, str]:
-    """A server subprocess and the address it printed."""
+def _serve_native_echo(workers: int) -> None:
+    """The same echo served by the engine's tonic stack (``_engine.NativeEchoServer``): the
+    floor of a native gRPC service, as the grpc.aio echo is the floor of a Python one."""
+    from rest import _engine
+
+    server = _engine.NativeEchoServer(0, workers)
+    print(f"echo listening on 127.0.0.1:{server.port}", flush=True)
+    threading.Event().wait()
+
+
+def start_process(args: list[str], lines: int = 1) -> tuple[subprocess.Popen, ...]:
+    """A server subprocess and the addresses it printed on its first ``lines`` lines."""
     proc = subprocess.Popen(
         [sys.executable, *args], stdout=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
-    line = proc.stdout.readline()
-    match = re.search(r"listening on (\S+:\d+)", line)
-    if not match:
-        proc.kill()
-        raise RuntimeError(f"server did not start: {line!r}")
-    return proc, match.group(1)
+    addresses = []
+    for _ in range(lines):
+        line = proc.stdout.readline()
+        match = re.search(r"listening on (\S+:\d+)", line)
+        if not match:
+            proc.kill()
+            raise RuntimeError(f"server did not start: {line!r}")
+        addresses.append(match.group(1))
+    return (proc, *addresses)
 
 
 # --- the workload -------------------------------------------------------------------------------
@@ -397,35 +415,36 @@ def run(args) -> dict:
     datastore, contexts, targets = build_workload(workdir / "ds", args.n, args.seed, args.workload)
     requests = [wire.search_request(c, PARAMS).SerializeToString() for c in contexts]
     steps = replay_steps(datastore, targets, args.n)
-    search_proc, search_addr = start_process([
+    search_proc, search_addr, native_addr = start_process([
         "-m", "retriever_service.server", "--datastore", str(workdir / "ds"), "--port", "0",
-        "--max-concurrent-searches", "256", "--log-level", "WARNING",
-        "--inline-search-us", str(args.inline_search_us), "--search-port", "0"])
+        "--search-port", "0", "--max-concurrent-searches", "256", "--log-level", "WARNING",
+        "--inline-search-us", str(args.inline_search_us)], lines=2)
     echo_proc, echo_addr = start_process([str(Path(__file__)), "--serve-echo"])
+    native_echo_proc, native_echo_addr = start_process(
+        [str(Path(__file__)), "--serve-native-echo", str(os.cpu_count() or 1)])
     results: dict = {"latency": {}, "throughput": {}}
     try:
         search_channel = grpc.insecure_channel(search_addr)
-        info = pb.InfoResponse.FromString(
-            search_channel.unary_unary("/rest.retriever.v1.Retriever/Info")(b"", timeout=10))
-        port_addr = f"{search_addr.rsplit(':', 1)[0]}:{info.search_port}"
-        port_channel = grpc.insecure_channel(port_addr)
+        native_channel = grpc.insecure_channel(native_addr)
         echo_channel = grpc.insecure_channel(echo_addr)
+        native_echo_channel = grpc.insecure_channel(native_echo_addr)
         retriever = RemoteRetriever(search_addr, deadline_s=1.0)
         retriever.info()  # connects
         print("latency...", flush=True)
         echo_stream = RawStream(echo_channel, f"/{ECHO_SERVICE}/Stream")
         search_stream = RawStream(search_channel, "/rest.retriever.v1.Retriever/SearchStream")
-        port_stream = RawStream(port_channel, "/rest.retriever.v1.Retriever/SearchStream")
+        native_echo_stream = RawStream(native_echo_channel, f"/{ECHO_SERVICE}/Stream")
+        native_stream = RawStream(native_channel, "/rest.retriever.v1.Retriever/SearchStream")
         session = SessionCaller(retriever)
         local = LocalRetriever(str(workdir / "ds"))
         local_drafting = DraftingCaller(local.session())
         remote_drafting = DraftingCaller(StreamLevelsSession(search_channel))
-        port_drafting = DraftingCaller(StreamLevelsSession(port_channel))
+        native_drafting = DraftingCaller(StreamLevelsSession(native_channel))
         client_drafting = DraftingCaller(retriever.session())
         results["latency"] = interleaved_latency({
             "drafting step in-process": (local_drafting, steps),
             "drafting step via retriever-server": (remote_drafting, steps),
-            "drafting step via the search port": (port_drafting, steps),
+            "drafting step via the search port": (native_drafting, steps),
             "drafting step via RemoteRetriever": (client_drafting, steps),
             "engine": (EngineCaller(datastore), contexts),
             "echo unary": (unary_caller(echo_channel, f"/{ECHO_SERVICE}/Unary"), requests),
@@ -433,13 +452,16 @@ def run(args) -> dict:
                 unary_caller(search_channel, "/rest.retriever.v1.Retriever/Search"), requests),
             "echo stream": (echo_stream, requests),
             "SearchStream": (search_stream, requests),
+            "native echo unary": (
+                unary_caller(native_echo_channel, f"/{ECHO_SERVICE}/Unary"), requests),
             "Search unary, search port": (
-                unary_caller(port_channel, "/rest.retriever.v1.Retriever/Search"), requests),
-            "SearchStream, search port": (port_stream, requests),
+                unary_caller(native_channel, "/rest.retriever.v1.Retriever/Search"), requests),
+            "native echo stream": (native_echo_stream, requests),
+            "SearchStream, search port": (native_stream, requests),
             "SearchStream via RemoteRetriever": (session, contexts),
         }, args.n)
-        for stream in (echo_stream, search_stream, port_stream, session, local_drafting,
-                       remote_drafting, port_drafting, client_drafting):
+        for stream in (echo_stream, search_stream, session, local_drafting, remote_drafting,
+                       client_drafting, native_echo_stream, native_stream, native_drafting):
             stream.close()
         local.close()
 
@@ -452,14 +474,17 @@ def run(args) -> dict:
             tp["SearchStream"] = stream_throughput(
                 search_proc, search_addr, "/rest.retriever.v1.Retriever/SearchStream", requests,
                 c, args.seconds)
+            tp["native echo stream"] = stream_throughput(
+                native_echo_proc, native_echo_addr, f"/{ECHO_SERVICE}/Stream", requests, c,
+                args.seconds)
             tp["SearchStream, search port"] = stream_throughput(
-                search_proc, port_addr, "/rest.retriever.v1.Retriever/SearchStream", requests,
+                search_proc, native_addr, "/rest.retriever.v1.Retriever/SearchStream", requests,
                 c, args.seconds)
             tp["SearchStream via RemoteRetriever"] = throughput(
                 lambda: SessionCaller(retriever), contexts, c, args.seconds)
         retriever.close()
     finally:
-        for proc in (search_proc, echo_proc):
+        for proc in (search_proc, echo_proc, native_echo_proc):
             proc.terminate()
             proc.wait(30)
     results["search_server_exit_code"] = search_proc.returncode
@@ -472,8 +497,9 @@ def report(results: dict) -> str:
              "|---|---:|---:|---:|"]
     floors = {"engine": None, "echo unary": None, "Search unary": "echo unary",
               "echo stream": None, "SearchStream": "echo stream",
-              "Search unary, search port": "echo unary", "SearchStream, search port": "echo stream",
-              "SearchStream via RemoteRetriever": "echo stream"}
+              "SearchStream via RemoteRetriever": "echo stream",
+              "native echo unary": "echo unary", "Search unary, search port": "echo unary",
+              "native echo stream": "echo stream", "SearchStream, search port": "echo stream"}
     for name, floor in floors.items():
         row = lat[name]
         ratio = f"{row['p50_us'] / lat[floor]['p50_us']:.2f}x" if floor else ""
@@ -485,12 +511,15 @@ def report(results: dict) -> str:
     for name in ("drafting step in-process", "drafting step via retriever-server",
                  "drafting step via the search port", "drafting step via RemoteRetriever"):
         lines.append(f"| {name} | {lat[name]['p50_us']:.0f} | {lat[name]['p99_us']:.0f} |")
-    for name in ("drafting step via retriever-server", "drafting step via the search port"):
-        step_remote = lat[name]["p50_us"]
-        lines.append(f"\n{name}: remote - in-process = {step_remote - step_local:.0f} µs = "
-                     f"{(step_remote - step_local) / echo:.2f}x the echo stream round trip "
-                     f"({echo:.0f} µs); target <= 1.3x (a remote step <= {bound:.0f} µs): "
-                     f"{'met' if step_remote <= bound else 'NOT met'}")
+    native_echo = lat["native echo stream"]["p50_us"]
+    for name, port in (("drafting step via retriever-server", "--port"),
+                       ("drafting step via the search port", "--search-port")):
+        step = lat[name]["p50_us"]
+        lines.append(f"\nremote step ({port}) - in-process step = {step - step_local:.0f} µs = "
+                     f"{(step - step_local) / echo:.2f}x the echo stream round trip "
+                     f"({echo:.0f} µs; {(step - step_local) / native_echo:.2f}x the native echo's,"
+                     f" {native_echo:.0f} µs); target <= 1.3x the echo's (a remote step <="
+                     f" {bound:.0f} µs): {'met' if step <= bound else 'NOT met'}")
     lines += ["", "| throughput (searches/s, errors) | " +
               " | ".join(f"{c} streams" for c in results["throughput"]) + " |",
               "|---|" + "---:|" * len(results["throughput"])]
@@ -502,7 +531,7 @@ def report(results: dict) -> str:
     lines += ["", "| server CPU µs per call | " +
               " | ".join(f"{c} streams" for c in results["throughput"]) + " |",
               "|---|" + "---:|" * len(results["throughput"])]
-    for name in ("echo stream", "SearchStream", "SearchStream, search port"):
+    for name in ("echo stream", "SearchStream", "native echo stream", "SearchStream, search port"):
         cells = [f"{tp[name]['server_cpu_us_per_call']:.0f}"
                  for tp in results["throughput"].values()]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -526,9 +555,13 @@ def main() -> None:
                         help="random: a small synthetic corpus, for a quick run of every row")
     parser.add_argument("--json", type=Path, default=ROOT / "bench/out/service_latency.json")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--serve-native-echo", type=int, metavar="WORKERS", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve_echo:
         asyncio.run(_serve_echo(0))
+        return
+    if args.serve_native_echo is not None:
+        _serve_native_echo(args.serve_native_echo)
         return
     load_before = os.getloadavg()[0]
     finish_run(run(args), " ".join(["python", *sys.argv]), args.json, load_before, report,

@@ -265,44 +265,6 @@ class RequestLimits:
                                              exact_caps, rest_caps)
 
 
-class SearchServer:
-    """The retrieval server's search port: ``rest.retriever.v1`` Search and SearchStream served
-    by the engine's gRPC server (tonic) on ``threads`` threads of its own, listening from the
-    moment it is made. A request that passes the engine's checks (``limits``) is searched and
-    answered without Python; any other, and any search the engine fails, goes to
-    ``answer_blocking(request: bytes, remaining_s: float | None)``, called with the GIL on the
-    port's thread, which returns the response's bytes or ``(grpc status code, message)``.
-    ``token``: calls must carry ``authorization: Bearer <token>``. Plaintext only."""
-
-    def __init__(self, datastore: Datastore, limits: RequestLimits, answer_blocking, host: str,
-                 port: int, *, threads: int, max_in_flight: int, max_message_bytes: int,
-                 keepalive_time_s: float, token: str | None = None) -> None:
-        self._native = _engine.SearchServer(
-            datastore._native, limits._native, answer_blocking, host, port, threads,
-            max_in_flight, max_message_bytes, keepalive_time_s, token)
-
-    @property
-    def port(self) -> int:
-        return self._native.port
-
-    @property
-    def in_flight(self) -> int:
-        """Searches running on the port now."""
-        return self._native.in_flight
-
-    def use_datastore(self, datastore: Datastore, limits: RequestLimits, answer_blocking) -> None:
-        """Serve ``datastore`` from now on (a reload); calls running finish on the last one."""
-        self._native.use_datastore(datastore._native, limits._native, answer_blocking)
-
-    def counts(self) -> list[tuple[str, int, int]]:
-        """Calls answered so far, ``[(method, grpc status code, count)]``."""
-        return self._native.counts()
-
-    def shutdown(self, grace_s: float) -> None:
-        """No new calls; those in flight get ``grace_s`` seconds, then are ended."""
-        self._native.shutdown(grace_s)
-
-
 class SearchSession:
     """The searches of one decoding session over one datastore.
 

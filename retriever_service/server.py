@@ -40,6 +40,7 @@ from grpc_reflection.v1alpha import reflection
 from rest.cli_errors import one_line, run
 
 from retriever_service.auth import TOKEN_ENV, BearerTokenInterceptor, check_token, token_option
+from retriever_service.native import NativeSearchPort
 from retriever_service.searches import AsyncSearches
 from retriever_service.servicer import SERVICE, RetrieverServicer, add_to_server
 from retriever_service.shards import ServedShards, ShardOptions
@@ -94,8 +95,10 @@ class ServerConfig:
     # A second, plaintext port that serves only the health service (None: none), for probes that
     # cannot speak TLS (the kubelet's gRPC probes) when the main port uses it.
     health_port: int | None = None
-    # A second port where the engine's own gRPC server answers Search and SearchStream (None:
-    # none; 0: a free one), advertised in Info: the same answers with less work per message.
+    # A second port on the same host where the engine's own gRPC server (no Python on the path of
+    # a request) answers Search, SearchStream and Info, advertised in InfoResponse.search_port
+    # (0: a free port; None: none), with the main port's TLS. Not opened on a traced server
+    # (see docs/SERVER.md).
     search_port: int | None = None
     max_concurrent_searches: int = 64  # in flight at once, running or waiting for a worker
     workers: int = field(default_factory=default_workers)  # search threads
@@ -145,12 +148,9 @@ class ServerConfig:
                 lowest <= self.search_port <= highest
             ):
                 raise ValueError(f"--search-port must be in {lowest}..{highest}, got {self.search_port}")
-            if self.search_port != 0 and self.search_port in (self.port, self.health_port):
-                raise ValueError(f"--search-port must differ from --port and --health-port"
-                                 f" (all {self.search_port})")
-            if self.tls_cert is not None:
-                raise ValueError("--search-port serves plaintext only and cannot be used with TLS"
-                                 " (--tls-cert); leave it out, or terminate TLS in front of it")
+            for other, value in (("--port", self.port), ("--health-port", self.health_port)):
+                if value == self.search_port != 0:
+                    raise ValueError(f"--search-port must differ from {other} (both {value})")
         for shard in self.shards:
             if not shard:
                 raise ValueError("--shard must not be empty")
@@ -241,6 +241,14 @@ def shard_names(path: str) -> list[str]:
     return list(Datastore.open(path).shard_names)
 
 
+def _tls_files(config: ServerConfig) -> tuple[bytes, bytes, bytes | None] | None:
+    """``(certificate, key, client CA or None)`` as PEM bytes; None without TLS."""
+    if config.tls_cert is None:
+        return None
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return Path(config.tls_cert).read_bytes(), Path(config.tls_key).read_bytes(), client_ca
+
+
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None:
         return None
@@ -259,15 +267,15 @@ class RetrieverServer:
 
     def __init__(self, server: grpc.aio.Server, port: int, health: HealthServicer,
                  shards: ServedShards, health_server: tuple[grpc.aio.Server, int] | None = None,
-                 servicer: RetrieverServicer | None = None, search_port: int | None = None):
+                 native: NativeSearchPort | None = None):
         self.server = server
         self.port = port
+        self.native = native
+        self.search_port = native.port if native is not None else None
         self.health = health
         self.shards = shards
         self._health_server = health_server[0] if health_server else None
         self.health_port = health_server[1] if health_server else None
-        self._servicer = servicer
-        self.search_port = search_port  # None: no search port
 
     async def reload(self) -> None:
         """Reopens the datastore from its files and serves it (SIGHUP)."""
@@ -276,11 +284,11 @@ class RetrieverServer:
     async def shutdown(self, grace_s: float) -> None:
         # NOT_SERVING first, so health watchers (load balancers) stop sending before refusals.
         await self.health.enter_graceful_shutdown()
-        stopping = self.server.stop(grace_s)
-        if self.search_port is not None:  # both ports drain at once, within the same grace
-            await asyncio.gather(stopping, asyncio.to_thread(self._servicer.close_search_port, grace_s))
-        else:
-            await stopping
+        if self.native is None:
+            await self.server.stop(grace_s)
+        else:  # both ports stop accepting at once, and share the grace period
+            await asyncio.gather(self.server.stop(grace_s),
+                                 asyncio.to_thread(self.native.stop, grace_s))
         if self._health_server is not None:  # probes see NOT_SERVING until the very end
             await self._health_server.stop(0)
         self.shards.close()
@@ -353,27 +361,49 @@ async def start_server(
         server,
     )
 
-    search_port = None
+    native = None
     try:
         port = _bind(server, config)
         health_server = None
         if config.health_port is not None:
             health_server = await start_health_server(config, health)
         if config.search_port is not None:
-            problem = why_bind_fails(config.host, config.search_port, port_option="--search-port")
-            if problem is not None:
-                raise OSError(f"could not listen on {host_for_address(config.host)}:"
-                              f"{config.search_port}: {problem}")
-            search_port = servicer.open_search_port(
-                config.host.strip("[]"), config.search_port, threads=config.workers,
-                max_message_bytes=config.max_message_bytes,
-                keepalive_time_s=config.keepalive_time_s, token=config.token)
+            native = start_native_port(config, servicer, traced=tracer_provider is not None,
+                                       telemetry=telemetry)
         await server.start()
     except BaseException:
-        servicer.close_search_port(0.0)
+        if native is not None:
+            native.stop(0)
         shards.close()
         raise
-    return RetrieverServer(server, port, health, shards, health_server, servicer, search_port)
+    return RetrieverServer(server, port, health, shards, health_server, native)
+
+
+def start_native_port(config: ServerConfig, servicer: RetrieverServicer, *, traced: bool,
+                      telemetry: SearchTelemetry | None = None) -> NativeSearchPort | None:
+    """The native search port of ``config.search_port``; none on a traced server, whose spans
+    the native port would not continue (one log line says so). Its counters feed ``telemetry``'s
+    (and its latency the ``/metrics`` endpoint, when the server has one)."""
+    if traced:
+        log.warning("--search-port: not opened on a traced server (OpenTelemetry traces are "
+                    "configured); clients search through --port")
+        return None
+    problem = why_bind_fails(config.host, config.search_port, port_option="--search-port")
+    address = f"{host_for_address(config.host)}:{config.search_port}"
+    if problem is not None:
+        raise OSError(f"could not listen on {address}: {problem}")
+    native = NativeSearchPort(
+        config.host, config.search_port, servicer, workers=config.workers,
+        max_concurrent_searches=config.max_concurrent_searches,
+        max_message_bytes=config.max_message_bytes, keepalive_time_s=config.keepalive_time_s,
+        keepalive_timeout_s=config.keepalive_timeout_s,
+        inline_search_s=config.inline_search_us * 1e-6, token=config.token,
+        tls=_tls_files(config))
+    if telemetry is not None:
+        telemetry.add_counts(native.stats)
+        if config.metrics_port is not None:
+            native.export_latency()
+    return native
 
 
 def _bind(server: grpc.aio.Server, config: ServerConfig) -> int:
@@ -456,8 +486,8 @@ async def serve(config: ServerConfig, datastore=None, *, out=sys.stdout) -> None
     address = f"{host_for_address(config.host)}:{running.port}"
     print(f"retriever-server listening on {address}", file=out, flush=True)
     if running.search_port is not None:
-        print(f"retriever-server search port on {host_for_address(config.host)}:"
-              f"{running.search_port}", file=out, flush=True)
+        print(f"retriever-server native searches listening on"
+              f" {host_for_address(config.host)}:{running.search_port}", file=out, flush=True)
     if running.health_port is not None:
         log.info("health service alone, in plaintext, on %s:%d", host_for_address(config.host),
                  running.health_port)
@@ -562,9 +592,10 @@ def option_range(field_name: str) -> click.ParamType:
               help="Also serve the gRPC health service alone, in plaintext, on this port: for "
                    "probes that cannot use TLS (the kubelet's). Default: no such port.")
 @click.option("--search-port", type=option_range("port"), default=None,
-              help="Also serve Search and SearchStream on this port from the engine's own gRPC "
-                   "server (less work per message; plaintext only; clients find it in Info). "
-                   "0 picks a free port. Default: no such port.")
+              help="Also answer Search, SearchStream and Info on this port from the engine's "
+                   "own gRPC server (no Python on a request's path; TLS as --port; 0: a free "
+                   "port), "
+                   "advertised in Info.search_port. Default: no such port.")
 @click.option("--max-concurrent-searches", default=64, show_default=True,
               type=option_range("max_concurrent_searches"),
               help="Searches in flight at once; more get RESOURCE_EXHAUSTED.")

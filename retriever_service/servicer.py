@@ -13,18 +13,13 @@ are serialized by the engine (``add_to_server``). A search tried inline on an un
 decoded and checked by the engine in the same call (``Datastore.try_search_request``, the checks of
 ``validation`` mirrored in retriever_rs/python/src/wire.rs); any request those checks do not accept
 takes the Python path, which answers or refuses it as ever.
-
-The search port (``open_search_port``, ``retriever-server --search-port``): the same Search and
-SearchStream served by the engine's own gRPC server (``rest.datastore.SearchServer``, tonic, on
-threads of its own), an accepted request without Python or the GIL; whatever that path does not
-accept itself it hands to ``answer_blocking`` here, so answers and refusals are this servicer's.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from rest.datastore import DatastoreError, SearchServer
+from rest.datastore import DatastoreError
 from retriever_service import wire
 from retriever_service.searches import AsyncSearches
 from retriever_service.telemetry import SearchTelemetry, search_context
@@ -40,10 +35,6 @@ from retriever_service.validation import (
 )
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Retriever"]
-
-
-# A search without a deadline still needs a time limit for try_search: a day is none.
-NO_DEADLINE_S = 86_400.0
 
 
 def deadline_expired() -> RequestError:
@@ -72,9 +63,9 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._max_context_tokens = max_context_tokens
         self._policy_caps = policy_caps
         self._telemetry = telemetry
+        self._native = None  # the native search port (native.NativeSearchPort), when opened
         if telemetry is not None:
-            telemetry.observe_in_flight(lambda: self._in_flight)
-        self._search_port: SearchServer | None = None
+            telemetry.observe_in_flight(lambda: self._in_flight + self.native_in_flight)
         self.use_datastore(datastore, searches)
 
     def use_datastore(self, datastore, searches: AsyncSearches) -> None:
@@ -84,8 +75,6 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         self._searches = searches
         info = datastore.info()
         self._info = wire.info_response(info)
-        if self._search_port is not None:
-            self._info.search_port = self._search_port.port
         limits = RequestLimits(
             vocab_size=info.vocab_size,
             max_context_tokens=self._max_context_tokens,
@@ -97,52 +86,46 @@ class RetrieverServicer(pb_grpc.RetrieverServicer):
         # stand-in datastore without try_search_request always takes the Python path).
         self._engine_limits = (limits.for_engine() if hasattr(datastore, "try_search_request")
                                else None)  # fmt: skip
-        if self._search_port is not None:
-            self._search_port.use_datastore(datastore, self._engine_limits, self.answer_blocking)
+        if self._native is not None:
+            self._info.search_port = self._native.port
+            self._native.use_datastore(datastore, self._engine_limits, self._info)
 
-    def open_search_port(self, host: str, port: int, *, threads: int, max_message_bytes: int,
-                         keepalive_time_s: float, token: str | None) -> int:
-        """Serves Search and SearchStream on ``host:port`` (0: a free port) from the engine's
-        gRPC server as well, advertised in Info's ``search_port``; the bound port. Plaintext
-        only (the server refuses it with TLS); no spans (a request with a trace context is
-        answered, untraced, by ``answer_blocking``); its searches run on its own ``threads``
-        and are admitted against ``max_concurrent_searches`` of their own."""
+    def attach_native(self, native) -> None:
+        """Serve the searches also on ``native`` (a ``native.NativeSearchPort``), which sees every
+        datastore this servicer serves from now on (reloads included) and asks this servicer for
+        the rare answers it leaves to Python (``native_parse``, ``native_engine_error``); Info
+        advertises its port."""
+        self._native = native
+        self._info.search_port = native.port
+        native.use_datastore(self._datastore, self._engine_limits, self._info)
+
+    def native_serving(self) -> tuple:
+        """``(datastore, engine limits, InfoResponse)`` that a native port starts with; a stand-in
+        datastore without the engine's request checks cannot be served natively."""
         if self._engine_limits is None:
-            raise ValueError("the search port needs an engine datastore (rest.datastore.Datastore)")
-        self._search_port = SearchServer(
-            self._datastore, self._engine_limits, self.answer_blocking, host, port,
-            threads=threads, max_in_flight=self._max_in_flight,
-            max_message_bytes=max_message_bytes, keepalive_time_s=keepalive_time_s, token=token)
-        self._info.search_port = self._search_port.port
-        if self._telemetry is not None:
-            self._telemetry.observe_search_port(self._search_port.counts)
-        return self._search_port.port
+            raise ValueError("--search-port needs the engine's datastore (a rest.datastore.Datastore)")
+        return self._datastore, self._engine_limits, self._info
 
-    def close_search_port(self, grace_s: float) -> None:
-        """Stops the search port: no new calls, those in flight get ``grace_s`` seconds."""
-        if self._search_port is not None:
-            self._search_port.shutdown(grace_s)
+    @property
+    def native_in_flight(self) -> int:
+        return 0 if self._native is None else self._native.in_flight
 
-    def answer_blocking(self, request: bytes, remaining_s: float | None) -> bytes | tuple[int, str]:
-        """The search port's answer to a request its own checks left to Python (or whose search
-        failed there): the response's bytes, or ``(status code, message)``, as ``_search``
-        answers or refuses it. Called from the engine's threads, with the GIL, off the event
-        loop: searched here, in this thread."""
+    def native_parse(self, data: bytes) -> tuple:
+        """For the native port, a request its engine checks leave to Python, as ``_search`` reads
+        it: ``("refuse", status code, message)``, or ``("search", context, (min_span, max_span,
+        budget, max_depth, policy), shards, levels)``."""
         try:
-            parsed = self._parser.parse(decode(pb.SearchRequest, request))
-            if remaining_s is not None and remaining_s <= 0:
-                raise deadline_expired()
-            response = self._datastore.try_search(
-                parsed.context, parsed.params, parsed.shards,
-                remaining_s if remaining_s is not None else NO_DEADLINE_S,
-                levels=parsed.levels, as_wire=True)
-            if response is None:
-                raise deadline_expired()
-            return response
-        except (KeyError, ValueError, DatastoreError) as exc:
-            error = engine_error(exc)
+            parsed = self._parser.parse(decode(pb.SearchRequest, data))
         except RequestError as exc:
-            error = exc
+            return ("refuse", exc.code.value[0], exc.message)
+        p = parsed.params
+        return ("search", parsed.context, (p.min_span, p.max_span, p.budget, p.max_depth, p.policy),
+                parsed.shards, parsed.levels)
+
+    @staticmethod
+    def native_engine_error(exc: Exception) -> tuple[int, str]:
+        """For the native port, an engine exception's status, as ``_search`` maps it."""
+        error = engine_error(exc)
         return error.code.value[0], error.message
 
     async def Info(self, request: bytes, context) -> pb.InfoResponse:

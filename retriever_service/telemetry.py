@@ -267,19 +267,12 @@ class SearchTelemetry:
     def rejected(self, reason: str) -> None:
         self._counts.add("rejections", (("reason", reason),))
 
-    def observe_search_port(self, counts: Callable[[], list[tuple[str, int, int]]]) -> None:
-        """Report the search port's calls, ``counts()`` as ``[(method, status code, n)]`` (the
-        engine counts them: no Python runs on that port's path), read when metrics are
-        collected."""
-        from opentelemetry.metrics import Observation
-
-        def observe(options):
-            return [Observation(n, {"rpc.method": method, "rpc.grpc.status_code": code})
-                    for method, code, n in counts()]
-
-        self._meter.create_observable_counter(
-            f"{self._prefix}.search_port.requests", callbacks=[observe], unit="{request}",
-            description="Calls the search port answered, by method and gRPC status code")
+    def add_counts(self, stats: Callable[[], dict]) -> None:
+        """Counts kept elsewhere, added to this telemetry's requests, errors and rejections when
+        metrics are collected: ``stats()`` gives ``{"requests": {method: n}, "errors":
+        {(method, status name): n}, "rejections": {reason: n}}`` (the native search port's
+        counters, ``NativeSearchServer.stats``), the same series as the searches counted here."""
+        self._counts.sources.append(stats)
 
     def observe_in_flight(self, count: Callable[[], int]) -> None:
         """Report ``count()`` as the searches in flight, read when metrics are collected."""
@@ -304,6 +297,7 @@ class _Counts:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tables: dict[str, dict[tuple, int]] = {}
+        self.sources: list[Callable[[], dict]] = []  # see SearchTelemetry.add_counts
 
     def add(self, table: str, key: tuple) -> None:
         with self._lock:
@@ -312,7 +306,53 @@ class _Counts:
 
     def snapshot(self, table: str) -> list[tuple[tuple, int]]:
         with self._lock:
-            return list(self._tables.get(table, {}).items())
+            counts = dict(self._tables.get(table, {}))
+        for source in self.sources:
+            for key, n in source().get(table, {}).items():
+                key = _source_key(table, key)
+                counts[key] = counts.get(key, 0) + n
+        return list(counts.items())
+
+
+def _source_key(table: str, key) -> tuple:
+    """A key of ``SearchTelemetry.add_counts``' tables as the attributes of the same series."""
+    if table == "requests":
+        return (("rpc.method", key),)
+    if table == "errors":
+        return (("rpc.method", key[0]), ("error", key[1]))
+    return (("reason", key),)
+
+
+class NativeLatencyCollector:
+    """A ``prometheus_client`` collector of the native search port's latency histogram
+    (``NativeSearchServer.stats()["latency"]``, the buckets of ``LATENCY_BUCKETS_S``), as
+    ``rest_retriever_server_search_port_duration_seconds{rpc_method, outcome}``: the
+    OpenTelemetry histogram takes only samples recorded from Python, which the native port
+    never makes."""
+
+    NAME = "rest_retriever_server_search_port_duration_seconds"
+
+    def __init__(self, stats: Callable[[], dict]) -> None:
+        self._stats = stats
+
+    def collect(self):
+        from prometheus_client.core import HistogramMetricFamily
+
+        stats = self._stats()
+        family = HistogramMetricFamily(
+            self.NAME, "Latency of one search on the native search port (--search-port)",
+            labels=["rpc_method", "outcome"])
+        bounds = stats["buckets"]
+        for (method, outcome), (counts, total, _count) in sorted(stats["latency"].items()):
+            cumulative, buckets = 0, []
+            for bound, n in zip([*map(repr, bounds), "+Inf"], counts):
+                cumulative += n
+                buckets.append((bound, cumulative))
+            family.add_metric([method, outcome], buckets, sum_value=total)
+        yield family
+
+    def describe(self):
+        return []
 
 
 class _SearchScope:

@@ -138,9 +138,8 @@ def test_ports_and_probes_are_the_ports_the_arguments_open(objects):
             assert _port(container, "grpc") == values["port"], where
             assert _port(container, "grpc-health") == values["health_port"], where
             assert _port(container, "metrics") == values["metrics_port"], where
-            if values.get("search_port") is not None:  # plaintext only: never with TLS
+            if values.get("search_port") is not None:
                 assert _port(container, "grpc-search") == values["search_port"], where
-                assert values.get("tls_cert") is None, f"{where}: --search-port with TLS"
             # Probes use the plaintext health-only port, which answers under TLS too.
             assert set(_probe_ports(container)) == {values["health_port"]}, where
             assert all("grpc" in container[k] for k in ("readinessProbe", "livenessProbe"))

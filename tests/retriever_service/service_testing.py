@@ -189,6 +189,14 @@ class ServerProcess:
             raise AssertionError(f"server did not start: {line!r} {self.proc.stderr.read()}")
         self.port = int(match.group(1))
         self.address = f"127.0.0.1:{self.port}"
+        self.search_address = None  # the native search port's (--search-port), on its own line
+        if "--search-port" in args:
+            line = self.proc.stdout.readline()
+            match = re.search(r"native searches listening on 127\.0\.0\.1:(\d+)", line)
+            if match is None:
+                self.proc.kill()
+                raise AssertionError(f"no search port: {line!r} {self.proc.stderr.read()}")
+            self.search_address = f"127.0.0.1:{match.group(1)}"
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

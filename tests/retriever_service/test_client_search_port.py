@@ -11,6 +11,7 @@ on loopback sockets.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 import threading
 
 import pytest
@@ -20,7 +21,7 @@ from retriever_service import wire
 from retriever_service.client import RemoteRetriever
 from retriever_service.discovery import Address, parse_target
 from retriever_service.replicas import ReplicaPolicy
-from retriever_service.server import BackgroundServer, ServerConfig
+from retriever_service.server import BackgroundServer, ServerConfig, start_native_port
 from tests.retriever_service.service_testing import (
     GatedDatastore,
     free_port,
@@ -31,7 +32,6 @@ from tests.retriever_service.test_client import PATIENT, serve, tree
 
 # Fixed deadlines (answers are compared), and a search port tried again soon after it failed.
 POLICY = ReplicaPolicy(min_deadline_s=5.0, search_port_retry_s=0.3)
-MiB = 1 << 20
 PARAMS = SearchParams(min_span=1, budget=16, max_depth=4)
 
 
@@ -216,9 +216,9 @@ def test_a_raw_target_has_no_search_port():
 # --- the engine's own search port -----------------------------------------------------------------
 
 
-def port_searches(servicer) -> int:
-    """SearchStream calls the search port has finished (a session's stream ends when it closes)."""
-    return sum(n for method, _, n in servicer._search_port.counts() if method == "SearchStream")
+def port_searches(server) -> int:
+    """Searches the engine's search port has answered or refused so far."""
+    return sum(server._running.native.stats()["requests"].values())
 
 
 def search_all(retriever: RemoteRetriever, contexts) -> list:
@@ -236,23 +236,22 @@ def test_sessions_use_the_engines_search_port_fall_back_and_come_back(
     config = ServerConfig(datastore=str(datastore_dir), port=0, search_port=0)
     with BackgroundServer(config, datastore) as server, \
             RemoteRetriever(f"127.0.0.1:{server.port}", deadline_s=5, policy=POLICY) as retriever:
-        servicer = server._running._servicer
         assert search_all(retriever, contexts) == expected
-        assert wait_until(lambda: port_searches(servicer) == 1)
+        assert port_searches(server) == len(contexts)
 
-        port = server.search_port
-        servicer.close_search_port(0.0)
+        running = server._running
+        running.native.stop(0.0)
         assert search_all(retriever, contexts) == expected  # no step lost
         endpoint = retriever.stats()["endpoints"][f"127.0.0.1:{server.port}"]
         assert endpoint["search_port_fallbacks"] >= 1
 
         # The same port serves again: after search_port_retry_s, sessions use it again.
-        servicer.open_search_port("127.0.0.1", port, threads=1, max_message_bytes=4 * MiB,
-                                  keepalive_time_s=30.0, token=None)
+        running.native = start_native_port(replace(config, search_port=server.search_port),
+                                           running.shards._servicer, traced=False)
 
         def back() -> bool:
             assert search_all(retriever, contexts[:5]) == expected[:5]
-            return port_searches(servicer) >= 1
+            return port_searches(server) >= 1
 
         assert wait_until(back, timeout=10, interval=0.1)
 
@@ -267,8 +266,8 @@ def test_use_search_port_false_keeps_searches_off_the_engines_search_port(
                              use_search_port=False) as retriever:
             assert search_all(retriever, contexts) == \
                 [tree(datastore.search(c, SearchParams())) for c in contexts]
+            assert port_searches(server) == 0
         with RemoteRetriever(f"127.0.0.1:{server.port}", deadline_s=5, policy=PATIENT) as used:
             assert search_all(used, contexts[:1]) == \
                 [tree(datastore.search(contexts[0], SearchParams()))]
-        # Only the second retriever's session reached the search port.
-        assert wait_until(lambda: port_searches(server._running._servicer) == 1)
+        assert port_searches(server) == 1  # the second retriever's one search

@@ -1,56 +1,53 @@
-"""The search port (``retriever-server --search-port``): Search and SearchStream served by the
-engine's own gRPC server must answer and refuse exactly as the main port does, with its token,
-deadlines, limit, reloads and shards out of service, and drain on SIGTERM."""
+"""The native search port (``--search-port``): real server processes answer on it exactly as on
+the Python port (the same bytes, the same refusals), and it keeps the server's rules: tokens,
+deadlines, the concurrency limit, shards out of service, SIGTERM's drain."""
 
 from __future__ import annotations
 
 import queue
 import random
-import re
-import socket
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from rest.datastore import Datastore
 from rest.types import SearchParams
 from retriever_service import wire
-from retriever_service.server import BackgroundServer, ServerConfig
+from retriever_service.server import ServerConfig
 from retriever_service.v1 import retriever_pb2 as pb
-from tests.retriever_service.service_testing import ROOT, random_contexts
+from tests.retriever_service.service_testing import ROOT, random_contexts, wait_until
 from tests.retriever_service.test_native_wire import request_variants
-from tests.retriever_service.test_telemetry import metric_points
+from tests.retriever_service.test_shutdown import SLOW
 
 SEARCH = "/rest.retriever.v1.Retriever/Search"
 STREAM = "/rest.retriever.v1.Retriever/SearchStream"
 INFO = "/rest.retriever.v1.Retriever/Info"
-# As in test_shutdown: a REST-policy search of tenths of a second on the slow datastore.
-SLOW = SearchParams(min_span=2, max_span=2, budget=4096, max_depth=256, policy="rest")
+TOKEN = "s3cret-token"
 
 
-def outcome(channel: grpc.Channel, request: bytes, *, method: str = SEARCH, timeout: float = 30,
-            metadata=None):
-    """``("ok", response bytes)`` or ``(status code, details)``."""
+def raw_call(channel, data: bytes, metadata=(), timeout=10.0):
+    """``(bytes, None)`` or ``(None, (code, details))`` of one Search call with raw bytes."""
     try:
-        return "ok", channel.unary_unary(method)(request, timeout=timeout, metadata=metadata)
+        return channel.unary_unary(SEARCH)(data, timeout=timeout, metadata=metadata), None
     except grpc.RpcError as exc:
-        return exc.code(), exc.details()
+        return None, (exc.code(), exc.details())
 
 
-def stream_outcomes(channel: grpc.Channel, requests: list[bytes]) -> list:
-    """The responses of one SearchStream carrying ``requests``, then its status if not OK."""
-    call = channel.stream_stream(STREAM)(iter(requests), timeout=30)
-    got = []
+def raw_stream(channel, requests: list[bytes], metadata=()) -> list:
+    """The answers of one SearchStream, and the error that ended it (if any)."""
+    answers = []
     try:
-        got.extend(call)
+        for answer in channel.stream_stream(STREAM)(iter(requests), timeout=30, metadata=metadata):
+            answers.append(answer)
     except grpc.RpcError as exc:
-        got.append((exc.code(), exc.details()))
-    return got
+        answers.append((exc.code(), exc.details()))
+    return answers
 
 
 def mangled(good: list[bytes], n: int, seed: int) -> list[bytes]:
@@ -71,171 +68,276 @@ def mangled(good: list[bytes], n: int, seed: int) -> list[bytes]:
     return out
 
 
-def channels(server) -> tuple[grpc.Channel, grpc.Channel]:
-    return (grpc.insecure_channel(f"127.0.0.1:{server.port}"),
-            grpc.insecure_channel(f"127.0.0.1:{server.search_port}"))
+@pytest.fixture
+def both_ports(server_process, datastore_dir):
+    server = server_process("--datastore", str(datastore_dir), "--search-port", "0",
+                            "--max-context-tokens", "64")
+    with grpc.insecure_channel(server.address) as python, \
+            grpc.insecure_channel(server.search_address) as native:
+        yield server, python, native
 
 
-def test_info_advertises_the_port_and_both_ports_answer_every_request_alike(
-        datastore, datastore_dir, documents):
-    """Accepted, refused and 600 mangled requests, unary and streamed: the same bytes, or the
-    same status and message, on both ports."""
-    config = ServerConfig(datastore=str(datastore_dir), port=0, search_port=0,
-                          max_context_tokens=64)
-    with BackgroundServer(config, datastore) as server:
-        main, port = channels(server)
-        info = pb.InfoResponse.FromString(outcome(main, b"", method=INFO)[1])
-        assert info.search_port == server.search_port != 0
-        good, bad = request_variants(datastore, documents)
-        requests = good + bad + mangled(good, 600, seed=7)
-        kinds = set()
-        for data in requests:
-            expected = outcome(main, data)
-            assert outcome(port, data) == expected, data
-            kinds.add(expected[0])
-        assert {"ok", grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND} <= kinds
-        # A stream: one answer per request in order, and the first refusal ends it alike.
-        contexts = random_contexts(documents, 30, seed=8)
-        steps = [wire.search_request(c, SearchParams(), levels=3).SerializeToString()
-                 for c in contexts]
-        assert stream_outcomes(port, steps) == stream_outcomes(main, steps)
-        assert len(stream_outcomes(port, steps)) == len(steps)
-        broken = steps[:5] + [bad[0]] + steps[5:]
-        assert stream_outcomes(port, broken) == stream_outcomes(main, broken)
-        assert stream_outcomes(port, broken)[-1][0] == grpc.StatusCode.INVALID_ARGUMENT
-        # What the main port alone serves is refused clearly.
-        code, details = outcome(port, b"", method=INFO)
-        assert code == grpc.StatusCode.UNIMPLEMENTED and "main port" in details
+def test_search_answers_and_refusals_are_those_of_the_python_port(both_ports, datastore, documents):
+    _, python, native = both_ports
+    good, bad = request_variants(datastore, documents)
+    requests = good + bad + mangled(good, 400, seed=7)
+    requests.append(pb.SearchRequest(context=list(range(65))).SerializeToString())  # > 64 tokens
+    answered = refused = 0
+    for data in requests:
+        expected = raw_call(python, data)
+        assert raw_call(native, data) == expected, data
+        answered += expected[1] is None
+        refused += expected[1] is not None
+    assert answered > 50 and refused > 50
 
 
-def test_the_token_is_required_on_the_search_port(datastore, datastore_dir, documents):
-    config = ServerConfig(datastore=str(datastore_dir), port=0, search_port=0, token="s3cret")
-    request = wire.search_request(random_contexts(documents, 1, seed=2)[0],
-                                  SearchParams()).SerializeToString()
-    with BackgroundServer(config, datastore) as server:
-        main, port = channels(server)
-        for metadata in (None, (("authorization", "Bearer wrong"),),
-                         (("authorization", "s3cret"),)):
-            expected = outcome(main, request, metadata=metadata)
-            assert expected[0] == grpc.StatusCode.UNAUTHENTICATED
-            assert outcome(port, request, metadata=metadata) == expected
-        good = (("authorization", "Bearer s3cret"),)
-        assert outcome(port, request, metadata=good) == outcome(main, request, metadata=good)
-        assert outcome(port, request, metadata=good)[0] == "ok"
+def test_a_stream_answers_as_the_python_port(both_ports, datastore, documents):
+    """A session's stream: contexts that extend each other, then one refused request."""
+    _, python, native = both_ports
+    document = max(documents, key=len)
+    params = SearchParams(min_span=1, budget=32)
+    requests = [wire.search_request(document[: 4 + i], params, levels=1 + i % 3).SerializeToString()
+                for i in range(40)]
+    requests.append(pb.SearchRequest(context=[]).SerializeToString())
+    expected = raw_stream(python, requests)
+    assert len(expected) == 41 and expected[-1][0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert raw_stream(native, requests) == expected
 
 
-def test_deadlines_and_the_concurrency_limit(slow_datastore_dir):
-    datastore = Datastore.open(slow_datastore_dir)
-    config = ServerConfig(datastore=str(slow_datastore_dir), port=0, search_port=0,
-                          max_concurrent_searches=1, workers=2, rest_max_budget=4096,
-                          rest_max_depth=256)
-    slow = wire.search_request([0, 0], SLOW).SerializeToString()
-    quick = wire.search_request([0, 0, 0], SearchParams()).SerializeToString()
-    with BackgroundServer(config, datastore) as server:
-        _, port = channels(server)
-        started = time.perf_counter()
-        assert outcome(port, slow)[0] == "ok"
-        slow_s = time.perf_counter() - started
-        # A deadline shorter than the search: DEADLINE_EXCEEDED, and the port goes on serving.
-        assert outcome(port, slow, timeout=slow_s / 10)[0] == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert outcome(port, quick)[0] == "ok"
-        # Three at once with a limit of one search in flight: the others are refused at once.
-        calls = [port.unary_unary(SEARCH).future(slow, timeout=60) for _ in range(3)]
-        results = []
-        for call in calls:
-            try:
-                results.append(("ok", call.result()))
-            except grpc.RpcError as exc:
-                results.append((exc.code(), exc.details()))
-        busy = [r for r in results if r[0] == grpc.StatusCode.RESOURCE_EXHAUSTED]
-        assert busy and len(busy) < 3, results
-        assert re.fullmatch(r"server busy: 1 searches in flight \(limit 1\); retry later or on"
-                            r" another replica", busy[0][1])
+def test_info_advertises_the_search_port_on_both_ports(both_ports):
+    server, python, native = both_ports
+    port = int(server.search_address.rsplit(":", 1)[1])
+    for channel in (python, native):
+        info = pb.InfoResponse.FromString(channel.unary_unary(INFO)(b"", timeout=5))
+        assert info.search_port == port
+        assert list(info.shards)
+    with pytest.raises(grpc.RpcError) as refused:
+        native.unary_unary(INFO)(b"\xff\xff", timeout=5)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_reload_and_a_shard_out_of_service(datastore_dir, documents):
-    datastore = Datastore.open(datastore_dir)  # its own: a shard is taken out of service
-    config = ServerConfig(datastore=str(datastore_dir), port=0, search_port=0)
-    context = random_contexts(documents, 1, seed=4)[0]
-    shard = datastore.shard_names[1]
-    named = wire.search_request(context, SearchParams(), shard=shard).SerializeToString()
-    with BackgroundServer(config, datastore) as server:
-        main, port = channels(server)
-        assert outcome(port, named) == outcome(main, named)
-        assert outcome(port, named)[0] == "ok"
-        datastore.take_out_of_service(shard, "failed a test's check")
-        refused = outcome(main, named)
-        assert refused[0] == grpc.StatusCode.UNAVAILABLE
-        assert outcome(port, named) == refused
-        server.reload()  # reopened from its files: the shard serves again, on both ports
-        assert outcome(port, named)[0] == "ok"
-        assert outcome(port, named) == outcome(main, named)
+def test_the_token_is_required_as_on_the_python_port(server_process, datastore_dir):
+    server = server_process("--datastore", str(datastore_dir), "--search-port", "0",
+                            env={"REST_RETRIEVER_TOKEN": TOKEN})
+    data = pb.SearchRequest(context=[1, 2]).SerializeToString()
+    with grpc.insecure_channel(server.address) as python, \
+            grpc.insecure_channel(server.search_address) as native:
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", TOKEN),)):
+            expected = raw_call(python, data, metadata)
+            assert expected[1][0] == grpc.StatusCode.UNAUTHENTICATED
+            assert raw_call(native, data, metadata) == expected
+            assert raw_stream(native, [data], metadata) == [expected[1]]
+        good = (("authorization", f"Bearer {TOKEN}"),)
+        assert raw_call(native, data, good) == raw_call(python, data, good)
+        assert raw_call(native, data, good)[1] is None
 
 
-def test_the_search_port_is_counted_in_the_servers_metrics(datastore, datastore_dir, documents):
-    reader = InMemoryMetricReader()
-    config = ServerConfig(datastore=str(datastore_dir), port=0, search_port=0)
-    good = wire.search_request(random_contexts(documents, 1, seed=5)[0],
-                               SearchParams()).SerializeToString()
-    with BackgroundServer(config, datastore,
-                          meter_provider=MeterProvider(metric_readers=[reader])) as server:
-        _, port = channels(server)
-        for _ in range(3):
-            assert outcome(port, good)[0] == "ok"
-        assert outcome(port, pb.SearchRequest(context=[]).SerializeToString())[0] == \
-            grpc.StatusCode.INVALID_ARGUMENT
-        assert len(stream_outcomes(port, [good, good])) == 2
-        points = metric_points(reader)["rest.retriever.server.search_port.requests"]
-        counts = {(p.attributes["rpc.method"], p.attributes["rpc.grpc.status_code"]): p.value
-                  for p in points}
-        assert counts == {("Search", 0): 3, ("Search", 3): 1, ("SearchStream", 0): 1}
+@pytest.fixture
+def slow_server(server_process, slow_datastore_dir):
+    def start(*args: str):
+        return server_process("--datastore", str(slow_datastore_dir), "--search-port", "0",
+                              "--rest-max-budget", "4096", "--rest-max-depth", "256", *args)
+    return start
 
 
-def test_options_that_cannot_work_are_refused_in_one_line(datastore_dir, certs):
-    with pytest.raises(ValueError, match="plaintext only"):
-        ServerConfig(datastore=str(datastore_dir), search_port=0,
-                     tls_cert=str(certs / "server.pem"), tls_key=str(certs / "server.key"))
-    with pytest.raises(ValueError, match="must differ"):
-        ServerConfig(datastore=str(datastore_dir), port=5000, search_port=5000)
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        busy = taken.getsockname()[1]
-        proc = subprocess.run(
-            [sys.executable, "-m", "retriever_service.server", "--datastore", str(datastore_dir),
-             "--port", "0", "--search-port", str(busy)],
-            cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and f"--search-port {busy} is in use" in lines[0], proc.stderr
-
-
-def test_sigterm_drains_the_search_port_and_exits_0(server_process, slow_datastore_dir):
+def slow_search_s(slow_datastore_dir) -> float:
     started = time.perf_counter()
+    Datastore.open(slow_datastore_dir).search([0, 0], SLOW)
+    return time.perf_counter() - started
+
+
+def test_a_deadline_that_passes_is_deadline_exceeded(slow_server, slow_datastore_dir):
+    """The server gives the search up at the client's deadline (grpc-timeout), and counts it as
+    a rejection for the deadline, as the Python port does."""
+    import re
+
+    slow_s = slow_search_s(slow_datastore_dir)
+    server = slow_server("--metrics-port", "0", "--workers", "1")
+    match = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", server.proc.stdout.readline())
+    data = wire.search_request([0, 0], SLOW).SerializeToString()
+    with grpc.insecure_channel(server.search_address) as native:
+        timeout = slow_s / 10
+        _, error = raw_call(native, data, timeout=timeout)
+        assert error[0] == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Given up in the engine (one runtime thread): the next call is answered well before
+        # the slow search would have finished.
+        quick = pb.SearchRequest(context=[0, 0]).SerializeToString()
+        assert wait_until(lambda: raw_call(native, quick)[1] is None, timeout=30)
+    from tests.retriever_service.test_telemetry import scrape
+
+    assert wait_until(lambda: any(
+        s.labels["reason"] == "deadline" and s.value == 1
+        for s in scrape(match.group(1)).get("rest_retriever_server_rejections", [])
+        if s.name.endswith("_total")), timeout=slow_s * 2 + 5)
+
+
+def test_searches_over_the_limit_are_resource_exhausted(slow_server, slow_datastore_dir):
+    slow_s = slow_search_s(slow_datastore_dir)
+    server = slow_server("--max-concurrent-searches", "1", "--workers", "2")
+    data = wire.search_request([0, 0], SLOW).SerializeToString()
+    with grpc.insecure_channel(server.search_address) as native:
+        first = native.unary_unary(SEARCH).future(data, timeout=60)
+        time.sleep(min(0.1, slow_s / 3))
+        _, error = raw_call(native, data)
+        assert not first.done()
+        assert error == (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         "server busy: 1 searches in flight (limit 1); retry later or on another"
+                         " replica")
+        assert first.result(timeout=60)
+        assert raw_call(native, data, timeout=60)[1] is None  # admitted again once it finished
+
+
+def test_a_cancelled_stream_frees_its_place(slow_server, slow_datastore_dir):
+    server = slow_server("--max-concurrent-searches", "1", "--workers", "2")
+    slow = wire.search_request([0, 0], SLOW).SerializeToString()
+    quick = pb.SearchRequest(context=[0, 0]).SerializeToString()
+    with grpc.insecure_channel(server.search_address) as native:
+        for _ in range(3):
+            requests: queue.SimpleQueue = queue.SimpleQueue()
+            stream = native.stream_stream(STREAM)(iter(requests.get, None), timeout=60)
+            requests.put(quick)
+            assert next(stream)
+            requests.put(slow)
+            stream.cancel()  # the client goes away, its stream open and a search running
+        assert wait_until(lambda: raw_call(native, quick)[1] is None, timeout=30)
+
+
+def test_sigterm_drains_the_search_port_then_exits_0(slow_server, slow_datastore_dir):
+    slow_s = slow_search_s(slow_datastore_dir)
+    server = slow_server("--workers", "2", "--grace-s", str(max(20.0, 20 * slow_s)))
     expected = Datastore.open(slow_datastore_dir).search([0, 0], SLOW)
-    slow_s = time.perf_counter() - started
-    server = server_process("--datastore", str(slow_datastore_dir), "--workers", "2",
-                            "--search-port", "0", "--grace-s", str(max(20.0, 20 * slow_s)),
-                            "--rest-max-budget", "4096", "--rest-max-depth", "256")
-    line = server.proc.stdout.readline()
-    match = re.search(r"search port on 127\.0\.0\.1:(\d+)", line)
-    assert match, line
-    with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as port:
-        requests: queue.SimpleQueue = queue.SimpleQueue()
-        stream = port.stream_stream(STREAM)(iter(requests.get, None))
-        requests.put(wire.search_request([0, 0], SearchParams()).SerializeToString())
-        assert wire.search_result(pb.SearchResponse.FromString(next(stream))).match_length == 2
-        slow = wire.search_request([0, 0], SLOW).SerializeToString()
-        in_flight = [port.unary_unary(SEARCH).future(slow, timeout=120) for _ in range(2)]
+    data = wire.search_request([0, 0], SLOW).SerializeToString()
+    with grpc.insecure_channel(server.search_address) as native:
+        in_flight = [native.unary_unary(SEARCH).future(data, timeout=120) for _ in range(2)]
         time.sleep(min(0.1, slow_s / 3))
         assert not any(f.done() for f in in_flight)
         server.terminate()
-        for future in in_flight:  # finished with their full answers
-            assert wire.search_result(pb.SearchResponse.FromString(future.result())) == expected
-        requests.put(wire.search_request([0, 0, 0], SearchParams()).SerializeToString())
-        assert wire.search_result(pb.SearchResponse.FromString(next(stream))).match_length == 3
-        requests.put(None)
-        assert list(stream) == []
+        for future in in_flight:
+            answer = pb.SearchResponse.FromString(future.result(timeout=120))
+            assert wire.search_result(answer) == expected
+    with grpc.insecure_channel(server.search_address) as late:
+        _, error = raw_call(late, data, timeout=5)
+        assert error is not None and error[0] == grpc.StatusCode.UNAVAILABLE
     assert server.wait(timeout=60) == 0
-    with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as again:  # nothing listens
-        assert outcome(again, slow, timeout=2)[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_shard_out_of_service_is_out_of_service_on_the_search_port(
+        server_process, datastore_dir, datastore, documents, tmp_path):
+    import signal as signals
+
+    copy = Path(shutil.copytree(datastore_dir, tmp_path / "ds"))
+    names = datastore.shard_names
+    damaged = names[1]
+    server = server_process("--datastore", str(copy), "--search-port", "0")
+    params = SearchParams(min_span=1, budget=32)
+    contexts = random_contexts(documents, 10, seed=3)
+    with grpc.insecure_channel(server.address) as python, \
+            grpc.insecure_channel(server.search_address) as native:
+        deadline = time.monotonic() + 15
+        while subprocess.run(["truncate", "-s", "1000", str(copy / f"{damaged}.rds")],
+                             capture_output=True).returncode != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        named = wire.search_request(contexts[0], params, shard=damaged).SerializeToString()
+        assert wait_until(lambda: raw_call(python, named)[1] is not None, timeout=15)
+        expected = raw_call(python, named)
+        assert expected[1][0] == grpc.StatusCode.UNAVAILABLE
+        assert raw_call(native, named) == expected
+        for context in contexts:
+            data = wire.search_request(context, params).SerializeToString()
+            answer, error = raw_call(native, data)
+            assert error is None and list(pb.SearchResponse.FromString(answer).searched_shards) \
+                == [n for n in names if n != damaged]
+            assert answer == raw_call(python, data)[0]
+        # Whole again and reloaded (SIGHUP): the search port serves the new datastore too.
+        shutil.copyfile(datastore_dir / f"{damaged}.rds", copy / f"{damaged}.rds")
+        server.proc.send_signal(signals.SIGHUP)
+        assert wait_until(lambda: raw_call(native, named)[1] is None, timeout=15)
+        assert raw_call(native, named) == raw_call(python, named)
+    server.terminate()
+    assert server.wait(timeout=30) == 0
+
+
+def test_the_search_port_must_differ_from_the_others():
+    with pytest.raises(ValueError, match="--search-port must differ from --port"):
+        ServerConfig(datastore="x", port=5000, search_port=5000)
+    with pytest.raises(ValueError, match="--search-port must differ from --health-port"):
+        ServerConfig(datastore="x", port=0, health_port=5001, search_port=5001)
+
+
+def tls_channel(address: str, certs: Path, client: bool = False) -> grpc.Channel:
+    keys = {}
+    if client:
+        keys = {"private_key": (certs / "client.key").read_bytes(),
+                "certificate_chain": (certs / "client.pem").read_bytes()}
+    credentials = grpc.ssl_channel_credentials((certs / "ca.pem").read_bytes(), **keys)
+    return grpc.secure_channel(address, credentials)
+
+
+def test_the_search_port_uses_the_servers_tls(server_process, datastore_dir, certs):
+    server = server_process("--datastore", str(datastore_dir), "--search-port", "0",
+                            "--tls-cert", str(certs / "server.pem"),
+                            "--tls-key", str(certs / "server.key"))
+    data = pb.SearchRequest(context=[1, 2, 3]).SerializeToString()
+    with tls_channel(server.address, certs) as python, \
+            tls_channel(server.search_address, certs) as native:
+        expected = raw_call(python, data)
+        assert expected[1] is None and raw_call(native, data) == expected
+    with grpc.insecure_channel(server.search_address) as plaintext:
+        _, error = raw_call(plaintext, data, timeout=5)
+        assert error is not None and error[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_search_port_requires_client_certificates_with_a_client_ca(
+        server_process, datastore_dir, certs):
+    server = server_process("--datastore", str(datastore_dir), "--search-port", "0",
+                            "--tls-cert", str(certs / "server.pem"),
+                            "--tls-key", str(certs / "server.key"),
+                            "--tls-client-ca", str(certs / "ca.pem"))
+    data = pb.SearchRequest(context=[1, 2, 3]).SerializeToString()
+    with tls_channel(server.search_address, certs, client=True) as native:
+        assert raw_call(native, data)[1] is None
+    with tls_channel(server.search_address, certs) as anonymous:
+        _, error = raw_call(anonymous, data, timeout=5)
+        assert error is not None and error[0] == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_search_ports_searches_feed_the_servers_metrics(server_process, datastore_dir,
+                                                            monkeypatch):
+    import re
+
+    from retriever_service.telemetry import LATENCY_BUCKETS_S
+    from tests.retriever_service.test_telemetry import scrape
+
+    for name in list(__import__("os").environ):
+        if name.startswith("OTEL_"):
+            monkeypatch.delenv(name)
+    server = server_process("--datastore", str(datastore_dir), "--search-port", "0",
+                            "--metrics-port", "0", "--max-concurrent-searches", "1")
+    match = re.search(r"metrics on (http://127\.0\.0\.1:\d+/metrics)", server.proc.stdout.readline())
+    assert match
+    good = pb.SearchRequest(context=[1, 2, 3]).SerializeToString()
+    with grpc.insecure_channel(server.address) as python, \
+            grpc.insecure_channel(server.search_address) as native:
+        assert raw_call(python, good)[1] is None
+        for _ in range(2):
+            assert raw_call(native, good)[1] is None
+        assert raw_stream(native, [good, good]) == [raw_call(python, good)[0]] * 2
+        assert raw_call(native, pb.SearchRequest(context=[1, 10_000]).SerializeToString())[1]
+    families = scrape(match.group(1))
+    requests = {s.labels["rpc_method"]: s.value for s in families["rest_retriever_server_requests"]
+                if s.name.endswith("_total")}
+    # Search: 2 on the Python port, 3 on the native one.
+    assert requests == {"Search": 5, "SearchStream": 2}
+    errors = {s.labels["error"]: s.value for s in families["rest_retriever_server_errors"]
+              if s.name.endswith("_total")}
+    assert errors["INVALID_ARGUMENT"] == 1
+    latency = [s for s in families["rest_retriever_server_search_port_duration_seconds"]
+               if s.name.endswith("_bucket") and s.labels["outcome"] == "ok"
+               and s.labels["rpc_method"] == "Search"]
+    assert [float(s.labels["le"]) for s in latency] == [*LATENCY_BUCKETS_S, float("inf")]
+    assert latency[-1].value == 2
+    (in_flight,) = families["rest_retriever_server_searches_in_flight"]
+    assert in_flight.value == 0
+    server.terminate()
+    assert server.wait() == 0

@@ -8,8 +8,8 @@ mod draft;
 mod errors;
 mod executor;
 mod format;
+mod grpc;
 mod scrub;
-mod search_server;
 mod wire;
 
 #[pymodule]
@@ -31,6 +31,7 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<scrub::Scrub>()?;
     m.add_function(wrap_pyfunction!(wire::decode_search_response, m)?)?;
     m.add_class::<wire::RequestLimits>()?;
-    m.add_class::<search_server::SearchServer>()?;
+    m.add_class::<grpc::NativeSearchServer>()?;
+    m.add_class::<grpc::NativeEchoServer>()?;
     Ok(())
 }
