@@ -81,7 +81,7 @@ impl Decoder for RawDecoder {
         if n > self.max_message_bytes {
             // grpc core's status and message for the same limit on the Python port.
             return Err(Status::resource_exhausted(format!(
-                "Received message larger than max ({n} vs. {})",
+                "SERVER: Received message larger than max ({n} vs. {})",
                 self.max_message_bytes
             )));
         }
