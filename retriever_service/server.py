@@ -8,6 +8,11 @@ reflection. ``--port 0`` binds a free port; the bound address is printed on stdo
 calls are refused, calls in flight get up to ``--grace-s`` seconds to finish, then the process
 exits 0.
 
+``--search-port N`` also answers Search, SearchStream and Info on a second port from the engine's
+own gRPC server (``native.py``; no Python on an accepted request's path), printed on a line of its
+own (``retriever-server native searches listening on HOST:PORT``) and advertised in
+``InfoResponse.search_port``.
+
 Each shard has its own health name (``rest.retriever.v1.Retriever/<shard>``) and goes out of
 service when its file changes under the server, fails ``--verify`` or fails the background scrub
 (``shards.py``); SIGHUP reopens the datastore from its files (a reload) and serves it again.

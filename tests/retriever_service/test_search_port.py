@@ -341,3 +341,42 @@ def test_the_search_ports_searches_feed_the_servers_metrics(server_process, data
     assert in_flight.value == 0
     server.terminate()
     assert server.wait() == 0
+
+
+def test_a_request_over_the_message_limit_is_refused_as_on_the_python_port(
+        server_process, datastore_dir):
+    server = server_process("--datastore", str(datastore_dir), "--search-port", "0",
+                            "--max-message-bytes", "1024")
+    large = pb.SearchRequest(context=[1] * 2000).SerializeToString()
+    with grpc.insecure_channel(server.address) as python, \
+            grpc.insecure_channel(server.search_address) as native:
+        expected = raw_call(python, large)
+        assert expected[1][0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert raw_call(native, large) == expected
+
+
+def test_a_traced_server_opens_no_search_port(datastore, datastore_dir, caplog):
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from retriever_service.server import BackgroundServer
+
+    config = ServerConfig(datastore=str(datastore_dir), port=0, search_port=0)
+    with BackgroundServer(config, datastore, tracer_provider=TracerProvider()) as server, \
+            grpc.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        assert server.search_port is None
+        info = pb.InfoResponse.FromString(channel.unary_unary(INFO)(b"", timeout=5))
+        assert info.search_port == 0
+    assert any("not opened on a traced server" in r.getMessage() for r in caplog.records)
+
+
+def test_an_in_process_server_serves_and_stops_its_search_port(datastore, datastore_dir):
+    from retriever_service.server import BackgroundServer
+
+    config = ServerConfig(datastore=str(datastore_dir), port=0, search_port=0)
+    data = pb.SearchRequest(context=[1, 2, 3]).SerializeToString()
+    with BackgroundServer(config, datastore) as server:
+        with grpc.insecure_channel(f"127.0.0.1:{server.port}") as python, \
+                grpc.insecure_channel(f"127.0.0.1:{server.search_port}") as native:
+            assert raw_call(native, data) == raw_call(python, data)
+    with grpc.insecure_channel(f"127.0.0.1:{server.search_port}") as gone:
+        assert raw_call(gone, data, timeout=2)[1][0] == grpc.StatusCode.UNAVAILABLE

@@ -81,7 +81,7 @@ impl Decoder for RawDecoder {
         if n > self.max_message_bytes {
             // grpc core's status and message for the same limit on the Python port.
             return Err(Status::resource_exhausted(format!(
-                "Received message larger than max ({n} vs. {})",
+                "SERVER: Received message larger than max ({n} vs. {})",
                 self.max_message_bytes
             )));
         }
@@ -181,6 +181,13 @@ impl From<CheckedRequest> for Search {
     }
 }
 
+/// `RetrieverServicer.native_parse`'s answer for a request it accepts:
+/// `("search", context, (min_span, max_span, budget, max_depth, policy), shards, levels)`.
+type Parsed = (String, Vec<i64>, (usize, usize, usize, usize, String), Option<Vec<String>>, usize);
+
+/// `(certificate PEM, key PEM, client CA PEM)`.
+type TlsFiles = (Vec<u8>, Vec<u8>, Option<Vec<u8>>);
+
 fn status(code: i32, message: String) -> Status {
     Status::new(Code::from_i32(code), message)
 }
@@ -247,13 +254,8 @@ impl Shared {
                 let (_, code, message): (String, i32, String) = answer.extract().map_err(internal)?;
                 return Err(status(code, message));
             }
-            let (_, context, (min_span, max_span, budget, max_depth, policy), shards, levels): (
-                String,
-                Vec<i64>,
-                (usize, usize, usize, usize, String),
-                Option<Vec<String>>,
-                usize,
-            ) = answer.extract().map_err(internal)?;
+            let (_, context, (min_span, max_span, budget, max_depth, policy), shards, levels): Parsed =
+                answer.extract().map_err(internal)?;
             let policy: Policy = policy.parse().map_err(|e| Status::internal(format!("{e}")))?;
             if !(1..=MAX_LEVELS).contains(&levels) {
                 return Err(Status::internal(format!("levels {levels} out of range")));
@@ -538,7 +540,7 @@ impl NativeSearchServer {
         keepalive_timeout_s: f64,
         inline_search_s: f64,
         token: Option<String>,
-        tls: Option<(Vec<u8>, Vec<u8>, Option<Vec<u8>>)>,
+        tls: Option<TlsFiles>,
     ) -> PyResult<Self> {
         let shared = Arc::new(Shared {
             serving: RwLock::new(Arc::new(Serving {
