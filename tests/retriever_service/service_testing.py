@@ -12,6 +12,7 @@ import datetime
 import ipaddress
 import os
 import queue
+import random
 import re
 import signal
 import socket
@@ -163,6 +164,25 @@ class ThreadSearchExecutor:
                 self._done.append((tag, outcome))
             self._wake_writer.send(b"\x01")
         self._jobs.put(None)  # let the next worker stop too
+
+
+def mangled(good: list[bytes], n: int, seed: int) -> list[bytes]:
+    """``n`` of the messages ``good`` with 1 to 3 bytes changed, cut or added at random."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        data = bytearray(rng.choice(good))
+        for _ in range(rng.randint(1, 3)):
+            i = rng.randrange(len(data))
+            kind = rng.randrange(3)
+            if kind == 0:
+                data[i] = rng.randrange(256)
+            elif kind == 1:
+                del data[i]
+            else:
+                data.insert(i, rng.randrange(256))
+        out.append(bytes(data))
+    return out
 
 
 def free_port() -> int:

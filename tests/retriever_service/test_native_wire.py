@@ -9,7 +9,7 @@ import pytest
 from rest.types import SearchParams, SearchResult
 from retriever_service import wire
 from retriever_service.v1 import retriever_pb2 as pb
-from tests.retriever_service.service_testing import random_contexts
+from tests.retriever_service.service_testing import mangled, random_contexts
 
 PARAMS = [
     SearchParams(),
@@ -187,8 +187,6 @@ def test_a_request_checked_in_the_engine_runs_out_of_its_slice(datastore, docume
 def test_the_engine_accepts_no_mangled_request_that_the_parser_refuses(datastore, documents):
     """Valid requests with bytes changed, cut or added at random: whatever the engine's checks
     accept, the parser accepts too, and the answers are the same bytes."""
-    import random
-
     from retriever_service.validation import RequestError, RequestLimits, SearchRequestParser, decode
 
     parser = SearchRequestParser(RequestLimits(
@@ -196,20 +194,8 @@ def test_the_engine_accepts_no_mangled_request_that_the_parser_refuses(datastore
         shards=tuple(datastore.shard_names)))
     limits = parser.limits.for_engine()
     good, _ = request_variants(datastore, documents)
-    rng = random.Random(5)
     accepted = refused = 0
-    for _ in range(3000):
-        data = bytearray(rng.choice(good))
-        for _ in range(rng.randint(1, 3)):
-            i = rng.randrange(len(data))
-            kind = rng.randrange(3)
-            if kind == 0:
-                data[i] = rng.randrange(256)
-            elif kind == 1:
-                del data[i]
-            else:
-                data.insert(i, rng.randrange(256))
-        data = bytes(data)
+    for data in mangled(good, 3000, seed=5):
         answer = datastore.try_search_request(data, limits, 10.0, None)
         if answer is None:
             refused += 1
