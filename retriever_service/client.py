@@ -746,7 +746,7 @@ class _Endpoint:
         # passed over after failing (``ReplicaPolicy.search_port_retry_s``).
         self.search_port = 0
         self._search_channel: grpc.Channel | None = None
-        self._search_port_stream = None
+        self._search_route: tuple[int, object] = (0, None)  # (port, its SearchStream method)
         self.search_port_down_until: float | None = None
         self._search_port_retry_s = r.policy.search_port_retry_s
         self.info_stub = _traced_stub(self.channel, r._tracer_provider)
@@ -907,9 +907,9 @@ class _Endpoint:
             return
         old = self._search_channel
         channel = _channel(address, self._credentials, self._channel_options) if port else None
-        # One assignment, so that ``stream_route`` never pairs a port with another's method.
-        self.search_port, self._search_port_stream, self._search_channel = \
-            port, None if channel is None else _search_stream(channel), channel
+        # One tuple, read whole by ``stream_route``: a port is never paired with another's method.
+        self._search_route = (port, None if channel is None else _search_stream(channel))
+        self.search_port, self._search_channel = port, channel
         self.search_port_down_until = None
         if port:
             log.info("%s searches on port %d", self.address, port)
@@ -919,8 +919,7 @@ class _Endpoint:
     def stream_route(self) -> tuple[int, object]:
         """The port for a new stream (0: the main port), and its ``SearchStream`` method: the
         search port unless it failed lately."""
-        port, method, down_until = \
-            self.search_port, self._search_port_stream, self.search_port_down_until
+        (port, method), down_until = self._search_route, self.search_port_down_until
         if not port or down_until is not None and self._now() < down_until:
             return 0, self._main_stream
         return port, method
