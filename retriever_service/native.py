@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from rest import _engine
 
+
 class NativeSearchPort:
     """A started native port serving ``servicer``'s datastore (``servicer.attach_native``)."""
 

@@ -258,9 +258,9 @@ def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if config.tls_cert is None:
         return None
     check_tls_files(config)
-    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    cert, key, client_ca = _tls_files(config)
     return grpc.ssl_server_credentials(
-        [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())],
+        [(key, cert)],
         root_certificates=client_ca,
         require_client_auth=client_ca is not None,
     )

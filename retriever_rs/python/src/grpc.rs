@@ -167,20 +167,6 @@ struct Shared {
     stats: Mutex<Stats>,
 }
 
-/// A search the endpoint will run: what the checks (the engine's or Python's) made of a request.
-struct Search {
-    context: Vec<i64>,
-    query: Query,
-    shards: Option<Vec<String>>,
-    levels: usize,
-}
-
-impl From<CheckedRequest> for Search {
-    fn from(c: CheckedRequest) -> Self {
-        Search { context: c.context, query: c.query, shards: c.shards, levels: c.levels }
-    }
-}
-
 /// `RetrieverServicer.native_parse`'s answer for a request it accepts:
 /// `("search", context, (min_span, max_span, budget, max_depth, policy), shards, levels)`.
 type Parsed = (String, Vec<i64>, (usize, usize, usize, usize, String), Option<Vec<String>>, usize);
@@ -239,9 +225,9 @@ impl Shared {
 
     /// The request checked: by the engine, or else (with the GIL) by the Python parser, which
     /// refuses it with its status and message or hands back what it parsed.
-    fn parse(&self, serving: &Serving, data: &[u8]) -> Result<Search, Status> {
+    fn parse(&self, serving: &Serving, data: &[u8]) -> Result<CheckedRequest, Status> {
         if let Some(checked) = check_search_request(data, &serving.limits) {
-            return Ok(checked.into());
+            return Ok(checked);
         }
         Python::attach(|py| {
             let answer = self
@@ -260,7 +246,7 @@ impl Shared {
             if !(1..=MAX_LEVELS).contains(&levels) {
                 return Err(Status::internal(format!("levels {levels} out of range")));
             }
-            Ok(Search { context, query: Query { min_span, max_span, budget, max_depth, policy }, shards, levels })
+            Ok(CheckedRequest { context, query: Query { min_span, max_span, budget, max_depth, policy }, shards, levels })
         })
     }
 
