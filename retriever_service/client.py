@@ -69,6 +69,7 @@ figures as numbers from ``stats()``, which also counts searches sent per port (`
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import queue
 import random
@@ -82,6 +83,7 @@ import grpc
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from rest._engine import Mailbox, NativeSearchChannel
 from rest.retriever import RetrievalSession, Retriever, RetrieverUnavailable
 from rest.types import DatastoreInfo, SearchParams, SearchResult
 from retriever_service import wire
@@ -124,6 +126,9 @@ RECONNECT_OPTIONS = (
     ("grpc.max_reconnect_backoff_ms", 500),
     ("grpc.min_reconnect_backoff_ms", 2000),
 )
+# A native stream's connection attempt gives up after this long (gRPC's minimum connect timeout
+# above); the step's deadline bounds what a search waits anyway.
+_CONNECT_TIMEOUT_S = 2.0
 # Codes that say the request itself was refused: every replica would refuse it too.
 _FATAL = frozenset({grpc.StatusCode.INVALID_ARGUMENT})
 # How a search stream on the search port ends when nothing serves there (refused, reset, not
@@ -191,11 +196,14 @@ class RemoteRetriever(Retriever):
         self._now = now
         self._rng = rng or random.Random()
         self._metadata = bearer_metadata(token)  # an empty token is an error, not "no token"
-        self._credentials = _channel_credentials(
-            tls or bool(tls_ca_file or tls_cert_file or tls_key_file),
-            tls_ca_file, tls_cert_file, tls_key_file,
-        )
+        tls_files = _tls_files(tls or bool(tls_ca_file or tls_cert_file or tls_key_file),
+                               tls_ca_file, tls_cert_file, tls_key_file)
+        self._credentials = None if tls_files is None else grpc.ssl_channel_credentials(
+            root_certificates=tls_files[0], private_key=tls_files[2],
+            certificate_chain=tls_files[1])
+        self._tls_files = tls_files  # (CA, certificate, key) PEMs, each None if not given
         self._tls_server_name = tls_server_name
+        self._max_message_bytes, self._keepalive_time_s = max_message_bytes, keepalive_time_s
         self._options = [
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
@@ -479,19 +487,19 @@ class RemoteSession(RetrievalSession):
 
     # --- streams ---------------------------------------------------------------------------------
 
-    def _stream_for(self, endpoint: _Endpoint) -> _Stream:
+    def _stream_for(self, endpoint: _Endpoint) -> _Stream | _NativeStream:
         stream = self._streams.get(endpoint)
-        port, method = endpoint.stream_route()
         if stream is not None and (stream.dead or stream.busy()):
             # Dead, or still owing answers to searches given up: out of step with this session.
-            stream.close(cancel=True)
+            stream.close(cancel=True)  # (a search port found dead is reported here)
             stream = None
-        elif stream is not None and stream.port != port:
+        port, open_stream = endpoint.stream_route()
+        if stream is not None and stream.port != port:
             stream.close(cancel=False)  # the search port failed, came back, or changed
             stream = None
         if stream is None:
             r = self._retriever
-            stream = _Stream(endpoint, port, method, r._metadata, r._tracer)
+            stream = open_stream(endpoint, port, r._metadata, r._tracer)
             self._streams[endpoint] = stream
         return stream
 
@@ -507,42 +515,43 @@ class RemoteSession(RetrievalSession):
 
 
 class _Step:
-    """Where reader threads hand outcomes to the step waiting for them (a C queue: cheaper to
-    wait on than a ``threading.Condition``)."""
+    """Where the outcomes of a step's searches arrive, and its thread waits for them with the GIL
+    released (the engine's ``Mailbox``): put there by gRPC Python streams' reader threads as
+    outcomes, or by native streams as an answer's bytes or a failure's status, which are made
+    outcomes here, on the step's thread."""
 
-    __slots__ = ("_lock", "_queue", "closed")
+    __slots__ = ("mailbox",)
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.closed = False
+        self.mailbox = Mailbox()
 
     def deliver(self, attempt: _Attempt, outcome) -> bool:
         """Hand over an outcome; ``False`` when the step is over (the attempt was given up, or
         another replica answered first)."""
-        with self._lock:
-            if self.closed:
-                return False
-            self._queue.put((attempt, outcome))
-            return True
+        return self.mailbox.put(attempt, outcome)
 
     def take(self, timeout: float) -> list:
         """The outcomes delivered so far, waiting up to ``timeout`` for a first one."""
-        events = []
-        try:
-            events.append(self._queue.get(timeout=timeout) if timeout > 0
-                          else self._queue.get_nowait())
-            while True:
-                events.append(self._queue.get_nowait())
-        except queue.Empty:
-            pass
-        return events
+        return _outcomes(self.mailbox.take(timeout))
 
     def close(self) -> list:
         """End the step; returns the outcomes delivered and not taken."""
-        with self._lock:
-            self.closed = True
-            return self.take(0)
+        return _outcomes(self.mailbox.close())
+
+
+def _outcomes(items: list) -> list:
+    """``(attempt, outcome)`` for each of a mailbox's ``(attempt, kind, payload)``."""
+    events = []
+    for attempt, kind, payload in items:
+        if kind == _ANSWER:
+            payload = attempt.stream.answered(attempt, payload)
+        elif kind == _FAILURE:
+            payload = attempt.stream.failed(attempt, *payload)
+        events.append((attempt, payload))
+    return events
+
+
+_ANSWER, _FAILURE = 1, 2  # a native stream's kinds of mailbox item (grpc_client.rs)
 
 
 class _ShardCall:
@@ -613,20 +622,39 @@ class _SearchPortDown(Exception):
 class _Attempt:
     """One search sent to one endpoint."""
 
-    __slots__ = ("step", "call", "endpoint", "sent_at", "resolved", "late")
+    __slots__ = ("step", "call", "endpoint", "sent_at", "stream", "resolved", "late")
 
     def __init__(self, step: _Step, call: _ShardCall, endpoint: _Endpoint, sent_at: float):
         self.step = step
         self.call = call
         self.endpoint = endpoint
         self.sent_at = sent_at
+        self.stream: _NativeStream | None = None  # set when sent on a native stream
         self.resolved = False  # settled by its step (answered, failed, or given up)
         self.late = False  # given up at its shard's deadline
 
 
+def _stream_span(tracer: trace.Tracer, endpoint: _Endpoint, port: int):
+    """A stream's client span, and the metadata that makes the server's spans its children.
+
+    The instrumentation's blocking-API stream interceptor hides the call object (so it could not
+    be cancelled) and starts its span lazily, so the span and the propagation into the metadata
+    are done here, the way the instrumentation does them for unary calls."""
+    service, method = STREAM_METHOD.lstrip("/").split("/")
+    span = tracer.start_span(
+        STREAM_METHOD,
+        kind=SpanKind.CLIENT,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
+                    "server.address": endpoint.address, "rest.retriever.search_port": port},
+    )
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier, context=trace.set_span_in_context(span))
+    return span, tuple(carrier.items())
+
+
 class _Stream:
-    """One ``SearchStream`` of one session to one endpoint, on its main port (``port`` 0) or on
-    its search port.
+    """One ``SearchStream`` of one session to one endpoint through gRPC Python, on its main port
+    (``port`` 0) or on its search port.
 
     Requests go through a queue that gRPC's sender thread drains; a reader thread takes every
     response, matches it to the oldest search sent (the server answers in order), and hands it
@@ -635,7 +663,7 @@ class _Stream:
 
     _END = object()
 
-    def __init__(self, endpoint: _Endpoint, port: int, open_stream, metadata,
+    def __init__(self, method, endpoint: _Endpoint, port: int, metadata,
                  tracer: trace.Tracer) -> None:
         self.endpoint = endpoint
         self.port = port
@@ -644,23 +672,11 @@ class _Stream:
         self.dead = False
         self._ended: BaseException | None = None  # why it is dead
         self._cancelled = False
-        # The instrumentation's blocking-API stream interceptor hides the call object (so it
-        # could not be cancelled) and starts its span lazily, so this span and the propagation
-        # into the metadata are done here, the way the instrumentation does them for unary calls.
-        service, method = STREAM_METHOD.lstrip("/").split("/")
-        self.span = tracer.start_span(
-            STREAM_METHOD,
-            kind=SpanKind.CLIENT,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method,
-                        "server.address": endpoint.address,
-                        "rest.retriever.search_port": port},
-        )
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(self.span))
+        self._closed = False  # by this client: its end is no failure of the search port
+        self.span, trace_metadata = _stream_span(tracer, endpoint, port)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self.call = open_stream(
-            iter(self._requests.get, self._END), metadata=tuple(metadata) + tuple(carrier.items())
-        )
+        self.call = method(iter(self._requests.get, self._END),
+                           metadata=tuple(metadata) + trace_metadata)
         threading.Thread(target=self._read, daemon=True,
                          name=f"retriever-stream {endpoint.address}").start()
 
@@ -698,7 +714,7 @@ class _Stream:
             error = exc
         except Exception as exc:  # noqa: BLE001 - handed to the waiting searches
             error = exc
-        if self.port and not self._cancelled and (
+        if self.port and not self._closed and (
                 not isinstance(error, grpc.RpcError) or error.code() in _SEARCH_PORT_DOWN):
             self.endpoint.search_port_failed(self.port, error)
             error = _SearchPortDown(error)
@@ -717,10 +733,111 @@ class _Stream:
     def close(self, cancel: bool) -> None:
         """Half-close (the server ends the stream with OK), or cancel it (searches still owed
         are given up)."""
+        self._closed = True
         if cancel:
             self._cancelled = True
             self.call.cancel()
         self._requests.put(self._END)  # releases gRPC's sender thread from the queue
+
+
+class _NativeStream:
+    """One ``SearchStream`` of one session to one endpoint on the engine's native client
+    (``NativeSearchStream``, grpc_client.rs): the same searches and outcomes as ``_Stream``,
+    with no thread of its own. An answer or a failure is handed to its step's mailbox as bytes
+    or a status and made an outcome on the step's thread (``answered``, ``failed``); one that
+    comes after its step is over reaches ``_late`` on a thread of the engine's."""
+
+    def __init__(self, channel: NativeSearchChannel, endpoint: _Endpoint, port: int, metadata,
+                 tracer: trace.Tracer) -> None:
+        self.endpoint = endpoint
+        self.port = port
+        self._cancelled = False
+        self._closed = False
+        self._end_reported = False
+        self._lock = threading.Lock()
+        self.span, trace_metadata = _stream_span(tracer, endpoint, port)
+        self._stream = channel.open_stream(list(metadata) + list(trace_metadata), self._late)
+
+    @property
+    def dead(self) -> bool:
+        return self._stream.ended() is not None
+
+    def busy(self) -> bool:
+        return self._stream.pending() > 0
+
+    def send(self, attempt: _Attempt, request: pb.SearchRequest) -> None:
+        attempt.stream = self
+        if not self._stream.send(request.SerializeToString(), attempt.step.mailbox, attempt):
+            raise self._error(*self._stream.ended())
+        self.endpoint.sent(self.port)
+
+    def answered(self, attempt: _Attempt, response: bytes):
+        if self.port:
+            self.endpoint.search_port_answered(self.port)
+        return self.endpoint.outcome_of(attempt, response)
+
+    def failed(self, attempt: _Attempt, code: int, message: str) -> BaseException:
+        self.endpoint.arrived(None)
+        return self._error(code, message)
+
+    def _error(self, code: int, message: str) -> BaseException:
+        """What the searches a stream ended under failed of: like ``_Stream._read``, a search
+        port that fails is reported once, and its searches are to be sent on the main port."""
+        if code == _ENDED:
+            error: BaseException = ConnectionError(f"{self.endpoint.address} ended the stream")
+        else:
+            error = _NativeRpcError(_STATUS_CODES.get(code, grpc.StatusCode.UNKNOWN), message)
+        if self._cancelled:
+            return error
+        port_down = bool(self.port) and (code == _ENDED or error.code() in _SEARCH_PORT_DOWN)
+        with self._lock:
+            first, self._end_reported = not self._end_reported, True
+        if first:  # the step's thread and an engine thread may both get here
+            self.span.set_status(Status(StatusCode.ERROR, _reason(error)))
+            if isinstance(error, grpc.RpcError):
+                self.span.set_attribute("rpc.grpc.status_code", error.code().value[0])
+            if port_down:
+                self.endpoint.search_port_failed(self.port, error)
+        return _SearchPortDown(error) if port_down else error
+
+    def _late(self, attempt: _Attempt, response: bytes | None, code: int, message: str) -> None:
+        try:
+            outcome = self.answered(attempt, response) if response is not None \
+                else self.failed(attempt, code, message)
+            self.endpoint.after_step(attempt, outcome)
+        except Exception:  # noqa: BLE001 - on the engine's thread: log, never raise there
+            log.exception("handling a late outcome from %s failed", self.endpoint.address)
+
+    def close(self, cancel: bool) -> None:
+        """Half-close (the server ends the stream with OK), or cancel it (searches still owed
+        are given up). A stream found ended by itself is accounted for here."""
+        if self._closed:
+            return
+        self._closed = True
+        ended = self._stream.ended()
+        if ended is not None:
+            self._error(*ended)
+        self._cancelled = cancel
+        self._stream.close(cancel)
+        self.span.end()
+
+
+class _NativeRpcError(grpc.RpcError):
+    """A native stream's gRPC status, read the way gRPC Python's errors are (``code()``)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+_ENDED = -1  # a native stream that the server ended without a status (grpc_client.rs)
 
 
 class _Endpoint:
@@ -738,17 +855,19 @@ class _Endpoint:
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
         self._credentials, self._channel_options = r._credentials, options
+        self._server_name = server_name
         self.channel = _channel(self.address, r._credentials, options)
-        self._main_stream = _search_stream(self.channel)
         self._dial = address
         self._use_search_port = r.use_search_port
         # The search port as ``Info`` reports it (0: none), its channel, and until when it is
         # passed over after failing (``ReplicaPolicy.search_port_retry_s``).
         self.search_port = 0
-        self._search_channel: grpc.Channel | None = None
-        self._search_route: tuple[int, object] = (0, None)  # (port, its SearchStream method)
+        self._search_channel: grpc.Channel | NativeSearchChannel | None = None
+        self._search_route: tuple[int, object] = (0, None)  # (port, what opens its streams)
         self.search_port_down_until: float | None = None
         self._search_port_retry_s = r.policy.search_port_retry_s
+        _, open_main = self._search_streams(self.address, self.channel)
+        self._main_route = (0, open_main)
         self.info_stub = _traced_stub(self.channel, r._tracer_provider)
         self.info: DatastoreInfo | None = None
         self.info_error: str | None = None
@@ -825,7 +944,8 @@ class _Endpoint:
             self.in_flight += 1
             self.counts["sent_search_port" if port else "sent_main_port"] += 1
 
-    def _arrived(self, latency: float | None) -> None:
+    def arrived(self, latency: float | None) -> None:
+        """A search sent to it is over: answered in ``latency`` s, or ``None`` (no answer)."""
         with self._lock:
             self.in_flight -= 1
             if latency is not None:
@@ -835,30 +955,36 @@ class _Endpoint:
                 self.group.stats.latencies.add(latency)
             self._metrics.add_sample(latency, self.answered_attributes)
 
-    def on_response(self, attempt: _Attempt, response: bytes) -> None:
-        """On the stream's reader thread: one answer to ``attempt``."""
+    def outcome_of(self, attempt: _Attempt, response: bytes):
+        """The outcome of one answer to ``attempt``: the result, or the exception that replaces
+        it (``InvalidAnswer``, ``_OlderServer``)."""
         latency = self._now() - attempt.sent_at
         try:
             outcome = attempt.call.convert(response, self)
         except _OlderServer as exc:
             outcome = exc
-            self._arrived(latency)
+            self.arrived(latency)
         except Exception as exc:  # noqa: BLE001 - InvalidAnswer, or a conversion that failed
             outcome = exc if isinstance(exc, InvalidAnswer) else InvalidAnswer(str(exc))
             log.warning("refused an answer from %s: %s", self.address, outcome)
-            self._arrived(None)
+            self.arrived(None)
         else:
-            self._arrived(latency)
+            self.arrived(latency)
+        return outcome
+
+    def on_response(self, attempt: _Attempt, response: bytes) -> None:
+        """On a gRPC Python stream's reader thread: one answer to ``attempt``."""
+        outcome = self.outcome_of(attempt, response)
         if not attempt.step.deliver(attempt, outcome):
-            self._after_step(attempt, outcome)
+            self.after_step(attempt, outcome)
 
     def on_error(self, attempt: _Attempt, error: BaseException) -> None:
-        """On the stream's reader thread: ``attempt`` will get no answer."""
-        self._arrived(None)
+        """On a gRPC Python stream's reader thread: ``attempt`` will get no answer."""
+        self.arrived(None)
         if not attempt.step.deliver(attempt, error):
-            self._after_step(attempt, error)
+            self.after_step(attempt, error)
 
-    def _after_step(self, attempt: _Attempt, outcome) -> None:
+    def after_step(self, attempt: _Attempt, outcome) -> None:
         """An outcome that came after its step moved on: a hedge that lost the race, a search
         that was given up, or one on a stream this client cancelled."""
         if attempt.late:
@@ -906,23 +1032,41 @@ class _Endpoint:
         if port == self.search_port:
             return
         old = self._search_channel
-        channel = _channel(address, self._credentials, self._channel_options) if port else None
-        # One tuple, read whole by ``stream_route``: a port is never paired with another's method.
-        self._search_route = (port, None if channel is None else _search_stream(channel))
+        channel, open_streams = self._search_streams(address, None) if port else (None, None)
+        # One tuple, read whole by ``stream_route``: a port is never paired with another's streams.
+        self._search_route = (port, open_streams)
         self.search_port, self._search_channel = port, channel
         self.search_port_down_until = None
         if port:
             log.info("%s searches on port %d", self.address, port)
-        if old is not None:
+        if isinstance(old, grpc.Channel):
             old.close()  # its streams end, and their searches go to the new port
+        # (A native channel's streams end with the old port's server, or when closed.)
+
+    def _search_streams(self, address: str, channel: grpc.Channel | None):
+        """A channel for search streams to ``address``, and what opens a stream on it: the
+        engine's native client (``NativeSearchChannel``), or gRPC Python (``channel`` if given)
+        where that cannot dial the same way: a raw target (``unix:``), or TLS that trusts the
+        system's roots, which the native client does not read."""
+        r = self.pool.retriever
+        tls = r._tls_files
+        if not self.target.raw and (tls is None or tls[0] is not None):
+            native = NativeSearchChannel(
+                address, max_message_bytes=r._max_message_bytes,
+                keepalive_time_s=r._keepalive_time_s, connect_timeout_s=_CONNECT_TIMEOUT_S,
+                tls=None if tls is None else (*tls, self._server_name))
+            return native, functools.partial(_NativeStream, native)
+        channel = channel or _channel(address, self._credentials, self._channel_options)
+        return channel, functools.partial(_Stream, _search_stream(channel))
 
     def stream_route(self) -> tuple[int, object]:
-        """The port for a new stream (0: the main port), and its ``SearchStream`` method: the
-        search port unless it failed lately."""
-        (port, method), down_until = self._search_route, self.search_port_down_until
+        """The port for a new stream (0: the main port), and what opens it (called with the
+        endpoint, the port, the metadata and the tracer): the search port unless it failed
+        lately."""
+        (port, open_stream), down_until = self._search_route, self.search_port_down_until
         if not port or down_until is not None and self._now() < down_until:
-            return 0, self._main_stream
-        return port, method
+            return self._main_route
+        return port, open_stream
 
     def search_port_failed(self, port: int, error: BaseException) -> None:
         """A stream on the search port ended without this client ending it: search on the main
@@ -994,7 +1138,7 @@ class _Endpoint:
             watch.close()
         self.watches = []
         self.channel.close()
-        if self._search_channel is not None:
+        if isinstance(self._search_channel, grpc.Channel):
             self._search_channel.close()
 
 
@@ -1367,7 +1511,9 @@ def _traced_stub(channel: grpc.Channel, tracer_provider) -> pb_grpc.RetrieverStu
     )
 
 
-def _channel_credentials(tls: bool, ca_file, cert_file, key_file):
+def _tls_files(tls: bool, ca_file, cert_file, key_file) -> tuple | None:
+    """The (CA, certificate, key) PEMs of a TLS client (each ``None`` when not given), or
+    ``None`` without TLS."""
     if not tls:
         return None
     if (cert_file is None) != (key_file is None):
@@ -1376,8 +1522,4 @@ def _channel_credentials(tls: bool, ca_file, cert_file, key_file):
     def read(path):
         return Path(path).read_bytes() if path else None
 
-    return grpc.ssl_channel_credentials(
-        root_certificates=read(ca_file),
-        private_key=read(key_file),
-        certificate_chain=read(cert_file),
-    )
+    return read(ca_file), read(cert_file), read(key_file)

@@ -40,12 +40,12 @@ const LATENCY_BUCKETS_S: [f64; 19] = [
 // Raw bytes on the wire, with the server's message limit checked as grpc core checks it.
 
 #[derive(Clone)]
-struct RawCodec {
-    max_message_bytes: usize,
+pub(crate) struct RawCodec {
+    pub(crate) max_message_bytes: usize,
 }
 
-struct RawEncoder;
-struct RawDecoder {
+pub(crate) struct RawEncoder;
+pub(crate) struct RawDecoder {
     max_message_bytes: usize,
 }
 

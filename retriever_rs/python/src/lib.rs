@@ -9,6 +9,7 @@ mod errors;
 mod executor;
 mod format;
 mod grpc;
+mod grpc_client;
 mod scrub;
 mod wire;
 
@@ -33,5 +34,8 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<wire::RequestLimits>()?;
     m.add_class::<grpc::NativeSearchServer>()?;
     m.add_class::<grpc::NativeEchoServer>()?;
+    m.add_class::<grpc_client::Mailbox>()?;
+    m.add_class::<grpc_client::NativeSearchChannel>()?;
+    m.add_class::<grpc_client::NativeSearchStream>()?;
     Ok(())
 }
