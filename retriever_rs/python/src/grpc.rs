@@ -42,11 +42,14 @@ const LATENCY_BUCKETS_S: [f64; 19] = [
 #[derive(Clone)]
 pub(crate) struct RawCodec {
     pub(crate) max_message_bytes: usize,
+    /// How grpc core's message for the limit starts on this side ("SERVER: " or "").
+    pub(crate) side: &'static str,
 }
 
 pub(crate) struct RawEncoder;
 pub(crate) struct RawDecoder {
     max_message_bytes: usize,
+    side: &'static str,
 }
 
 impl Codec for RawCodec {
@@ -58,7 +61,7 @@ impl Codec for RawCodec {
         RawEncoder
     }
     fn decoder(&mut self) -> RawDecoder {
-        RawDecoder { max_message_bytes: self.max_message_bytes }
+        RawDecoder { max_message_bytes: self.max_message_bytes, side: self.side }
     }
 }
 
@@ -79,10 +82,11 @@ impl Decoder for RawDecoder {
         use bytes::Buf;
         let n = src.remaining();
         if n > self.max_message_bytes {
-            // grpc core's status and message for the same limit on the Python port.
+            // grpc core's status and message for the same limit (on the Python port, or in a
+            // gRPC Python client).
             return Err(Status::resource_exhausted(format!(
-                "SERVER: Received message larger than max ({n} vs. {})",
-                self.max_message_bytes
+                "{}Received message larger than max ({n} vs. {})",
+                self.side, self.max_message_bytes
             )));
         }
         Ok(Some(src.copy_to_bytes(n)))
@@ -466,7 +470,7 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let shared = self.shared.clone();
-        let codec = RawCodec { max_message_bytes: shared.max_message_bytes };
+        let codec = RawCodec { max_message_bytes: shared.max_message_bytes, side: "SERVER: " };
         // The limit is the codec's (RESOURCE_EXHAUSTED, as grpc core); tonic's own stays out of it.
         let grpc = || tonic::server::Grpc::new(codec.clone()).apply_max_message_size_config(Some(usize::MAX), Some(usize::MAX));
         match request.uri().path() {
@@ -705,7 +709,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let mut grpc = tonic::server::Grpc::new(RawCodec { max_message_bytes: usize::MAX });
+        let mut grpc = tonic::server::Grpc::new(RawCodec { max_message_bytes: usize::MAX, side: "" });
         match request.uri().path() {
             "/bench.Echo/Unary" => Box::pin(async move { Ok(grpc.unary(EchoUnary, request).await) }),
             "/bench.Echo/Stream" => Box::pin(async move { Ok(grpc.streaming(EchoStream, request).await) }),

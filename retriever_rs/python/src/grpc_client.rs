@@ -288,13 +288,13 @@ async fn run_stream(
 ) {
     let exchange = async {
         let mut grpc = tonic::client::Grpc::new(channel)
-            .max_decoding_message_size(max_message_bytes)
+            .max_decoding_message_size(usize::MAX) // checked by the codec, as grpc core does
             .max_encoding_message_size(max_message_bytes);
         grpc.ready().await.map_err(|e| tonic::Status::unavailable(format!("connection: {e}")))?;
         let mut request = tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(requests));
         *request.metadata_mut() = headers;
         let path = http::uri::PathAndQuery::from_static(STREAM_PATH);
-        let codec = RawCodec { max_message_bytes: usize::MAX }; // the channel's limits apply
+        let codec = RawCodec { max_message_bytes, side: "" };
         let mut answers = grpc.streaming(request, path, codec).await?.into_inner();
         while let Some(data) = answers.message().await? {
             let next = lock(&shared.pending).searches.pop_front();
